@@ -1,0 +1,75 @@
+# in2n-async: edit NeRF scenes with text instructions, trainer and diffusion server in two processes.
+#   make run    set up if needed, then run a whole edit of the demo scene (or SCENE=...), results in outputs/
+#   make test   set up if needed, check the generated gRPC code, run the tests
+# See README.md for every parameter.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROTO_VENV ?= .venv-protos
+PROTO := protos/in2n/v1/edit_service.proto
+
+# make run parameters (README: "make run parameters")
+SCENE ?=
+INSTRUCTION ?=
+BACKEND ?= auto
+MODEL ?= timbrooks/instruct-pix2pix
+STEPS ?= 400
+PRETRAIN_STEPS ?= 1200
+TRAIN_DEVICE ?= cpu
+EDIT_DEVICE ?= cpu
+PORT ?= 50051
+# make test parameters
+PYTEST_ARGS ?=
+
+.PHONY: setup run serve test test-all protos check-protos lock clean
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: requirements.lock pyproject.toml
+	@echo "== setting up $(VENV) (pinned: requirements.lock) =="
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.lock
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+$(PROTO_VENV)/.setup-done: requirements-protos.lock
+	$(PYTHON) -m venv $(PROTO_VENV)
+	$(PROTO_VENV)/bin/pip install -q --disable-pip-version-check -r requirements-protos.lock
+	touch $@
+
+# Regenerate the committed gRPC/protobuf code from the .proto.
+protos: $(PROTO_VENV)/.setup-done
+	$(PROTO_VENV)/bin/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. $(PROTO)
+
+# Fail when the committed generated code is out of date with the .proto.
+check-protos: $(PROTO_VENV)/.setup-done
+	@tmp=$$(mktemp -d) && \
+	$(PROTO_VENV)/bin/python -m grpc_tools.protoc -I . --python_out=$$tmp --grpc_python_out=$$tmp --pyi_out=$$tmp $(PROTO) && \
+	for f in edit_service_pb2.py edit_service_pb2_grpc.py edit_service_pb2.pyi; do \
+	  diff -q $$tmp/protos/in2n/v1/$$f protos/in2n/v1/$$f >/dev/null || { echo "protos/in2n/v1/$$f is out of date with $(PROTO): run 'make protos'"; rm -rf $$tmp; exit 1; }; \
+	done; rm -rf $$tmp; echo "generated gRPC code is up to date"
+
+test: setup check-protos
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Everything, slow tests included (real weights where present, long runs).
+test-all: setup check-protos
+	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
+
+run: setup
+	$(PY) -m nerf_trainer.run --scene "$(SCENE)" --instruction "$(INSTRUCTION)" --backend $(BACKEND) \
+	  --model "$(MODEL)" --steps $(STEPS) --pretrain-steps $(PRETRAIN_STEPS) --train-device $(TRAIN_DEVICE) \
+	  --edit-device $(EDIT_DEVICE) --port $(PORT)
+
+serve: setup
+	$(PY) -m diffusion_server --backend $(if $(filter auto,$(BACKEND)),palette,$(BACKEND)) --model "$(MODEL)" \
+	  --device $(EDIT_DEVICE) --port $(PORT)
+
+# Re-pin requirements.lock from the current environment.
+lock: setup
+	$(VENV)/bin/pip freeze --exclude-editable | { echo "# Exact versions installed by \`make setup\` (pip freeze, Python 3.11, x86_64). Regenerate: make lock."; cat; } > requirements.lock
+
+clean:
+	rm -rf $(VENV) $(PROTO_VENV) .pytest_cache

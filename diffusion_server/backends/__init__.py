@@ -1,0 +1,128 @@
+"""Backend registry: backend name -> factory.
+
+Every factory imports its backend module lazily, so choosing `palette` never
+imports torch or diffusers. Start-up problems a user can fix (missing weights,
+no CUDA, a missing package) come out as `BackendUnavailable`, whose message is
+one line saying what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Callable, Dict, Literal, Tuple, get_args
+
+from diffusion_server.backends.base import EditBackend
+
+log = logging.getLogger(__name__)
+
+BackendName = Literal["ip2p", "tiny-ip2p", "palette"]
+"""Names accepted by `--backend`."""
+BACKEND_NAMES: Tuple[str, ...] = get_args(BackendName)
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+"""Values accepted by `--precision`; `auto` is fp16 on CUDA, fp32 elsewhere."""
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend that cannot start here. The message is one line saying what to do."""
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto` -> "fp16" on CUDA devices, "fp32" elsewhere; any other value is returned as given."""
+    if precision not in get_args(Precision):
+        raise ValueError(f"precision must be one of {', '.join(get_args(Precision))}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    return "fp16" if device.startswith("cuda") else "fp32"
+
+
+def check_device_syntax(device: str) -> None:
+    """Raise `BackendUnavailable` unless `device` reads like cpu, cuda, cuda:N or mps (no torch needed)."""
+    if not _DEVICE_RE.match(device):
+        raise BackendUnavailable(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps")
+
+
+def check_device_available(device: str) -> None:
+    """Raise `BackendUnavailable` if torch cannot use `device` on this machine (imports torch)."""
+    check_device_syntax(device)
+    try:
+        import torch
+    except ImportError as e:
+        raise BackendUnavailable(f"this backend needs torch ({e}); install torch or use --backend palette") from e
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BackendUnavailable(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise BackendUnavailable(
+                f"--device {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1}); pick one of them"
+            )
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise BackendUnavailable("--device mps: MPS is not available on this machine; use --device cpu")
+
+
+def _make_palette(model: str, device: str, precision: str, seed: int) -> EditBackend:
+    from diffusion_server.backends.palette import PaletteBackend
+
+    if device != "cpu":
+        log.debug("the palette backend runs on the CPU; --device %s is ignored", device)
+    return PaletteBackend()
+
+
+def _make_ip2p(model: str, device: str, precision: str, seed: int) -> EditBackend:
+    check_device_available(device)
+    try:
+        from diffusion_server.backends.ip2p import Ip2pBackend, WeightsNotFound
+    except ImportError as e:
+        raise BackendUnavailable(
+            f"the ip2p backend cannot be imported ({e}); install diffusers and transformers, or use --backend palette"
+        ) from e
+    try:
+        return Ip2pBackend.from_pretrained(model, device, precision)
+    except WeightsNotFound as e:
+        raise BackendUnavailable(str(e).strip().splitlines()[0] if str(e).strip() else "ip2p weights not found") from e
+
+
+def _make_tiny_ip2p(model: str, device: str, precision: str, seed: int) -> EditBackend:
+    check_device_available(device)
+    try:
+        from diffusion_server.backends.tiny_ip2p import build_tiny_ip2p
+    except ImportError as e:
+        raise BackendUnavailable(
+            f"the tiny-ip2p backend cannot be imported ({e}); install diffusers and transformers, or use --backend palette"
+        ) from e
+    return build_tiny_ip2p(device=device, seed=seed, precision=precision)
+
+
+BackendFactory = Callable[[str, str, str, int], EditBackend]
+"""(model, device, resolved precision, seed) -> backend."""
+
+_FACTORIES: Dict[str, BackendFactory] = {
+    "ip2p": _make_ip2p,
+    "tiny-ip2p": _make_tiny_ip2p,
+    "palette": _make_palette,
+}
+assert set(_FACTORIES) == set(BACKEND_NAMES)
+
+
+def create_backend(name: str, model: str = "", device: str = "cpu", precision: str = "auto", seed: int = 0) -> EditBackend:
+    """Build the backend called `name`.
+
+    Args:
+        name: one of `BACKEND_NAMES`.
+        model: model id or local folder (ip2p); ignored by palette and tiny-ip2p.
+        device: torch device string, e.g. "cpu", "cuda:1".
+        precision: "auto", "fp32", "fp16" or "bf16"; `auto` resolves by device.
+        seed: initialisation seed of tiny-ip2p's random weights.
+
+    Raises:
+        BackendUnavailable: unknown name, bad device, missing weights or packages (one-line message).
+    """
+    if name not in _FACTORIES:
+        raise BackendUnavailable(f"--backend {name!r} is unknown; choose one of {', '.join(BACKEND_NAMES)}")
+    check_device_syntax(device)
+    return _FACTORIES[name](model, device, resolve_precision(precision, device), seed)

@@ -1,0 +1,80 @@
+"""The one interface every editing backend implements.
+
+A backend turns (render, original, parameters) into an edited image. It knows
+nothing of gRPC: the service validates requests, decodes images and calls
+`edit` from a single worker thread, so a backend need not be thread-safe.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+
+# Method defaults (Instruct-NeRF2NeRF), used where a request leaves a field unset.
+DEFAULT_GUIDANCE_SCALE = 7.5
+DEFAULT_IMAGE_GUIDANCE_SCALE = 1.5
+DEFAULT_DIFFUSION_STEPS = 20
+DEFAULT_LOWER_BOUND = 0.02
+DEFAULT_UPPER_BOUND = 0.98
+
+
+class EditRejected(ValueError):
+    """A request the backend cannot serve (e.g. an instruction it does not know).
+
+    The service answers it with INVALID_ARGUMENT and the message as given.
+    """
+
+
+@dataclass(frozen=True)
+class EditParams:
+    """Parameters of one edit, validated by the service before a backend sees them."""
+
+    instruction: str
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE
+    diffusion_steps: int = DEFAULT_DIFFUSION_STEPS
+    lower_bound: float = DEFAULT_LOWER_BOUND
+    upper_bound: float = DEFAULT_UPPER_BOUND
+    seed: Optional[int] = None
+
+
+@dataclass
+class EditResult:
+    image: np.ndarray
+    """Edited image, [H, W, 3] float32 in [0, 1], the size of the render."""
+    timestep: int = 0
+    """Noise timestep T the edit started from (0..999); 0 for backends without one."""
+
+
+@dataclass
+class BackendInfo:
+    """What `Describe` reports about a backend."""
+
+    model: str = ""
+    device: str = "cpu"
+    precision: str = "n/a"
+    known_instructions: List[str] = field(default_factory=list)
+
+
+class EditBackend(abc.ABC):
+    """Base class of all editing backends."""
+
+    @abc.abstractmethod
+    def info(self) -> BackendInfo:
+        """Model, device, precision and known instructions of this backend."""
+
+    def check(self, params: EditParams) -> None:
+        """Raise `EditRejected` if this backend cannot serve `params`. Default: accepts all."""
+
+    @abc.abstractmethod
+    def edit(self, render: np.ndarray, original: np.ndarray, params: EditParams) -> EditResult:
+        """Edit one view.
+
+        Args:
+            render: [H, W, 3] float32 in [0, 1], the NeRF's render of the view.
+            original: [H, W, 3] float32 in [0, 1], the captured image of the view.
+            params: validated edit parameters.
+        """

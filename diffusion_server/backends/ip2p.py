@@ -1,0 +1,346 @@
+"""InstructPix2Pix editing backend: one Instruct-NeRF2NeRF edit per call.
+
+Built from the diffusers components of an IP2P model (UNet with 8 input
+channels, AutoencoderKL, CLIP text encoder and tokenizer) and a DDIM scheduler.
+`edit` follows docs/method.md, "One edit (the IP2P call)":
+
+1. T ~ uniform integer in [int(lower_bound * 1000), int(upper_bound * 1000)], kept in
+   [1, 999] (an index of the noise schedule); at most T steps are run.
+2. z = VAE(render).sample * scaling_factor, noised to timestep T itself (as
+   method.md says; the reference noises at the first DDIM timestep of step 4,
+   which is T // n - 1 + T % n lower: about one stride).
+3. c = VAE(original).mode, the image conditioning (unscaled, as IP2P does).
+4. `diffusion_steps` DDIM steps over [0, T): the scheduler's 1000-step noise
+   schedule is kept, and its "leading" spacing is applied to T instead of 1000
+   (config num_train_timesteps := T on a per-call copy, as the reference does),
+   giving timesteps k * (T // n) + steps_offset, k = n-1 .. 0, all below T.
+   Each step runs the UNet on 3 copies: (text, c), (empty, c), (empty, 0) and
+   combines uncond + g * (text_image - image) + g_img * (image - uncond).
+5. Decode z / scaling_factor, map [-1, 1] -> [0, 1], clamp.
+
+Randomness, all from one CPU torch.Generator (seeded by `params.seed` when
+given, so a seed draws the same numbers on any device), in this order:
+T (torch.randint), the VAE posterior sample, the noise added at T.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import warnings
+from collections import OrderedDict
+from typing import Any, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .base import BackendInfo, EditBackend, EditParams, EditResult
+
+try:  # not an OSError in huggingface_hub >= 1.0
+    from huggingface_hub.errors import EntryNotFoundError as _EntryNotFound
+except ImportError:  # pragma: no cover - older huggingface_hub
+    _EntryNotFound = OSError
+
+# What a failed load from local files raises (missing folder, file, cache entry, bad config).
+_LOAD_ERRORS = (OSError, ValueError, _EntryNotFound)
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_TEXT_CACHE_SIZE = 64
+
+
+class WeightsNotFound(RuntimeError):
+    """The model's weights are neither in the given folder nor in the Hugging Face cache
+    (and could not, or may not, be downloaded)."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """Parse and check a torch device string; raise ValueError naming `device`."""
+    if not isinstance(device, str) or not device:
+        raise ValueError(f"device must be a torch device string such as 'cpu' or 'cuda:0', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"device {device!r} is not a valid torch device string ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available on this machine")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> fp16 on CUDA, fp32 elsewhere; raise ValueError naming `precision`."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
+    return precision
+
+
+def ddim_from_config(config: Any) -> DDIMScheduler:
+    """A DDIM scheduler with the noise schedule of `config` (any diffusers scheduler's config).
+
+    Latent diffusion never clips x0: DDIM's default clip_sample=True is replaced by False
+    when the config does not say.
+    """
+    overrides = {} if "clip_sample" in config else {"clip_sample": False}
+    return DDIMScheduler.from_config(config, **overrides)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _looks_like_path(model: str) -> bool:
+    """True for strings that cannot be a hub id ('owner/name' or 'name')."""
+    return (
+        os.path.isabs(model)
+        or model.startswith((".", "~"))
+        or model.endswith(("/", os.sep))
+        or model.count("/") > 1
+        or os.sep != "/" and os.sep in model
+    )
+
+
+class Ip2pBackend(EditBackend):
+    """InstructPix2Pix with DDIM, Instruct-NeRF2NeRF style (edits start from the noised render)."""
+
+    DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler: DDIMScheduler,
+        device: str = "cpu",
+        precision: str = "auto",
+        model: str = "",
+    ) -> None:
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.dtype = PRECISIONS[self.precision]
+        if not isinstance(scheduler, DDIMScheduler):  # e.g. the Euler scheduler IP2P ships with
+            scheduler = ddim_from_config(scheduler.config)
+        if self.precision == "fp16" and self.device.type == "cpu":
+            logger.warning("precision fp16 on the CPU is very slow; use fp32 or bf16 there")
+        in_ch = unet.config.in_channels
+        lat_ch = vae.config.latent_channels
+        if in_ch != 2 * lat_ch:
+            raise ValueError(f"unet has {in_ch} input channels; IP2P needs 2 x {lat_ch} (VAE latent channels)")
+        self.model = model
+        self.unet = self._place(unet)
+        self.vae = self._place(vae)
+        self.text_encoder = self._place(text_encoder)
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler  # never stepped itself: each edit works on a copy
+        self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
+        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._text_cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        self._empty_embedding: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, device: str = "cpu", precision: str = "auto") -> "Ip2pBackend":
+        """Load an IP2P model in diffusers format from a local folder or a hub id.
+
+        Local files come first (the folder, or the Hugging Face cache for a hub id);
+        the hub is tried only when that fails and HF_HUB_OFFLINE is not set.
+        Raises WeightsNotFound (one line: what, where, what to do) when absent.
+        """
+        if not isinstance(model, str) or not model.strip():
+            raise ValueError(f"model must be a hub id or a folder path, got {model!r}")
+        dev = resolve_device(device)
+        prec = resolve_precision(precision, dev)
+        folder_hint = "pass --model a folder in diffusers format (unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+
+        def advice(hub_id: str) -> str:
+            return f"download it with `hf download {hub_id}` (`huggingface-cli download` on older huggingface_hub) or {folder_hint}"
+
+        dtype = PRECISIONS[prec]
+        if os.path.isdir(model):
+            try:
+                parts = cls._load_components(model, dtype, local_files_only=True)
+            except _LOAD_ERRORS as e:
+                raise WeightsNotFound(
+                    f"folder {model!r} is not a complete diffusers InstructPix2Pix model ({_first_line(e)}); "
+                    f"{folder_hint}, or a hub id such as {cls.DEFAULT_MODEL}"
+                ) from e
+        elif os.path.exists(model) or _looks_like_path(model):
+            raise WeightsNotFound(
+                f"model folder {model!r} does not exist; check the path, or pass --model {cls.DEFAULT_MODEL} "
+                f"(fetch it first with `hf download {cls.DEFAULT_MODEL}` where the machine is offline)"
+            )
+        else:
+            try:
+                parts = cls._load_components(model, dtype, local_files_only=True)
+            except _LOAD_ERRORS as local_error:
+                where = f"the Hugging Face cache ({_hf_cache_dir()})"
+                if _hub_offline():
+                    raise WeightsNotFound(
+                        f"model {model!r} not found in {where} and HF_HUB_OFFLINE is set; {advice(model)}"
+                    ) from local_error
+                try:
+                    parts = cls._load_components(model, dtype, local_files_only=False)
+                except Exception as e:  # any failure of the download (network, auth, missing files)
+                    raise WeightsNotFound(
+                        f"model {model!r} not found in {where} and could not be downloaded ({_first_line(e)}); "
+                        f"{advice(model)}"
+                    ) from e
+        return cls(**parts, device=device, precision=prec, model=model)
+
+    @staticmethod
+    def _load_components(model: str, dtype: torch.dtype, local_files_only: bool) -> dict:
+        with warnings.catch_warnings():  # diffusers passes an argument huggingface_hub deprecated
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            return Ip2pBackend._load_components_unfiltered(model, dtype, local_files_only)
+
+    @staticmethod
+    def _load_components_unfiltered(model: str, dtype: torch.dtype, local_files_only: bool) -> dict:
+        kw: dict = dict(local_files_only=local_files_only)
+        return dict(
+            scheduler=ddim_from_config(DDIMScheduler.load_config(model, subfolder="scheduler", **kw)),
+            tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kw),
+            text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **kw),  # cast later
+            vae=AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kw),
+            unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kw),
+        )
+
+    # ------------------------------------------------------------------ interface
+    def info(self) -> BackendInfo:
+        return BackendInfo(model=self.model, device=str(self.device), precision=self.precision)
+
+    @torch.inference_mode()
+    def edit(self, render: np.ndarray, original: np.ndarray, params: EditParams) -> EditResult:
+        _check_image("render", render)
+        _check_image("original", original)
+        if render.shape != original.shape:
+            raise ValueError(f"render {render.shape} and original {original.shape} must have the same shape")
+        H, W = render.shape[:2]
+        h8, w8 = self._vae_size(H, W)
+
+        gen = torch.Generator(device="cpu")
+        if params.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(int(params.seed))
+
+        n_train = int(self.scheduler.config.num_train_timesteps)  # 1000
+        lo = int(params.lower_bound * n_train + 1e-6)
+        hi = int(params.upper_bound * n_train + 1e-6)
+        T = int(torch.randint(lo, max(lo, hi) + 1, (1,), generator=gen).item())
+        T = min(max(T, 1), n_train - 1)  # a valid index of the noise schedule
+        steps = max(1, min(int(params.diffusion_steps), T))
+
+        render_t = self._to_model_image(render, h8, w8)  # [1, 3, h8, w8] in [-1, 1]
+        original_t = self._to_model_image(original, h8, w8)  # [1, 3, h8, w8] in [-1, 1]
+
+        latents = self.vae.encode(render_t).latent_dist.sample(gen) * self.scaling_factor  # [1, 4, h, w]
+        noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(self.device, self.dtype)
+        scheduler = copy.deepcopy(self.scheduler)
+        latents = scheduler.add_noise(latents, noise, torch.tensor([T]))  # [1, 4, h, w]
+
+        image_latents = self.vae.encode(original_t).latent_dist.mode()  # [1, 4, h, w]
+        image_cond = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # [3, 4, h, w]
+        empty = self._empty()
+        text_cond = torch.cat([self._text_embedding(params.instruction), empty, empty])  # [3, 77, D]
+
+        scheduler.register_to_config(num_train_timesteps=T, timestep_spacing="leading")
+        scheduler.set_timesteps(steps)
+        for t in scheduler.timesteps:
+            model_in = torch.cat([torch.cat([latents] * 3), image_cond], dim=1)  # [3, 8, h, w]
+            eps = self.unet(model_in, t.to(self.device), encoder_hidden_states=text_cond).sample  # [3, 4, h, w]
+            eps_text_image, eps_image, eps_uncond = eps.chunk(3)
+            eps = (
+                eps_uncond
+                + params.guidance_scale * (eps_text_image - eps_image)
+                + params.image_guidance_scale * (eps_image - eps_uncond)
+            )
+            latents = scheduler.step(eps, t, latents).prev_sample  # [1, 4, h, w]
+
+        out = self.vae.decode(latents / self.scaling_factor).sample  # [1, 3, h8, w8] in ~[-1, 1]
+        out = (out.float() / 2 + 0.5).clamp(0, 1)
+        if (h8, w8) != (H, W):
+            out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False).clamp(0, 1)
+        if not torch.isfinite(out).all():
+            raise RuntimeError(f"the edit produced non-finite values at precision {self.precision}; try fp32")
+        image = out[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)  # [H, W, 3]
+        return EditResult(image=np.ascontiguousarray(image), timestep=T)
+
+    # ------------------------------------------------------------------ helpers
+    def _place(self, module: torch.nn.Module) -> Any:
+        """Move to the device; cast only when needed (diffusers warns on every dtype cast)."""
+        module = module.to(self.device)
+        if any(p.dtype != self.dtype for p in module.parameters()):
+            module = module.to(dtype=self.dtype)
+        return module.eval()
+
+    def _vae_size(self, H: int, W: int) -> Tuple[int, int]:
+        """Nearest multiples of the VAE's downsampling factor (at least one factor)."""
+        f = self.vae_factor
+        return max(f, int(math.floor(H / f + 0.5)) * f), max(f, int(math.floor(W / f + 0.5)) * f)
+
+    def _to_model_image(self, img: np.ndarray, h: int, w: int) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)[None]  # [1, 3, H, W]
+        if x.shape[-2:] != (h, w):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        return (x * 2 - 1).to(self.device, self.dtype)
+
+    def _encode_text(self, text: str) -> torch.Tensor:
+        tok = self.tokenizer(
+            text,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = tok.attention_mask.to(self.device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        return self.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]  # [1, 77, D]
+
+    def _text_embedding(self, instruction: str) -> torch.Tensor:
+        """Embedding of `instruction`, from a bounded LRU cache."""
+        emb = self._text_cache.get(instruction)
+        if emb is None:
+            emb = self._encode_text(instruction)
+            self._text_cache[instruction] = emb
+            if len(self._text_cache) > _TEXT_CACHE_SIZE:
+                self._text_cache.popitem(last=False)
+        else:
+            self._text_cache.move_to_end(instruction)
+        return emb
+
+    def _empty(self) -> torch.Tensor:
+        """Embedding of the empty prompt, computed once."""
+        if self._empty_embedding is None:
+            self._empty_embedding = self._encode_text("")
+        return self._empty_embedding
+
+
+def _check_image(name: str, img: Any) -> None:
+    if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
+        raise ValueError(f"{name} must be a [H, W, 3] numpy array, got {getattr(img, 'shape', type(img))}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def _hf_cache_dir() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except Exception:  # pragma: no cover - very old huggingface_hub
+        return "~/.cache/huggingface/hub"

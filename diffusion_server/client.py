@@ -1,0 +1,457 @@
+"""Python clients of in2n.v1.EditService (no torch needed).
+
+- `EditClient`: blocking calls for scripts and tests (Edit, Describe, health).
+- `StreamClient`: the trainer's path. One bidirectional stream on a background
+  thread; `submit` and `poll` never block on the network, and a broken stream
+  hands every in-flight request back as UNAVAILABLE while the client reconnects
+  in the background.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from diffusion_server import codec
+from diffusion_server.backends.base import EditParams
+from diffusion_server.config import max_message_bytes_for
+from protos.in2n.v1 import edit_service_pb2 as pb
+from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EditService"].full_name  # "in2n.v1.EditService"
+DEFAULT_MAX_MESSAGE_BYTES = max_message_bytes_for(2048)
+_LARGEST_SIDE = 1 << 16  # responses are not size-limited by the client beyond the message limit
+_STATUS_OF_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code(value: int) -> grpc.StatusCode:
+    """google.rpc.Code number -> grpc.StatusCode (UNKNOWN for numbers it does not know)."""
+    return _STATUS_OF_VALUE.get(int(value), grpc.StatusCode.UNKNOWN)
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_backoff_s: float = 5.0) -> list:
+    """gRPC channel options: message limits for full-size images, reconnect backoff 0.1 s .. max_backoff_s."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", int(max_backoff_s * 1000)),
+    ]
+
+
+def _wire_image(image: np.ndarray, name: str) -> pb.Image:
+    """[H, W, 3] uint8 / float16 / float32 (float64 is sent as float32) -> `Image`."""
+    image = np.asarray(image)
+    if image.dtype == np.float64:
+        image = image.astype(np.float32)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"{name} must be [H, W, 3], got shape {tuple(image.shape)}")
+    try:
+        return codec.encode_image(image)
+    except codec.ImageFormatError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+def make_request(
+    request_id: str, view_id: int, render: np.ndarray, original: np.ndarray, params: EditParams
+) -> pb.EditRequest:
+    """Build an `EditRequest`; every parameter of `params` is sent explicitly (seed only when set).
+
+    Args:
+        render: [H, W, 3] uint8 in 0..255, or float16/float32 in [0, 1]; the NeRF render of the view.
+        original: [H, W, 3], same height and width; the captured image of the view.
+    """
+    request = pb.EditRequest(
+        request_id=request_id,
+        view_id=int(view_id),
+        render=_wire_image(render, "render"),
+        original=_wire_image(original, "original"),
+        instruction=params.instruction,
+        guidance_scale=params.guidance_scale,
+        image_guidance_scale=params.image_guidance_scale,
+        diffusion_steps=params.diffusion_steps,
+        lower_bound=params.lower_bound,
+        upper_bound=params.upper_bound,
+    )
+    if params.seed is not None:
+        request.seed = int(params.seed)
+    return request
+
+
+def timings_dict(timings: pb.Timings) -> Dict[str, float]:
+    """`Timings` -> {"queue_ms", "compute_ms", "total_ms"}."""
+    return {"queue_ms": timings.queue_ms, "compute_ms": timings.compute_ms, "total_ms": timings.total_ms}
+
+
+class EditFailed(RuntimeError):
+    """An edit (or another call) the server answered with an error status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class EditReply:
+    """A finished edit."""
+
+    request_id: str
+    view_id: int
+    image: np.ndarray  # [H, W, 3] float32 in [0, 1]
+    timestep: int
+    timings: Dict[str, float]
+
+
+class EditClient:
+    """Blocking client: one call at a time per caller, for scripts and tests."""
+
+    def __init__(self, address: str, timeout_s: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        self._stub = pb_grpc.EditServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def edit(
+        self,
+        render: np.ndarray,
+        original: np.ndarray,
+        params: EditParams,
+        view_id: int = 0,
+        request_id: Optional[str] = None,
+    ) -> EditReply:
+        """Edit one view (images [H, W, 3]); raises `EditFailed` with the server's status code and message."""
+        request = make_request(request_id or uuid.uuid4().hex, view_id, render, original, params)
+        try:
+            response = self._stub.Edit(request, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise EditFailed(e.code(), e.details() or "") from None
+        return EditReply(
+            request_id=response.request_id,
+            view_id=response.view_id,
+            image=codec.decode_image(response.edited, "edited", max_side=_LARGEST_SIDE),
+            timestep=response.timestep,
+            timings=timings_dict(response.timings),
+        )
+
+    def describe(self) -> pb.DescribeResponse:
+        """Backend, model, device, precision and limits of the server."""
+        try:
+            return self._stub.Describe(pb.DescribeRequest(), timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise EditFailed(e.code(), e.details() or "") from None
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Block until the server's health service reports SERVING for EditService; TimeoutError after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"diffusion server at {self.address} not SERVING after {timeout_s:g} s")
+            try:
+                status = self._health.Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=remaining, wait_for_ready=True
+                ).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
+                    raise EditFailed(e.code(), e.details() or "") from None
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))  # NOT_SERVING yet: ask again
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "EditClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class StreamResult:
+    """The outcome of one submitted request, as returned by `StreamClient.poll`."""
+
+    request_id: str
+    view_id: int
+    image: Optional[np.ndarray]  # [H, W, 3] float32 in [0, 1]; None on failure
+    error_code: Optional[grpc.StatusCode] = None
+    error_message: str = ""
+    timestep: int = 0
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None
+
+
+_HALF_CLOSE = object()  # ends a connection's request iterator
+
+
+class _Connection:
+    """One open StreamEdit call and the queue its request iterator reads."""
+
+    def __init__(self) -> None:
+        self.outgoing: "queue.Queue[object]" = queue.Queue()
+        self.call: Optional[grpc.Call] = None
+
+    def requests(self) -> Iterator[pb.StreamEditRequest]:
+        while True:
+            item = self.outgoing.get()
+            if item is _HALF_CLOSE:
+                return
+            yield item  # type: ignore[misc]
+
+    def shut(self) -> None:
+        """Half-close the request side and cancel the call (idempotent)."""
+        self.outgoing.put(_HALF_CLOSE)
+        if self.call is not None:
+            self.call.cancel()
+
+
+class StreamClient:
+    """Non-blocking stream client for the trainer; thread-safe.
+
+    Typical loop: `start()` once; each step, `if client.can_submit(): client.submit(...)`
+    and `for result in client.poll(): ...`; `close()` at the end.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        max_in_flight: int = 4,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        initial_backoff_s: float = 0.1,
+        max_backoff_s: float = 5.0,
+    ):
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        self.address = address
+        self.max_in_flight = max_in_flight
+        self._max_message_bytes = max_message_bytes
+        self._initial_backoff_s = initial_backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._channel: Optional[grpc.Channel] = None
+        self._conn: Optional[_Connection] = None  # set while a stream is open
+        self._in_flight: Dict[str, int] = {}  # request id -> view id
+        self._results: List[StreamResult] = []
+        self._ids = itertools.count()
+        self._id_prefix = uuid.uuid4().hex[:8]
+        self._completed = 0
+        self._failed = 0
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True while a stream to the server is open."""
+        return self._conn is not None
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted whose result has not arrived yet."""
+        with self._lock:
+            return len(self._in_flight)
+
+    @property
+    def completed(self) -> int:
+        """Requests that came back with an edited image."""
+        return self._completed
+
+    @property
+    def failed(self) -> int:
+        """Requests that came back with an error (including UNAVAILABLE after a broken stream)."""
+        return self._failed
+
+    def can_submit(self) -> bool:
+        """Connected and fewer than max_in_flight requests in flight."""
+        with self._lock:
+            return self._conn is not None and len(self._in_flight) < self.max_in_flight
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def start(self) -> "StreamClient":
+        """Open the channel and the stream on a background thread (retrying until the server is up)."""
+        with self._lock:
+            if self._closed.is_set():
+                raise RuntimeError("StreamClient is closed")
+            if self._thread is not None:
+                raise RuntimeError("StreamClient already started")
+            self._channel = grpc.insecure_channel(
+                self.address, options=channel_options(self._max_message_bytes, self._max_backoff_s)
+            )
+            self._thread = threading.Thread(target=self._run, name="in2n-stream-client", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the stream and the background thread; requests still in flight are dropped."""
+        self._closed.set()
+        with self._lock:
+            conn, channel, thread = self._conn, self._channel, self._thread
+        if conn is not None:
+            conn.shut()
+        if channel is not None:
+            channel.close()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+            if thread.is_alive():
+                log.warning("stream client thread did not stop within %.1f s", timeout_s)
+
+    def __enter__(self) -> "StreamClient":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- requests and results --------------------------------------------------------------------
+
+    def submit(self, view_id: int, render: np.ndarray, original: np.ndarray, params: EditParams) -> str:
+        """Queue one edit and return its request id. Never blocks on the network.
+
+        Raises:
+            RuntimeError: not started, closed, not connected, or max_in_flight reached (see `can_submit`).
+            ValueError: an image that is not [H, W, 3] uint8/float16/float32, or a request over max_message_bytes.
+        """
+        if self._closed.is_set():
+            raise RuntimeError("StreamClient is closed")
+        if self._thread is None:
+            raise RuntimeError("StreamClient not started; call start() first")
+        request = make_request("", view_id, render, original, params)
+        if request.ByteSize() > self._max_message_bytes:
+            raise ValueError(
+                f"render and original take {request.ByteSize()} bytes, over max_message_bytes={self._max_message_bytes}"
+            )
+        with self._lock:
+            if self._conn is None:
+                raise RuntimeError(f"not connected to {self.address} (reconnecting in the background); check can_submit()")
+            if len(self._in_flight) >= self.max_in_flight:
+                raise RuntimeError(f"{self.max_in_flight} requests already in flight (max_in_flight); check can_submit()")
+            request.request_id = f"{self._id_prefix}-{next(self._ids)}"
+            self._in_flight[request.request_id] = int(view_id)
+            self._conn.outgoing.put(pb.StreamEditRequest(edit=request))
+        return request.request_id
+
+    def poll(self) -> List[StreamResult]:
+        """All results that arrived since the last call, in arrival order. Never blocks."""
+        with self._lock:
+            results, self._results = self._results, []
+        return results
+
+    # -- background thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = self._initial_backoff_s
+        while not self._closed.is_set():
+            try:
+                attempt_start = time.monotonic()
+                if not self._wait_connected(backoff):
+                    self._closed.wait(max(0.0, backoff - (time.monotonic() - attempt_start)))
+                    backoff = min(2 * backoff, self._max_backoff_s)
+                    continue
+                self._stream()
+            except Exception as e:  # noqa: BLE001 - keep the trainer alive whatever the network does
+                if self._closed.is_set():
+                    break
+                log.warning("stream client error: %s", e)
+            else:
+                backoff = self._initial_backoff_s
+            if self._closed.wait(backoff):
+                break
+            backoff = min(2 * backoff, self._max_backoff_s)
+
+    def _wait_connected(self, timeout_s: float) -> bool:
+        """Ask the health service, waiting up to timeout_s for a connection (gRPC retries it meanwhile).
+
+        True once the server answers and is not NOT_SERVING. A real RPC rather than a connectivity
+        watch: it proves the server is up, and it leaves no watcher thread behind when the channel closes.
+        """
+        try:
+            status = health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s, wait_for_ready=True
+            ).status
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                return False
+            return True  # the server answered (e.g. a server without health checking)
+        return status != health_pb2.HealthCheckResponse.NOT_SERVING
+
+    def _stream(self) -> None:
+        """Run one StreamEdit call until it ends; then hand back everything still in flight as UNAVAILABLE."""
+        conn = _Connection()
+        conn.call = pb_grpc.EditServiceStub(self._channel).StreamEdit(conn.requests())
+        with self._lock:
+            if self._closed.is_set():
+                conn.shut()
+                return
+            self._conn = conn
+        log.info("stream client connected to %s", self.address)
+        reason = "the server ended the stream"
+        try:
+            for response in conn.call:
+                self._on_response(response)
+        except grpc.RpcError as e:
+            reason = f"{e.code().name}: {e.details()}"
+        finally:
+            with self._lock:
+                self._conn = None
+                lost, self._in_flight = self._in_flight, {}
+                closing = self._closed.is_set()
+                if not closing:
+                    message = f"stream to {self.address} broke ({reason}); resubmit when reconnected"
+                    for request_id, view_id in lost.items():
+                        self._results.append(
+                            StreamResult(request_id, view_id, None, grpc.StatusCode.UNAVAILABLE, message)
+                        )
+                    self._failed += len(lost)
+            conn.shut()
+        if not closing:
+            log.warning("stream to %s broke (%s); %d request(s) in flight handed back; reconnecting", self.address, reason, len(lost))
+
+    def _on_response(self, response: pb.StreamEditResponse) -> None:
+        outcome = response.WhichOneof("outcome")
+        if outcome == "edited":
+            try:
+                image = codec.decode_image(response.edited.edited, "edited", max_side=_LARGEST_SIDE)
+                result = StreamResult(
+                    response.request_id,
+                    response.view_id,
+                    image,
+                    timestep=response.edited.timestep,
+                    timings=timings_dict(response.edited.timings),
+                )
+            except codec.ImageFormatError as e:
+                result = StreamResult(response.request_id, response.view_id, None, grpc.StatusCode.INTERNAL, f"bad response: {e}")
+        elif outcome == "error":
+            result = StreamResult(
+                response.request_id, response.view_id, None, status_code(response.error.code), response.error.message
+            )
+        else:
+            result = StreamResult(response.request_id, response.view_id, None, grpc.StatusCode.INTERNAL, "response without outcome")
+        with self._lock:
+            if self._in_flight.pop(response.request_id, None) is None:
+                log.debug("ignoring response to unknown request %r", response.request_id)
+                return
+            self._results.append(result)
+            if result.ok:
+                self._completed += 1
+            else:
+                self._failed += 1

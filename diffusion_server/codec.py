@@ -1,0 +1,69 @@
+"""Images on the wire: numpy arrays <-> `in2n.v1.Image` messages.
+
+Shared by the server and the client. Decoding validates everything it reads
+and raises `ImageFormatError` with a message that names the field.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from protos.in2n.v1 import edit_service_pb2 as pb
+
+_NUMPY_OF = {
+    pb.DTYPE_UINT8: np.dtype(np.uint8),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+}
+_PROTO_OF = {np.dtype(np.uint8): pb.DTYPE_UINT8, np.dtype(np.float16): pb.DTYPE_FLOAT16, np.dtype(np.float32): pb.DTYPE_FLOAT32}
+
+
+class ImageFormatError(ValueError):
+    """An `Image` message that does not describe a valid RGB image."""
+
+
+def encode_image(image: np.ndarray) -> pb.Image:
+    """[H, W, 3] uint8, float16 or float32 array -> `Image` (floats are sent as they are)."""
+    if image.ndim != 3:
+        raise ImageFormatError(f"image must be [H, W, C], got shape {tuple(image.shape)}")
+    dtype = np.dtype(image.dtype)
+    if dtype not in _PROTO_OF:
+        raise ImageFormatError(f"image dtype must be uint8, float16 or float32, got {dtype}")
+    h, w, c = image.shape
+    data = np.ascontiguousarray(image, dtype=dtype.newbyteorder("<")).tobytes()
+    return pb.Image(height=h, width=w, channels=c, dtype=_PROTO_OF[dtype], data=data)
+
+
+def decode_image(msg: pb.Image, field: str, max_side: int = 2048) -> np.ndarray:
+    """`Image` -> [H, W, 3] float32 in [0, 1], validated.
+
+    Args:
+        msg: the message.
+        field: the request field it came from, named in errors ("render", "original").
+        max_side: largest height or width accepted.
+    """
+    if msg.height == 0 or msg.width == 0:
+        raise ImageFormatError(f"{field}: height and width must be positive, got {msg.height}x{msg.width}")
+    if msg.height > max_side or msg.width > max_side:
+        raise ImageFormatError(f"{field}: {msg.height}x{msg.width} exceeds the largest side accepted, {max_side}")
+    if msg.channels != 3:
+        raise ImageFormatError(f"{field}: channels must be 3 (RGB), got {msg.channels}")
+    if msg.dtype not in _NUMPY_OF:
+        name = pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else str(msg.dtype)
+        raise ImageFormatError(f"{field}: dtype must be DTYPE_UINT8, DTYPE_FLOAT16 or DTYPE_FLOAT32, got {name}")
+    dtype = _NUMPY_OF[msg.dtype]
+    expected = msg.height * msg.width * msg.channels * dtype.itemsize
+    if len(msg.data) != expected:
+        raise ImageFormatError(
+            f"{field}: data has {len(msg.data)} bytes, expected {expected} "
+            f"({msg.height}x{msg.width}x{msg.channels} {pb.DType.Name(msg.dtype)})"
+        )
+    array = np.frombuffer(msg.data, dtype=dtype).reshape(msg.height, msg.width, msg.channels)
+    if dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise ImageFormatError(f"{field}: contains NaN or infinite values")
+    if array.min() < 0.0 or array.max() > 1.0:
+        raise ImageFormatError(f"{field}: float values must lie in [0, 1], got [{array.min():.4g}, {array.max():.4g}]")
+    return array

@@ -1,0 +1,159 @@
+"""Iterative Dataset Update, asynchronous: which view to edit next, and what to do with results.
+
+This is the bookkeeping of the method, with no training code in it:
+
+- the training views are ordered randomly once and edited in that order, cycling;
+- at most `max_in_flight` edits are outstanding; a new view is chosen only when
+  a slot is free, and at most `edit_count` views are started every `edit_rate`
+  steps (upper bounds: the servers' pace decides the real rate);
+- a result is checked (size, finite, range) before it may touch the dataset; a
+  bad one is rejected, logged and its view re-queued first;
+- a result for a view that a newer edit has already replaced is dropped;
+- failed requests (server gone, error status) put their view back first in line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Deque, Dict, List, Optional, Tuple
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Submission:
+    """An edit in flight."""
+
+    view: int
+    seq: int
+    """Global submission number; a larger one is a newer edit."""
+    step: int
+    """Training step at which it was sent."""
+
+
+@dataclass
+class UpdateStats:
+    """Counters shown in logs and checked by tests."""
+
+    submitted: int = 0
+    applied: int = 0
+    rejected: int = 0
+    failed: int = 0
+    stale: int = 0
+    edits_per_view: Dict[int, int] = field(default_factory=dict)
+
+
+class DatasetUpdateSchedule:
+    """Decides which view is edited next and whether a returned edit may be swapped in."""
+
+    def __init__(
+        self, num_views: int, edit_rate: int, edit_count: int, max_in_flight: int, seed: Optional[int] = None
+    ) -> None:
+        if num_views < 1:
+            raise ValueError(f"num_views must be positive, got {num_views}")
+        if edit_rate < 1 or edit_count < 1:
+            raise ValueError(f"edit_rate and edit_count must be >= 1, got {edit_rate} and {edit_count}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        self.num_views = num_views
+        self.edit_rate, self.edit_count, self.max_in_flight = edit_rate, edit_count, max_in_flight
+        self.order: List[int] = np.random.default_rng(seed).permutation(num_views).tolist()
+        self._cursor = 0
+        self._retry: Deque[int] = deque()
+        self._window_start: Optional[int] = None
+        self._started_in_window = 0
+        self._seq = 0
+        self.in_flight: Dict[str, Submission] = {}
+        self._latest_applied: Dict[int, int] = {}  # view -> seq of the edit now in the dataset
+        self._pending_views: Dict[int, int] = {}  # view -> number of its edits in flight
+        self.stats = UpdateStats()
+
+    def may_start(self, step: int, reserved: int = 0) -> bool:
+        """Whether a new view may be started at `step` (`reserved`: views being rendered, not yet sent)."""
+        window = step // self.edit_rate
+        if window != self._window_start:
+            self._window_start, self._started_in_window = window, 0
+        return (
+            self._started_in_window < self.edit_count and len(self.in_flight) + reserved < self.max_in_flight
+        )
+
+    def next_view(self, step: int) -> int:
+        """Take the next view to edit (re-queued views first, then the random order, cycling)."""
+        self.may_start(step)
+        self._started_in_window += 1
+        if self._retry:
+            return self._retry.popleft()
+        view = self.order[self._cursor % self.num_views]
+        self._cursor += 1
+        return view
+
+    def submitted(self, request_id: str, view: int, step: int) -> None:
+        """Record that `view` was sent as `request_id`."""
+        self._seq += 1
+        self.in_flight[request_id] = Submission(view=view, seq=self._seq, step=step)
+        self._pending_views[view] = self._pending_views.get(view, 0) + 1
+        self.stats.submitted += 1
+
+    def requeue(self, view: int) -> None:
+        """Put `view` first in line (its render could not be sent, or its edit failed)."""
+        if view not in self._retry:
+            self._retry.append(view)
+
+    def _finish(self, request_id: str) -> Optional[Submission]:
+        sub = self.in_flight.pop(request_id, None)
+        if sub is not None:
+            self._pending_views[sub.view] -= 1
+            if self._pending_views[sub.view] == 0:
+                del self._pending_views[sub.view]
+        return sub
+
+    def failed(self, request_id: str, reason: str) -> None:
+        """An edit came back as an error: re-queue its view."""
+        sub = self._finish(request_id)
+        if sub is None:
+            logger.warning("error for unknown request %s ignored: %s", request_id, reason)
+            return
+        self.stats.failed += 1
+        logger.warning("edit of view %d failed (%s); view re-queued", sub.view, reason)
+        self.requeue(sub.view)
+
+    def accept(
+        self, request_id: str, view_id: int, image: Optional[np.ndarray], expected_shape: Tuple[int, int, int]
+    ) -> Optional[Submission]:
+        """Check a returned edit. Returns its submission when it may be swapped in, else None.
+
+        Rejects (and re-queues the view) a result whose view id does not match what
+        was sent, whose shape differs from `expected_shape`, or whose values are not
+        finite or outside [0, 1]. Drops a result older than the edit already swapped in.
+        """
+        sub = self._finish(request_id)
+        if sub is None:
+            logger.warning("result for unknown request %s ignored", request_id)
+            return None
+        problem = None
+        if view_id != sub.view:
+            problem = f"it names view {view_id} but view {sub.view} was sent"
+        elif image is None:
+            problem = "it carries no image"
+        elif tuple(image.shape) != tuple(expected_shape):
+            problem = f"its shape is {tuple(image.shape)}, expected {tuple(expected_shape)}"
+        elif not np.isfinite(image).all():
+            problem = "it holds NaN or infinite values"
+        elif image.min() < 0.0 or image.max() > 1.0:
+            problem = f"its values span [{image.min():.3g}, {image.max():.3g}], outside [0, 1]"
+        if problem is not None:
+            self.stats.rejected += 1
+            logger.warning("edit of view %d rejected: %s; view re-queued", sub.view, problem)
+            self.requeue(sub.view)
+            return None
+        if self._latest_applied.get(sub.view, 0) > sub.seq:
+            self.stats.stale += 1
+            return None
+        self._latest_applied[sub.view] = sub.seq
+        self.stats.applied += 1
+        self.stats.edits_per_view[sub.view] = self.stats.edits_per_view.get(sub.view, 0) + 1
+        return sub

@@ -1,0 +1,92 @@
+"""Renders one whole training view a chunk of rays at a time, between training steps.
+
+Rendering a full view costs many training steps' worth of compute. Done at
+once it would stall one step; here it is spread: each training step renders
+`chunk_rays` more rays of the pending view, and the view is done after
+ceil(H * W / chunk_rays) steps. Rays come from the training ray generator
+with the camera optimizer's pose correction applied, exactly as the training
+rays of that view are made.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from nerfstudio.models.base_model import Model
+
+
+class ViewRenderer:
+    """Incremental full-view renders from a model and the training cameras."""
+
+    def __init__(self, model: Model, ray_generator, height: int, width: int, chunk_rays: int) -> None:
+        if chunk_rays < 0:
+            raise ValueError(f"chunk_rays must be >= 0 (0 renders a view at once), got {chunk_rays}")
+        self.model = model
+        self.ray_generator = ray_generator
+        self.height, self.width = height, width
+        self.chunk_rays = chunk_rays if chunk_rays > 0 else height * width
+        self.view: Optional[int] = None
+        self._pixels: Optional[torch.Tensor] = None  # [H*W, 2] (y, x)
+        self._rgb: Optional[torch.Tensor] = None  # [H*W, 3]
+        self._done = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.view is not None
+
+    def start(self, view: int) -> None:
+        """Begin rendering camera `view`."""
+        if self.busy:
+            raise RuntimeError(f"already rendering view {self.view}")
+        ys, xs = torch.meshgrid(torch.arange(self.height), torch.arange(self.width), indexing="ij")
+        self._pixels = torch.stack([ys.reshape(-1), xs.reshape(-1)], dim=-1)
+        self._rgb = torch.empty(self.height * self.width, 3)
+        self._done = 0
+        self.view = view
+
+    @torch.no_grad()
+    def advance(self) -> Optional[torch.Tensor]:
+        """Render the next chunk; returns the finished view ([H, W, 3] float32 on CPU) once complete."""
+        assert self.view is not None and self._pixels is not None and self._rgb is not None
+        end = min(self._done + self.chunk_rays, self._pixels.shape[0])
+        pixels = self._pixels[self._done : end]
+        indices = torch.cat([torch.full((len(pixels), 1), self.view, dtype=torch.long), pixels], dim=-1)  # [R, 3]
+        self._rgb[self._done : end] = self.render_rays(indices)
+        self._done = end
+        if self._done < self._pixels.shape[0]:
+            return None
+        image = self._rgb.view(self.height, self.width, 3).clamp(0.0, 1.0)
+        self.view, self._pixels, self._rgb = None, None, None
+        return image
+
+    def cancel(self) -> Optional[int]:
+        """Abandon the view being rendered (if any); returns it."""
+        view = self.view
+        self.view, self._pixels, self._rgb = None, None, None
+        return view
+
+    def render_now(self, view: int) -> torch.Tensor:
+        """Render camera `view` whole, at once: [H, W, 3] float32 on CPU (for reports, not the hot path)."""
+        if self.busy:
+            raise RuntimeError(f"already rendering view {self.view}")
+        self.start(view)
+        while True:
+            image = self.advance()
+            if image is not None:
+                return image
+
+    @torch.no_grad()
+    def render_rays(self, indices: torch.Tensor) -> torch.Tensor:
+        """RGB [R, 3] on CPU of rays given as (camera, y, x) indices [R, 3]."""
+        was_training = self.model.training
+        ray_bundle = self.ray_generator(indices.to(self.model.device))
+        camera_optimizer = getattr(self.model, "camera_optimizer", None)
+        if camera_optimizer is not None:
+            camera_optimizer.apply_to_raybundle(ray_bundle)
+        self.model.eval()
+        try:
+            outputs = self.model(ray_bundle)
+        finally:
+            self.model.train(was_training)
+        return outputs["rgb"].float().cpu()

@@ -1,0 +1,184 @@
+"""Shared pytest set-up.
+
+Sections (each self-contained; add new ones below, do not mix):
+1. Import path and environment: tests run with PYTHONPATH=<repo root> or with the package installed.
+2. Diffusion server subprocesses: fixtures `edit_server`, `edit_server_address`, `edit_server_factory`,
+   `shared_palette_server`, `child_env`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence
+
+import pytest
+
+# ==================================================================================================
+# 1. Import path and environment
+# ==================================================================================================
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# Nothing in the tests may download weights.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def subprocess_env() -> dict:
+    """Environment for child processes: offline hub, repo root importable."""
+    env = os.environ.copy()
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+@pytest.fixture
+def child_env() -> dict:
+    """`subprocess_env()` as a fixture."""
+    return subprocess_env()
+
+
+# ==================================================================================================
+# 2. Diffusion server subprocesses
+# ==================================================================================================
+
+SERVER_STARTUP_TIMEOUT_S = 60.0
+
+
+class EditServerProcess:
+    """A real `python -m diffusion_server` subprocess on 127.0.0.1; its port comes from --port-file."""
+
+    def __init__(self, workdir: Path, backend: str = "palette", port: int = 0, extra_args: Sequence[str] = ()):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.backend = backend
+        self.requested_port = port
+        self.extra_args = list(extra_args)
+        self.port_file = self.workdir / f"port-{time.monotonic_ns()}"
+        self.log_path = self.port_file.with_suffix(".log")
+        self.proc: Optional[subprocess.Popen] = None
+        self.port: Optional[int] = None
+
+    @property
+    def address(self) -> str:
+        assert self.port is not None, "server not started"
+        return f"127.0.0.1:{self.port}"
+
+    def command(self) -> list:
+        return [
+            sys.executable, "-m", "diffusion_server",
+            "--backend", self.backend, "--device", "cpu",
+            "--host", "127.0.0.1", "--port", str(self.requested_port),
+            "--port-file", str(self.port_file), *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self, timeout_s: float = SERVER_STARTUP_TIMEOUT_S) -> "EditServerProcess":
+        """Spawn the server and wait (polling, with a deadline) until it has written its port file."""
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO_ROOT)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while not self.port_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"diffusion server exited with {self.proc.returncode}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"diffusion server wrote no port file within {timeout_s} s:\n{self.output()}")
+            time.sleep(0.02)
+        self.port = int(self.port_file.read_text().strip())
+        return self
+
+    def output(self) -> str:
+        """Everything the server printed so far (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def pause(self) -> None:
+        """SIGSTOP: the server holds its connections but answers nothing."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL, as if the server crashed."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self, timeout_s: float = 15.0) -> Optional[int]:
+        """SIGTERM (graceful); SIGKILL if it does not exit within timeout_s. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused process cannot handle SIGTERM
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def __enter__(self) -> "EditServerProcess":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_edit_server(
+    workdir: Path, backend: str = "palette", port: int = 0, extra_args: Sequence[str] = ()
+) -> EditServerProcess:
+    """Start a diffusion server subprocess and return its handle (call .stop() when done)."""
+    return EditServerProcess(workdir, backend, port, extra_args).start()
+
+
+@pytest.fixture
+def edit_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EditServerProcess]:
+    """A running diffusion server subprocess; backend "palette" unless parametrised indirectly."""
+    backend = getattr(request, "param", "palette")
+    server = start_edit_server(tmp_path / "edit_server", backend=backend)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def edit_server_address(edit_server: EditServerProcess) -> str:
+    """"127.0.0.1:PORT" of the `edit_server` fixture."""
+    return edit_server.address
+
+
+@pytest.fixture
+def edit_server_factory(tmp_path: Path) -> Iterator[Callable[..., EditServerProcess]]:
+    """`start(backend="palette", port=0, extra_args=(), start=True)` -> EditServerProcess; all stopped at teardown."""
+    servers: List[EditServerProcess] = []
+
+    def start(backend: str = "palette", port: int = 0, extra_args: Sequence[str] = (), start: bool = True) -> EditServerProcess:
+        server = EditServerProcess(tmp_path / f"edit_server_{len(servers)}", backend, port, extra_args)
+        servers.append(server)
+        return server.start() if start else server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_palette_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EditServerProcess]:
+    """One palette server for a whole test module (for tests that do not stop or break it)."""
+    server = start_edit_server(tmp_path_factory.mktemp("shared_palette_server"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,234 @@
+"""Tests of the InstructPix2Pix backend on a tiny random model (CPU, offline).
+
+The `slow` test (deselected by default in pyproject.toml; run with `pytest -m slow`)
+loads the real timbrooks/instruct-pix2pix and skips when it is absent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_server.backends.base import EditParams
+from diffusion_server.backends.ip2p import Ip2pBackend, WeightsNotFound
+from diffusion_server.backends.tiny_ip2p import build_tiny_ip2p, save_tiny_ip2p
+
+FEW = 4  # diffusion steps where the count does not matter
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on a 2-core box shared with other processes, 2 threads run ~30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def backend() -> Ip2pBackend:
+    return build_tiny_ip2p(seed=0)
+
+
+def _images(h: int = 32, w: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    render = rng.random((h, w, 3), dtype=np.float32)
+    original = np.clip(render + rng.normal(0, 0.1, (h, w, 3)), 0, 1).astype(np.float32)
+    return render, original
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (30, 46), (31, 45)])
+def test_edit_shape_range_dtype(backend: Ip2pBackend, hw: tuple[int, int]) -> None:
+    render, original = _images(*hw)
+    res = backend.edit(render, original, EditParams("make it red", diffusion_steps=FEW, seed=3))
+    assert res.image.shape == (*hw, 3)
+    assert res.image.dtype == np.float32
+    assert np.isfinite(res.image).all()
+    assert res.image.min() >= 0.0 and res.image.max() <= 1.0
+
+
+def test_resize_to_vae_multiple(backend: Ip2pBackend) -> None:
+    assert backend.vae_factor == 2  # 2-block tiny VAE
+    assert backend._vae_size(31, 45) == (32, 46)
+    assert backend._vae_size(30, 46) == (30, 46)
+
+
+def test_seed_reproducible_and_timestep_in_bounds(backend: Ip2pBackend) -> None:
+    render, original = _images()
+    p = EditParams("make it red", diffusion_steps=FEW, seed=7, lower_bound=0.3, upper_bound=0.6)
+    a, b = backend.edit(render, original, p), backend.edit(render, original, p)
+    np.testing.assert_array_equal(a.image, b.image)
+    assert a.timestep == b.timestep
+    c = backend.edit(render, original, EditParams("make it red", diffusion_steps=FEW, seed=8, lower_bound=0.3, upper_bound=0.6))
+    assert not np.array_equal(a.image, c.image)
+    small_r, small_o = _images(8, 8)
+    for seed in range(8):
+        p = EditParams("x", diffusion_steps=1, seed=seed, lower_bound=0.3, upper_bound=0.6)
+        assert 300 <= backend.edit(small_r, small_o, p).timestep <= 600
+    fixed = EditParams("x", diffusion_steps=1, seed=1, lower_bound=0.5, upper_bound=0.5)
+    assert backend.edit(small_r, small_o, fixed).timestep == 500
+
+
+def test_unseeded_edits_differ(backend: Ip2pBackend) -> None:
+    render, original = _images()
+    p = EditParams("make it red", diffusion_steps=FEW)
+    assert not np.array_equal(backend.edit(render, original, p).image, backend.edit(render, original, p).image)
+
+
+def _reference_edit(b: Ip2pBackend, render: np.ndarray, original: np.ndarray, p: EditParams) -> tuple[np.ndarray, int]:
+    """The method.md procedure written out with the raw components and plain DDIM algebra."""
+    g = torch.Generator().manual_seed(p.seed)
+    T = int(torch.randint(int(p.lower_bound * 1000), int(p.upper_bound * 1000) + 1, (1,), generator=g))
+    n = p.diffusion_steps
+    abar = b.scheduler.alphas_cumprod  # [1000], the SD schedule
+
+    def to_t(img: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(img).permute(2, 0, 1)[None] * 2 - 1  # [1, 3, H, W]
+
+    def embed(text: str) -> torch.Tensor:
+        ids = b.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        return b.text_encoder(ids)[0]  # [1, 77, 32]
+
+    with torch.no_grad():
+        z0 = b.vae.encode(to_t(render)).latent_dist.sample(g) * 0.18215  # [1, 4, h, w]
+        noise = torch.randn(z0.shape, generator=g)
+        z = abar[T].sqrt() * z0 + (1 - abar[T]).sqrt() * noise
+        c = b.vae.encode(to_t(original)).latent_dist.mode()  # [1, 4, h, w]
+        cond = torch.cat([c, c, torch.zeros_like(c)])  # [3, 4, h, w]
+        text = torch.cat([embed(p.instruction), embed(""), embed("")])  # [3, 77, 32]
+        stride = T // n
+        for k in reversed(range(n)):
+            t = k * stride + 1
+            eps3 = b.unet(torch.cat([z.repeat(3, 1, 1, 1), cond], 1), t, encoder_hidden_states=text).sample
+            e_ti, e_i, e_u = eps3[0:1], eps3[1:2], eps3[2:3]
+            eps = e_u + p.guidance_scale * (e_ti - e_i) + p.image_guidance_scale * (e_i - e_u)
+            a_t = abar[t]
+            a_prev = abar[t - stride] if t - stride >= 0 else abar[0]
+            x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        out = (b.vae.decode(z / 0.18215).sample / 2 + 0.5).clamp(0, 1)  # [1, 3, H, W]
+    return out[0].permute(1, 2, 0).numpy(), T
+
+
+@pytest.mark.parametrize("steps", [20, 7])
+def test_matches_independent_reference(backend: Ip2pBackend, steps: int) -> None:
+    render, original = _images(32, 32, seed=5)
+    p = EditParams("turn the sky red", guidance_scale=7.5, image_guidance_scale=1.5, diffusion_steps=steps, seed=11)
+    res = backend.edit(render, original, p)
+    ref, T = _reference_edit(backend, render, original, p)
+    assert res.timestep == T
+    np.testing.assert_allclose(res.image, ref, atol=1e-5, rtol=0)
+
+
+def test_guidance_scales_matter(backend: Ip2pBackend) -> None:
+    render, original = _images()
+    base = dict(instruction="make it red", diffusion_steps=FEW, seed=2)
+    a = backend.edit(render, original, EditParams(**base)).image
+    b = backend.edit(render, original, EditParams(**base, guidance_scale=2.0)).image
+    c = backend.edit(render, original, EditParams(**base, image_guidance_scale=3.0)).image
+    assert np.abs(a - b).max() > 1e-3
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_instruction_and_original_matter(backend: Ip2pBackend) -> None:
+    render, original = _images()
+    p = EditParams("make it red", diffusion_steps=FEW, seed=2)
+    a = backend.edit(render, original, p).image
+    assert np.abs(a - backend.edit(render, original, EditParams("make it blue", diffusion_steps=FEW, seed=2)).image).max() > 1e-3
+    assert np.abs(a - backend.edit(render, 1 - original, p).image).max() > 1e-3
+
+
+def test_same_seed_same_weights() -> None:
+    a, b, c = build_tiny_ip2p(seed=1), build_tiny_ip2p(seed=1), build_tiny_ip2p(seed=2)
+    for name in ("unet", "vae", "text_encoder"):
+        sa, sb, sc = (getattr(x, name).state_dict() for x in (a, b, c))
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_save_then_from_pretrained_matches(tmp_path) -> None:
+    folder = save_tiny_ip2p(tmp_path / "tiny", seed=4)
+    loaded = Ip2pBackend.from_pretrained(folder)
+    built = build_tiny_ip2p(seed=4)
+    assert loaded.info().model == folder and loaded.info().precision == "fp32"
+    render, original = _images()
+    p = EditParams("make it red", diffusion_steps=FEW, seed=9)
+    np.testing.assert_array_equal(loaded.edit(render, original, p).image, built.edit(render, original, p).image)
+
+
+def test_missing_folder_raises(tmp_path) -> None:
+    with pytest.raises(WeightsNotFound) as e:
+        Ip2pBackend.from_pretrained(str(tmp_path / "nowhere"))
+    msg = str(e.value)
+    assert "nowhere" in msg and "does not exist" in msg and "--model" in msg and "\n" not in msg
+
+
+def test_incomplete_folder_raises(tmp_path) -> None:
+    (tmp_path / "model").mkdir()
+    with pytest.raises(WeightsNotFound, match="not a complete diffusers"):
+        Ip2pBackend.from_pretrained(str(tmp_path / "model"))
+
+
+def test_unknown_hub_id_offline_raises(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotFound) as e:
+        Ip2pBackend.from_pretrained("no-such-owner/no-such-ip2p-model")
+    msg = str(e.value)
+    assert "no-such-owner/no-such-ip2p-model" in msg and "HF_HUB_OFFLINE" in msg
+    assert "download no-such-owner/no-such-ip2p-model" in msg and "\n" not in msg
+
+
+def test_argument_validation() -> None:
+    with pytest.raises(ValueError, match="device"):
+        build_tiny_ip2p(device="gpu")
+    with pytest.raises(ValueError, match="precision"):
+        build_tiny_ip2p(precision="fp8")
+    with pytest.raises(ValueError, match="device"):
+        Ip2pBackend.from_pretrained("whatever", device="not-a-device")
+
+
+def test_image_validation(backend: Ip2pBackend) -> None:
+    render, original = _images()
+    with pytest.raises(ValueError, match="render"):
+        backend.edit(render[..., :2], original, EditParams("x", diffusion_steps=1))
+    with pytest.raises(ValueError, match="same shape"):
+        backend.edit(render, original[:16], EditParams("x", diffusion_steps=1))
+
+
+def test_info() -> None:
+    info = build_tiny_ip2p().info()
+    assert (info.device, info.precision) == ("cpu", "fp32")
+    assert build_tiny_ip2p(precision="auto").info().precision == "fp32"  # auto: fp32 on CPU
+
+
+def test_text_embedding_computed_once_per_instruction() -> None:
+    b = build_tiny_ip2p(seed=0)
+    calls = []
+    hook = b.text_encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        render, original = _images(16, 16)
+        p = EditParams("make it red", diffusion_steps=1, seed=0)
+        b.edit(render, original, p)
+        assert len(calls) == 2  # the instruction and the empty prompt
+        b.edit(render, original, p)
+        b.edit(render, original, EditParams("make it red", diffusion_steps=2, seed=5))
+        assert len(calls) == 2
+        b.edit(render, original, EditParams("make it blue", diffusion_steps=1, seed=0))
+        assert len(calls) == 3
+    finally:
+        hook.remove()
+
+
+@pytest.mark.slow
+def test_real_instruct_pix2pix_loads_and_edits(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never download in tests
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        b = Ip2pBackend.from_pretrained(Ip2pBackend.DEFAULT_MODEL, device=device)
+    except WeightsNotFound as e:
+        pytest.skip(str(e))
+    render, original = _images(64, 64)
+    res = b.edit(render, original, EditParams("make it look like a painting", diffusion_steps=FEW, seed=0))
+    assert res.image.shape == (64, 64, 3) and np.isfinite(res.image).all()
+    assert b.unet.config.in_channels == 8 and b.vae_factor == 8
