@@ -367,13 +367,12 @@ class StreamClient:
                     self._closed.wait(max(0.0, backoff - (time.monotonic() - attempt_start)))
                     backoff = min(2 * backoff, self._max_backoff_s)
                     continue
-                self._stream()
+                if self._stream():
+                    backoff = self._initial_backoff_s
             except Exception as e:  # noqa: BLE001 - keep the trainer alive whatever the network does
                 if self._closed.is_set():
                     break
                 log.warning("stream client error: %s", e)
-            else:
-                backoff = self._initial_backoff_s
             if self._closed.wait(backoff):
                 break
             backoff = min(2 * backoff, self._max_backoff_s)
@@ -394,19 +393,26 @@ class StreamClient:
             return True  # the server answered (e.g. a server without health checking)
         return status != health_pb2.HealthCheckResponse.NOT_SERVING
 
-    def _stream(self) -> None:
-        """Run one StreamEdit call until it ends; then hand back everything still in flight as UNAVAILABLE."""
+    def _stream(self) -> bool:
+        """Run one StreamEdit call until it ends; then hand back everything still in flight as UNAVAILABLE.
+
+        Returns True if the stream was healthy (a response arrived or it stayed open for a second),
+        which resets the reconnect backoff.
+        """
         conn = _Connection()
+        opened = time.monotonic()
+        responses = 0
         conn.call = pb_grpc.EditServiceStub(self._channel).StreamEdit(conn.requests())
         with self._lock:
             if self._closed.is_set():
                 conn.shut()
-                return
+                return False
             self._conn = conn
         log.info("stream client connected to %s", self.address)
         reason = "the server ended the stream"
         try:
             for response in conn.call:
+                responses += 1
                 self._on_response(response)
         except grpc.RpcError as e:
             reason = f"{e.code().name}: {e.details()}"
@@ -425,6 +431,7 @@ class StreamClient:
             conn.shut()
         if not closing:
             log.warning("stream to %s broke (%s); %d request(s) in flight handed back; reconnecting", self.address, reason, len(lost))
+        return responses > 0 or time.monotonic() - opened >= 1.0
 
     def _on_response(self, response: pb.StreamEditResponse) -> None:
         outcome = response.WhichOneof("outcome")

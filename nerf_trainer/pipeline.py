@@ -13,7 +13,9 @@ No step ever waits on the network: the gRPC stream lives on the client's threads
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Type
@@ -29,7 +31,7 @@ from diffusion_server.client import StreamClient
 from nerf_trainer.datamanager import In2nDataManagerConfig
 from nerf_trainer.dataset_update import DatasetUpdateSchedule
 from nerf_trainer.model import In2nModelConfig
-from nerf_trainer.report import EvolutionRecorder
+from nerf_trainer.report import EvolutionRecorder, to_uint8
 from nerf_trainer.view_renderer import ViewRenderer
 
 logger = logging.getLogger(__name__)
@@ -207,7 +209,32 @@ class In2nPipeline(VanillaPipeline):
         for view in self.recorder.views:
             self.recorder.record_after(view, self.renderer.render_now(view))
         self.recorder.write(self.run_dir / "edit_report")
+        self.write_dataset_snapshot(self.run_dir / "edit_report")
         CONSOLE.print(f"in2n: evolution sheet and renders written to {self.run_dir / 'edit_report'}")
+
+    def write_dataset_snapshot(self, folder: Path) -> None:
+        """Save the training images as they are now, the originals and per-view edit counts.
+
+        `training_images.npz`: `images` and `originals` ([N, H, W, 3] uint8, row i = camera i),
+        `edits_per_view` ([N] int64), `order` ([N], the edit order); `edit_stats.json`: the counters.
+        """
+        if self.schedule is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        counts = np.zeros(self.datamanager.num_views, dtype=np.int64)
+        for view, count in self.schedule.stats.edits_per_view.items():
+            counts[view] = count
+        tmp = folder / "training_images.tmp.npz"
+        np.savez_compressed(
+            tmp,
+            images=to_uint8(self.datamanager.images),
+            originals=to_uint8(self.datamanager.original_images),
+            edits_per_view=counts,
+            order=np.asarray(self.schedule.order, dtype=np.int64),
+        )
+        os.replace(tmp, folder / "training_images.npz")
+        stats = dict(self.edit_metrics(), instruction=self.config.instruction, server=self.config.edit_server)
+        (folder / "edit_stats.json").write_text(json.dumps(stats, indent=2))
 
     def _finish(self, step: int) -> None:
         if self.schedule is not None:

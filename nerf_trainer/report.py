@@ -17,7 +17,7 @@ from PIL import Image
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """[H, W, 3] float in [0, 1] -> [H, W, 3] uint8."""
+    """[..., 3] float in [0, 1] -> [..., 3] uint8."""
     return (image.detach().float().cpu().clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
