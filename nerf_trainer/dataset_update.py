@@ -15,6 +15,7 @@ This is the bookkeeping of the method, with no training code in it:
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional, Tuple
@@ -33,6 +34,8 @@ class Submission:
     """Global submission number; a larger one is a newer edit."""
     step: int
     """Training step at which it was sent."""
+    sent_at: float = field(default_factory=time.monotonic)
+    """time.monotonic() when it was sent."""
 
 
 @dataclass
@@ -72,6 +75,28 @@ class DatasetUpdateSchedule:
         self._pending_views: Dict[int, int] = {}  # view -> number of its edits in flight
         self.stats = UpdateStats()
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps: the order, where it is, the re-queued views and per-view counts."""
+        return {
+            "order": list(self.order),
+            "cursor": self._cursor,
+            "retry": list(self._retry) + [sub.view for sub in self.in_flight.values()],
+            "seq": self._seq,
+            "edits_per_view": dict(self.stats.edits_per_view),
+            "applied": self.stats.applied,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`; edits that were in flight are re-queued first."""
+        if sorted(state["order"]) != list(range(self.num_views)):
+            raise ValueError(f"saved edit order is for {len(state['order'])} views, this dataset has {self.num_views}")
+        self.order = list(state["order"])
+        self._cursor = int(state["cursor"])
+        self._retry = deque(dict.fromkeys(int(v) for v in state["retry"]))
+        self._seq = int(state["seq"])
+        self.stats.edits_per_view = {int(k): int(v) for k, v in state["edits_per_view"].items()}
+        self.stats.applied = int(state["applied"])
+
     def may_start(self, step: int, reserved: int = 0) -> bool:
         """Whether a new view may be started at `step` (`reserved`: views being rendered, not yet sent)."""
         window = step // self.edit_rate
@@ -97,6 +122,10 @@ class DatasetUpdateSchedule:
         self.in_flight[request_id] = Submission(view=view, seq=self._seq, step=step)
         self._pending_views[view] = self._pending_views.get(view, 0) + 1
         self.stats.submitted += 1
+
+    def expired(self, sent_before: float) -> List[str]:
+        """Request ids of edits in flight sent before `sent_before` (a time.monotonic() value)."""
+        return [rid for rid, sub in self.in_flight.items() if sub.sent_at < sent_before]
 
     def requeue(self, view: int) -> None:
         """Put `view` first in line (its render could not be sent, or its edit failed)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Type
@@ -24,10 +25,12 @@ import numpy as np
 import torch
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
+from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
+from nerfstudio.viewer.viewer_elements import ViewerNumber, ViewerText
 
 from diffusion_server.backends.base import EditParams
-from diffusion_server.client import StreamClient
+from diffusion_server.client import EditClient, StreamClient
 from nerf_trainer.datamanager import In2nDataManagerConfig
 from nerf_trainer.dataset_update import DatasetUpdateSchedule
 from nerf_trainer.model import In2nModelConfig
@@ -48,7 +51,7 @@ class In2nPipelineConfig(VanillaPipelineConfig):
     model: In2nModelConfig = field(default_factory=In2nModelConfig)
     """The NeRF: nerfacto with L1 (and optionally LPIPS) losses."""
     edit_server: str = "127.0.0.1:50051"
-    """Address (host:port) of the diffusion server (python -m diffusion_server)."""
+    """Address (host:port) of the diffusion server (python -m diffusion_server); several, comma-separated, spread the edits."""
     instruction: str = "don't change the image"
     """The text instruction applied to every view, e.g. "turn him into a bronze statue"."""
     guidance_scale: float = 7.5
@@ -68,7 +71,15 @@ class In2nPipelineConfig(VanillaPipelineConfig):
     edit_count: int = 1
     """See edit_rate."""
     max_in_flight: int = 2
-    """Most edits outstanding at once (rendering or at the server)."""
+    """Most edits outstanding at once on each server (rendering or at the server)."""
+    edit_timeout_s: float = 600.0
+    """An edit not back after this many seconds is given up and its view re-queued (0: wait forever)."""
+    require_server: bool = False
+    """Fail at start when the server is not ready within connect_timeout_s; else train on and edit once it comes."""
+    connect_timeout_s: float = 30.0
+    """How long require_server waits for the server at start."""
+    log_every: int = 100
+    """Print an edit status line (applied, in flight, failed, latency) every this many steps (0: never)."""
     render_chunk_rays: int = 4096
     """Rays of the next view to edit rendered per training step (0: a whole view in one step)."""
     wire_dtype: Literal["uint8", "float16", "float32"] = "uint8"
@@ -89,12 +100,20 @@ class In2nPipeline(VanillaPipeline):
     def __init__(self, config: In2nPipelineConfig, device, test_mode="val", world_size=1, local_rank=0, grad_scaler=None):
         super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
         self._validate_config()
-        self.client: Optional[StreamClient] = None
+        self.clients: List[StreamClient] = []
         self.schedule: Optional[DatasetUpdateSchedule] = None
         self.renderer: Optional[ViewRenderer] = None
         self.recorder: Optional[EvolutionRecorder] = None
         self.run_dir: Optional[Path] = None
         self._edit_number = 0
+        self._restored_schedule: Optional[dict] = None
+        # Shown in the nerfstudio viewer's "Custom Elements" panel; changes apply to the next edit sent.
+        self.viewer_instruction = ViewerText("Edit instruction", config.instruction, cb_hook=self._on_viewer_change)
+        self.viewer_guidance_scale = ViewerNumber("Text guidance", config.guidance_scale, cb_hook=self._on_viewer_change)
+        self.viewer_image_guidance_scale = ViewerNumber(
+            "Image guidance", config.image_guidance_scale, cb_hook=self._on_viewer_change
+        )
+        self._latency_s: Optional[float] = None  # moving average of edit round trips
 
     def _validate_config(self) -> None:
         c = self.config
@@ -110,25 +129,64 @@ class In2nPipeline(VanillaPipeline):
                 f"(got {c.datamanager.patch_size} and {c.model.patch_size})"
             )
 
+    def _on_viewer_change(self, element) -> None:
+        """Take the viewer's instruction and guidance scales for the edits sent from now on."""
+        instruction = str(self.viewer_instruction.value).strip()
+        text, image = float(self.viewer_guidance_scale.value), float(self.viewer_image_guidance_scale.value)
+        if not instruction or not (0.0 <= text <= 100.0 and 0.0 <= image <= 100.0):
+            CONSOLE.print(f"in2n: ignored viewer edit settings {instruction!r}, {text}, {image} (empty or out of [0, 100])")
+            return
+        changed = (instruction, text, image) != (self.config.instruction, self.config.guidance_scale, self.config.image_guidance_scale)
+        self.config.instruction, self.config.guidance_scale, self.config.image_guidance_scale = instruction, text, image
+        if changed:
+            CONSOLE.print(f"in2n: from the viewer: {instruction!r}, guidance {text:g}, image guidance {image:g}")
+
     # -- the update -------------------------------------------------------------------------
 
     def _start_update(self, step: int) -> None:
         dm = self.datamanager
         n, h, w, _ = dm.images.shape
+        servers = self.servers
+        if self.config.require_server:
+            for address in servers:
+                with EditClient(address) as probe:
+                    try:
+                        probe.wait_ready(timeout_s=self.config.connect_timeout_s)
+                    except TimeoutError:
+                        raise RuntimeError(
+                            f"in2n: no diffusion server ready at {address} after "
+                            f"{self.config.connect_timeout_s:.0f} s (pipeline.require_server is on); start one with "
+                            f"`python -m diffusion_server --port {address.rsplit(':', 1)[-1]}`"
+                        ) from None
         self.schedule = DatasetUpdateSchedule(
-            n, self.config.edit_rate, self.config.edit_count, self.config.max_in_flight, seed=self.config.edit_seed
+            n, self.config.edit_rate, self.config.edit_count, self.config.max_in_flight * len(servers),
+            seed=self.config.edit_seed,
         )
+        if self._restored_schedule is not None:
+            self.schedule.load_state_dict(self._restored_schedule)
         self.renderer = ViewRenderer(self.model, dm.train_ray_generator, h, w, self.config.render_chunk_rays)
         views = np.linspace(0, n - 1, num=min(self.config.sheet_views, n)).round().astype(int).tolist()
         self.recorder = EvolutionRecorder(views, dm.original_images, self.config.sheet_max_edits)
         for view in views:
             self.recorder.record_before(view, self.renderer.render_now(view))
-        self.client = StreamClient(self.config.edit_server, max_in_flight=self.config.max_in_flight)
-        self.client.start()
+        self.clients = [StreamClient(a, max_in_flight=self.config.max_in_flight).start() for a in servers]
         CONSOLE.print(
             f"[bold]in2n[/bold]: editing {n} views with {self.config.instruction!r} "
             f"via {self.config.edit_server}, up to {self.config.max_in_flight} in flight"
         )
+
+    @property
+    def servers(self) -> List[str]:
+        """The server addresses of pipeline.edit_server."""
+        servers = [a.strip() for a in self.config.edit_server.split(",") if a.strip()]
+        if not servers:
+            raise ValueError("pipeline.edit_server names no server")
+        return servers
+
+    def _free_client(self) -> Optional[StreamClient]:
+        """The connected client with the most free slots (servers that went away are routed around)."""
+        free = [c for c in self.clients if c.can_submit()]
+        return min(free, key=lambda c: c.in_flight) if free else None
 
     def _params(self) -> EditParams:
         c = self.config
@@ -154,9 +212,16 @@ class In2nPipeline(VanillaPipeline):
         """One non-blocking slice of the Iterative Dataset Update (see the module docstring)."""
         if self.schedule is None:
             self._start_update(step)
-        assert self.schedule is not None and self.renderer is not None and self.client is not None
+        assert self.schedule is not None and self.renderer is not None
         dm = self.datamanager
-        for result in self.client.poll():
+        if self.config.edit_timeout_s > 0:
+            for request_id in self.schedule.expired(time.monotonic() - self.config.edit_timeout_s):
+                self.schedule.failed(request_id, f"no answer within {self.config.edit_timeout_s:.0f} s")
+        for result in [r for client in self.clients for r in client.poll()]:
+            sent = self.schedule.in_flight.get(result.request_id)
+            if sent is not None:
+                elapsed = time.monotonic() - sent.sent_at
+                self._latency_s = elapsed if self._latency_s is None else 0.8 * self._latency_s + 0.2 * elapsed
             if result.error_code is not None:
                 self.schedule.failed(result.request_id, f"{result.error_code.name}: {result.error_message}")
                 continue
@@ -169,16 +234,28 @@ class In2nPipeline(VanillaPipeline):
             view = self.renderer.view
             rendered = self.renderer.advance()
             if rendered is not None:
-                if self.client.can_submit():
-                    request_id = self.client.submit(
+                if view in self.recorder.views:
+                    self.recorder.record_after(view, rendered)
+                client = self._free_client()
+                if client is not None:
+                    request_id = client.submit(
                         view, self._wire(rendered), self._wire(dm.original_images[view]), self._params()
                     )
                     self._edit_number += 1
                     self.schedule.submitted(request_id, view, step)
                 else:  # the server went away while rendering: try this view again later
                     self.schedule.requeue(view)
-        elif self.client.can_submit() and self.schedule.may_start(step):
+        elif self._free_client() is not None and self.schedule.may_start(step):
             self.renderer.start(self.schedule.next_view(step))
+        self._log(step)
+
+    def _log(self, step: int) -> None:
+        metrics = self.edit_metrics()
+        if step % 10 == 0:
+            for name, value in metrics.items():
+                writer.put_scalar(name=f"Edits/{name}", scalar=value, step=step)
+        if self.config.log_every > 0 and step % self.config.log_every == 0:
+            CONSOLE.log("in2n: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in metrics.items()))
 
     def get_train_loss_dict(self, step: int):
         self.update_dataset(step)
@@ -197,20 +274,62 @@ class In2nPipeline(VanillaPipeline):
             "edits_failed": s.failed,
             "edits_in_flight": len(self.schedule.in_flight),
             "views_edited": len(s.edits_per_view),
+            "edit_latency_s": round(self._latency_s, 3) if self._latency_s is not None else 0.0,
         }
 
-    def write_report(self) -> None:
-        """Write the evolution sheet and before/after renders into the run folder."""
+    def write_report(self, final: bool = True) -> None:
+        """Write the evolution sheet (and, when final, fresh after-renders) into <run>/edit_report.
+
+        During training (final=False) nothing is rendered: the sheet's last column is the
+        latest render of each tracked view that was made for an edit anyway.
+        """
         if self.recorder is None or self.run_dir is None or self.renderer is None:
             return
-        pending = self.renderer.cancel()
-        if pending is not None and self.schedule is not None:
-            self.schedule.requeue(pending)
-        for view in self.recorder.views:
-            self.recorder.record_after(view, self.renderer.render_now(view))
+        if final:
+            pending = self.renderer.cancel()
+            if pending is not None and self.schedule is not None:
+                self.schedule.requeue(pending)
+            for view in self.recorder.views:
+                self.recorder.record_after(view, self.renderer.render_now(view))
         self.recorder.write(self.run_dir / "edit_report")
-        self.write_dataset_snapshot(self.run_dir / "edit_report")
-        CONSOLE.print(f"in2n: evolution sheet and renders written to {self.run_dir / 'edit_report'}")
+        if final:
+            self.write_dataset_snapshot(self.run_dir / "edit_report")
+            CONSOLE.print(f"in2n: evolution sheet and renders written to {self.run_dir / 'edit_report'}")
+
+    # -- state saved with checkpoints ------------------------------------------------------------
+
+    def edit_state(self) -> Optional[dict]:
+        """The edited dataset and the update's progress, saved beside each checkpoint (None before any edit)."""
+        if self.schedule is None:
+            return None
+        dm = self.datamanager
+        views = sorted(self.schedule.stats.edits_per_view)
+        return {
+            "version": 1,
+            "num_views": dm.num_views,
+            "image_shape": list(dm.images.shape[1:]),
+            "views": torch.tensor(views, dtype=torch.long),  # [E] edited views
+            "images": dm.images[views].clone(),  # [E, H, W, 3] float32, exactly as trained on
+            "image_filenames": [str(f) for f in dm.train_dataparser_outputs.image_filenames],
+            "instruction": self.config.instruction,
+            "schedule": self.schedule.state_dict(),
+        }
+
+    def load_edit_state(self, state: dict) -> int:
+        """Restore `edit_state()`: the edited images go back into the buffer. Returns how many views."""
+        dm = self.datamanager
+        if state.get("version") != 1:
+            raise ValueError(f"unknown in2n edit state version {state.get('version')!r}")
+        if state["num_views"] != dm.num_views or list(state["image_shape"]) != list(dm.images.shape[1:]):
+            raise ValueError(
+                f"saved edits are for {state['num_views']} views of {state['image_shape']}, "
+                f"this dataset has {dm.num_views} of {list(dm.images.shape[1:])}"
+            )
+        views = state["views"]
+        if len(views):
+            dm.images[views] = state["images"].to(dm.images.dtype)
+        self._restored_schedule = state["schedule"]
+        return len(views)
 
     def write_dataset_snapshot(self, folder: Path) -> None:
         """Save the training images as they are now, the originals and per-view edit counts.
@@ -240,9 +359,9 @@ class In2nPipeline(VanillaPipeline):
         if self.schedule is not None:
             CONSOLE.print(f"in2n: {self.edit_metrics()}")
         self.write_report()
-        if self.client is not None:
-            self.client.close()
-            self.client = None
+        for client in self.clients:
+            client.close()
+        self.clients = []
 
     def get_training_callbacks(self, attrs: TrainingCallbackAttributes) -> List[TrainingCallback]:
         callbacks = super().get_training_callbacks(attrs)

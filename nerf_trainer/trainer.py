@@ -7,6 +7,9 @@ Two things nerfstudio 1.1.5 does not do for us:
   wrongly. The pretrained run's `config.yml` sits next to its checkpoints, so
   its model settings are copied into the in2n model (and its data path used
   when `--data` is not given), and the effective config is saved again.
+- Edits must survive a restart: the edited images, per-view edit counts and
+  the edit order are saved beside every checkpoint (`<run>/in2n_edits/`,
+  written atomically) and restored when `--load-dir` points into an in2n run.
 - torch >= 2.6 loads checkpoints with `weights_only=True`, which rejects the
   numpy scalars nerfstudio checkpoints hold. Loading allow-lists exactly those
   numpy types for the duration of the load; nothing else is trusted.
@@ -15,6 +18,7 @@ Two things nerfstudio 1.1.5 does not do for us:
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Type
@@ -28,6 +32,8 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 # Model settings that are about training the edit, not about what the pretrained model is.
 _NOT_INHERITED = {"_target", "eval_num_rays_per_chunk", "prompt"}
+# Beside nerfstudio_models/: the edited dataset at each checkpoint's step.
+EDITS_FOLDER = "in2n_edits"
 
 
 def checkpoint_safe_globals() -> list:
@@ -106,3 +112,28 @@ class In2nTrainer(Trainer):
     def _load_checkpoint(self) -> None:
         with torch.serialization.safe_globals(checkpoint_safe_globals()):
             super()._load_checkpoint()
+        if self.config.load_dir is None and self.config.load_checkpoint is None:
+            return
+        # Resuming an in2n run: put its edited images back (a nerfacto run has none).
+        run = Path(self.config.load_dir).parent if self.config.load_dir else Path(self.config.load_checkpoint).parent.parent
+        edits = run / EDITS_FOLDER / f"step-{self._start_step - 1:09d}.pt"
+        if edits.exists():
+            restored = self.pipeline.load_edit_state(torch.load(edits, map_location="cpu", weights_only=True))
+            CONSOLE.print(f"in2n: restored {restored} edited views from {edits}")
+
+    def save_checkpoint(self, step: int) -> None:
+        """nerfstudio's checkpoint, then the edited dataset beside it (atomically) and the evolution sheet."""
+        super().save_checkpoint(step)
+        state = self.pipeline.edit_state()
+        if state is not None:
+            folder = self.base_dir / EDITS_FOLDER
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"step-{step:09d}.pt"
+            tmp = folder / f".step-{step:09d}.pt.tmp"
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+            if self.config.save_only_latest_checkpoint:
+                for old in folder.glob("step-*.pt"):
+                    if old != path:
+                        old.unlink()
+        self.pipeline.write_report(final=False)

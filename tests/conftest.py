@@ -4,6 +4,8 @@ Sections (each self-contained; add new ones below, do not mix):
 1. Import path and environment: tests run with PYTHONPATH=<repo root> or with the package installed.
 2. Diffusion server subprocesses: fixtures `edit_server`, `edit_server_address`, `edit_server_factory`,
    `shared_palette_server`, `child_env`.
+3. Trainer runs: fixtures `trainer_env` (child env with a planted random AlexNet for LPIPS),
+   `tiny_scene` (16 views, 32x32), `pretrained` (a tiny nerfacto from a real `ns-train nerfacto`).
 """
 
 from __future__ import annotations
@@ -184,3 +186,62 @@ def shared_palette_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield server
     finally:
         server.stop()
+
+
+# ==================================================================================================
+# 3. Trainer runs
+# ==================================================================================================
+
+NS_TRAIN = str(Path(sys.executable).with_name("ns-train"))
+# nerfacto smaller than make run's: a few hundred steps in well under a minute on one CPU thread.
+TINY_NERFACTO = [
+    "--pipeline.model.implementation", "torch",
+    "--pipeline.model.num-nerf-samples-per-ray", "16",
+    "--pipeline.model.num-proposal-samples-per-ray", "32", "16",
+    "--pipeline.model.num-levels", "4",
+    "--pipeline.model.log2-hashmap-size", "12",
+    "--pipeline.model.max-res", "128",
+    "--pipeline.model.hidden-dim", "16",
+    "--pipeline.model.hidden-dim-color", "16",
+]  # fmt: skip
+QUIET = ["--vis", "tensorboard", "--machine.device-type", "cpu", "--steps-per-eval-image", "1000000",
+         "--steps-per-eval-batch", "1000000", "--steps-per-eval-all-images", "1000000"]  # fmt: skip
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+
+
+@pytest.fixture(scope="session")
+def trainer_env(tmp_path_factory) -> dict:
+    """Child environment with a randomly initialised AlexNet planted for nerfacto's LPIPS (no download)."""
+    import torch
+    import torchvision
+
+    home = tmp_path_factory.mktemp("torch_home")
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet().state_dict(), home / "hub" / "checkpoints" / ALEXNET_FILE)
+    env = subprocess_env()
+    env["TORCH_HOME"] = str(home)
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_scene(tmp_path_factory) -> Path:
+    from nerf_trainer.demo_scene import DemoSceneConfig, make_demo_scene
+
+    out = tmp_path_factory.mktemp("scene")
+    make_demo_scene(DemoSceneConfig(output=out, num_views=16, size=32))
+    return out
+
+
+@pytest.fixture(scope="session")
+def pretrained(tiny_scene, trainer_env, tmp_path_factory) -> Path:
+    """nerfstudio_models folder of a tiny nerfacto trained 150 steps on the tiny scene."""
+    out = tmp_path_factory.mktemp("pretrain")
+    cmd = [NS_TRAIN, "nerfacto", "--data", str(tiny_scene), "--output-dir", str(out), "--experiment-name", "tiny",
+           "--timestamp", "pre", "--max-num-iterations", "150", "--steps-per-save", "150",
+           "--pipeline.datamanager.train-num-rays-per-batch", "256", *QUIET, *TINY_NERFACTO]  # fmt: skip
+    proc = subprocess.run(cmd, env=trainer_env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    load_dir = out / "tiny" / "nerfacto" / "pre" / "nerfstudio_models"
+    assert list(load_dir.glob("step-*.ckpt")), f"no checkpoint in {load_dir}"
+    return load_dir

@@ -8,68 +8,17 @@ what the run wrote (the edited training images, the report, the effective config
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
-from conftest import EditServerProcess, subprocess_env
-from nerf_trainer.demo_scene import DemoSceneConfig, make_demo_scene
-
-NS_TRAIN = str(Path(sys.executable).with_name("ns-train"))
-# Smaller than make run's nerfacto: about 0.05 s a step on one CPU thread.
-TINY_NERFACTO = [
-    "--pipeline.model.implementation", "torch",
-    "--pipeline.model.num-nerf-samples-per-ray", "16",
-    "--pipeline.model.num-proposal-samples-per-ray", "32", "16",
-    "--pipeline.model.num-levels", "4",
-    "--pipeline.model.log2-hashmap-size", "12",
-    "--pipeline.model.max-res", "128",
-    "--pipeline.model.hidden-dim", "16",
-    "--pipeline.model.hidden-dim-color", "16",
-]  # fmt: skip
-QUIET = ["--vis", "tensorboard", "--machine.device-type", "cpu", "--steps-per-eval-image", "1000000",
-         "--steps-per-eval-batch", "1000000", "--steps-per-eval-all-images", "1000000"]  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def trainer_env(tmp_path_factory) -> dict:
-    """Child environment with a randomly initialised AlexNet planted for nerfacto's LPIPS (no download)."""
-    import torch
-    import torchvision
-
-    home = tmp_path_factory.mktemp("torch_home")
-    (home / "hub" / "checkpoints").mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(torchvision.models.alexnet().state_dict(), home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth")
-    env = subprocess_env()
-    env["TORCH_HOME"] = str(home)
-    return env
-
-
-@pytest.fixture(scope="session")
-def tiny_scene(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("scene")
-    make_demo_scene(DemoSceneConfig(output=out, num_views=16, size=32))
-    return out
-
-
-@pytest.fixture(scope="session")
-def pretrained(tiny_scene, trainer_env, tmp_path_factory) -> Path:
-    """nerfstudio_models folder of a tiny nerfacto trained 150 steps on the tiny scene."""
-    out = tmp_path_factory.mktemp("pretrain")
-    cmd = [NS_TRAIN, "nerfacto", "--data", str(tiny_scene), "--output-dir", str(out), "--experiment-name", "tiny",
-           "--timestamp", "pre", "--max-num-iterations", "150", "--steps-per-save", "150",
-           "--pipeline.datamanager.train-num-rays-per-batch", "256", *QUIET, *TINY_NERFACTO]  # fmt: skip
-    proc = subprocess.run(cmd, env=trainer_env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    load_dir = out / "tiny" / "nerfacto" / "pre" / "nerfstudio_models"
-    assert list(load_dir.glob("step-*.ckpt")), f"no checkpoint in {load_dir}"
-    return load_dir
+from conftest import NS_TRAIN, QUIET, EditServerProcess
 
 
 def run_in2n(load_dir: Path, out: Path, server: str, env: dict, steps: int, *extra: str) -> subprocess.CompletedProcess:
@@ -97,15 +46,20 @@ def test_ns_train_lists_the_in2n_methods_and_documents_their_options(trainer_env
         assert subprocess.run([NS_TRAIN, method, "--help"], env=trainer_env, capture_output=True, timeout=300).returncode == 0
 
 
-def test_in2n_edits_every_view_and_the_nerf_follows(pretrained, tiny_scene, trainer_env, tmp_path):
-    """A few hundred steps against a palette server: every view swapped, originals untouched, NeRF turns gray."""
-    with EditServerProcess(tmp_path / "server", backend="palette") as server:
-        proc = run_in2n(pretrained, tmp_path / "out", server.address, trainer_env, 300,
+@pytest.fixture(scope="module")
+def grayscale_run(pretrained, trainer_env, tmp_path_factory) -> Path:
+    """A 300-step in2n-tiny run against a palette server turning the scene gray; its run folder."""
+    tmp = tmp_path_factory.mktemp("grayscale")
+    with EditServerProcess(tmp / "server", backend="palette") as server:
+        proc = run_in2n(pretrained, tmp / "out", server.address, trainer_env, 300,
                         "--pipeline.instruction", "make it grayscale")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_dir = tmp_path / "out" / "tiny" / "in2n-tiny" / "edit"
-    report = run_dir / "edit_report"
+    return tmp / "out" / "tiny" / "in2n-tiny" / "edit"
 
+
+def test_in2n_edits_every_view_and_the_nerf_follows(grayscale_run, tiny_scene):
+    """A few hundred steps against a real server: every view swapped, originals untouched, NeRF turns gray."""
+    report = grayscale_run / "edit_report"
     snapshot = np.load(report / "training_images.npz")
     images, originals, counts = snapshot["images"], snapshot["originals"], snapshot["edits_per_view"]
     assert (counts >= 1).all(), f"views never edited: {np.flatnonzero(counts == 0).tolist()}"
@@ -125,8 +79,60 @@ def test_in2n_edits_every_view_and_the_nerf_follows(pretrained, tiny_scene, trai
     assert (report / "evolution.png").exists() and (report / "before_after.png").exists()
 
     # The edit model took the pretrained model's settings (else its checkpoint would not even load).
-    config = yaml.load((run_dir / "config.yml").read_text(), Loader=yaml.Loader)
+    config = yaml.load((grayscale_run / "config.yml").read_text(), Loader=yaml.Loader)
     assert config.pipeline.model.num_levels == 4 and config.pipeline.model.hidden_dim == 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def latest_edits(run_dir: Path) -> dict:
+    saved = sorted((run_dir / "in2n_edits").glob("step-*.pt"))
+    assert saved, f"no edits saved in {run_dir / 'in2n_edits'}"
+    return torch.load(saved[-1], map_location="cpu", weights_only=True)
+
+
+def test_resume_restores_the_edited_dataset_exactly(grayscale_run, trainer_env, tmp_path):
+    """Resuming an in2n checkpoint puts its edited images back, not the originals; with no server up,
+    training goes on with them, untouched."""
+    saved = latest_edits(grayscale_run)
+    assert len(saved["views"]) == saved["num_views"]
+    proc = run_in2n(grayscale_run / "nerfstudio_models", tmp_path / "out", f"127.0.0.1:{free_port()}", trainer_env, 20,
+                    "--pipeline.instruction", "make it grayscale")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "restored" in proc.stdout
+    resumed = latest_edits(tmp_path / "out" / "tiny" / "in2n-tiny" / "edit")
+    assert torch.equal(resumed["views"], saved["views"])
+    assert torch.equal(resumed["images"], saved["images"])  # bit-identical
+    assert resumed["schedule"]["edits_per_view"] == saved["schedule"]["edits_per_view"]
+    assert resumed["schedule"]["order"] == saved["schedule"]["order"]
+
+
+def test_export_writes_a_nerfstudio_dataset_of_the_edits(grayscale_run, tmp_path):
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+
+    from nerf_trainer.export import ExportConfig, export_edited_dataset
+
+    transforms = export_edited_dataset(ExportConfig(run=grayscale_run, output=tmp_path / "edited"))
+    meta = json.loads(transforms.read_text())
+    saved = latest_edits(grayscale_run)
+    assert len(meta["frames"]) == saved["num_views"]
+    for frame in meta["frames"]:
+        image = np.asarray(Image.open(tmp_path / "edited" / frame["file_path"]))
+        assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
+    parser = NerfstudioDataParserConfig(data=tmp_path / "edited", train_split_fraction=1.0).setup()
+    outputs = parser.get_dataparser_outputs("train")
+    assert len(outputs.image_filenames) == saved["num_views"]
+
+
+def test_require_server_fails_fast_with_a_clear_message(pretrained, trainer_env, tmp_path):
+    proc = run_in2n(pretrained, tmp_path / "out", f"127.0.0.1:{free_port()}", trainer_env, 20,
+                    "--pipeline.require-server", "True", "--pipeline.connect-timeout-s", "2")  # fmt: skip
+    assert proc.returncode != 0
+    assert "no diffusion server ready" in proc.stdout + proc.stderr
 
 
 def test_in2n_runs_against_a_diffusion_backend(pretrained, trainer_env, tmp_path):
