@@ -4,19 +4,28 @@
 - `StreamClient`: the trainer's path. One bidirectional stream on a background
   thread; `submit` and `poll` never block on the network, and a broken stream
   hands every in-flight request back as UNAVAILABLE while the client reconnects
-  in the background.
+  in the background. Originals are sent once per view: later requests for the
+  view carry only the render and a key of the original; when the server does
+  not hold it (FAILED_PRECONDITION "original not cached"), the client re-sends
+  the request with the original by itself, invisibly to the caller.
+
+Both take `token=` (sent as `authorization: Bearer <token>` metadata) and
+`root_cert=` (PEM bytes or a path: TLS, checking the server's certificate
+against it) or `tls=True` (TLS with the system's roots); all off by default.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import grpc
 import numpy as np
@@ -52,6 +61,36 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_back
     ]
 
 
+RootCert = Union[bytes, str, "os.PathLike[str]", None]
+ORIGINAL_NOT_CACHED = "original not cached"  # start of the server's FAILED_PRECONDITION message on a cache miss
+
+
+def make_channel(
+    address: str, options: list, root_cert: RootCert = None, tls: bool = False
+) -> grpc.Channel:
+    """A plaintext channel, or a TLS one when `root_cert` (PEM bytes or file) is given or `tls` is True."""
+    if root_cert is None and not tls:
+        return grpc.insecure_channel(address, options=options)
+    if root_cert is not None and not isinstance(root_cert, bytes):
+        with open(root_cert, "rb") as f:
+            root_cert = f.read()
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root_cert), options=options)
+
+
+def auth_metadata(token: Optional[str]) -> Optional[Tuple[Tuple[str, str], ...]]:
+    """Call metadata carrying `token` as a bearer token; None without a token."""
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def original_key(original: np.ndarray) -> str:
+    """Key of an original's content (shape, dtype and pixels): the same key means the same image."""
+    array = np.ascontiguousarray(original)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{array.shape}|{array.dtype.str}|".encode())
+    digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
 def _wire_image(image: np.ndarray, name: str) -> pb.Image:
     """[H, W, 3] uint8 / float16 / float32 (float64 is sent as float32) -> `Image`."""
     image = np.asarray(image)
@@ -66,19 +105,19 @@ def _wire_image(image: np.ndarray, name: str) -> pb.Image:
 
 
 def make_request(
-    request_id: str, view_id: int, render: np.ndarray, original: np.ndarray, params: EditParams
+    request_id: str, view_id: int, render: np.ndarray, original: Optional[np.ndarray], params: EditParams
 ) -> pb.EditRequest:
     """Build an `EditRequest`; every parameter of `params` is sent explicitly (seed only when set).
 
     Args:
         render: [H, W, 3] uint8 in 0..255, or float16/float32 in [0, 1]; the NeRF render of the view.
-        original: [H, W, 3], same height and width; the captured image of the view.
+        original: [H, W, 3], same height and width; the captured image of the view (None: left out,
+            for a request that names a cached original by `original_key`).
     """
     request = pb.EditRequest(
         request_id=request_id,
         view_id=int(view_id),
         render=_wire_image(render, "render"),
-        original=_wire_image(original, "original"),
         instruction=params.instruction,
         guidance_scale=params.guidance_scale,
         image_guidance_scale=params.image_guidance_scale,
@@ -86,9 +125,20 @@ def make_request(
         lower_bound=params.lower_bound,
         upper_bound=params.upper_bound,
     )
+    if original is not None:
+        request.original.CopyFrom(_wire_image(original, "original"))
     if params.seed is not None:
         request.seed = int(params.seed)
     return request
+
+
+def _check_size(request: pb.EditRequest, max_message_bytes: int) -> None:
+    size = request.ByteSize()
+    if size > max_message_bytes:
+        raise ValueError(
+            f"the request takes {size} bytes, over the message limit of {max_message_bytes} bytes "
+            f"(sized for render + original up to 2048x2048 RGB float32); send smaller images or uint8"
+        )
 
 
 def timings_dict(timings: pb.Timings) -> Dict[str, float]:
@@ -119,10 +169,21 @@ class EditReply:
 class EditClient:
     """Blocking client: one call at a time per caller, for scripts and tests."""
 
-    def __init__(self, address: str, timeout_s: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = 60.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        *,
+        token: Optional[str] = None,
+        root_cert: RootCert = None,
+        tls: bool = False,
+    ):
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        self._max_message_bytes = max_message_bytes
+        self._metadata = auth_metadata(token)
+        self._channel = make_channel(address, channel_options(max_message_bytes), root_cert, tls)
         self._stub = pb_grpc.EditServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -134,10 +195,14 @@ class EditClient:
         view_id: int = 0,
         request_id: Optional[str] = None,
     ) -> EditReply:
-        """Edit one view (images [H, W, 3]); raises `EditFailed` with the server's status code and message."""
+        """Edit one view (images [H, W, 3]); raises `EditFailed` with the server's status code and message.
+
+        The call's deadline is `timeout_s`; ValueError for a request over the message limit.
+        """
         request = make_request(request_id or uuid.uuid4().hex, view_id, render, original, params)
+        _check_size(request, self._max_message_bytes)
         try:
-            response = self._stub.Edit(request, timeout=self.timeout_s)
+            response = self._stub.Edit(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
             raise EditFailed(e.code(), e.details() or "") from None
         return EditReply(
@@ -151,7 +216,7 @@ class EditClient:
     def describe(self) -> pb.DescribeResponse:
         """Backend, model, device, precision and limits of the server."""
         try:
-            return self._stub.Describe(pb.DescribeRequest(), timeout=self.timeout_s)
+            return self._stub.Describe(pb.DescribeRequest(), timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
             raise EditFailed(e.code(), e.details() or "") from None
 
@@ -238,7 +303,17 @@ class StreamClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         initial_backoff_s: float = 0.1,
         max_backoff_s: float = 5.0,
+        *,
+        token: Optional[str] = None,
+        root_cert: RootCert = None,
+        tls: bool = False,
+        send_originals_once: bool = True,
     ):
+        """
+        Args:
+            send_originals_once: send each view's original once (the server caches it); later requests
+                carry only the render. False: every request carries its original.
+        """
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.address = address
@@ -246,6 +321,16 @@ class StreamClient:
         self._max_message_bytes = max_message_bytes
         self._initial_backoff_s = initial_backoff_s
         self._max_backoff_s = max_backoff_s
+        self._metadata = auth_metadata(token)
+        self._root_cert = root_cert
+        self._tls = tls
+        self._send_originals_once = send_originals_once
+        self._server_caches = False  # learnt from Describe on each connection
+        self._client_id = uuid.uuid4().hex
+        self._server_has: Dict[int, str] = {}  # view id -> key of the original the server should hold
+        self._resendable: Dict[str, Tuple[pb.EditRequest, np.ndarray]] = {}  # sent without original: (request, original)
+        self.originals_sent = 0  # requests that carried their original (first sends and re-sends)
+        self.cache_misses = 0  # requests re-sent with their original after "original not cached"
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -295,8 +380,8 @@ class StreamClient:
                 raise RuntimeError("StreamClient is closed")
             if self._thread is not None:
                 raise RuntimeError("StreamClient already started")
-            self._channel = grpc.insecure_channel(
-                self.address, options=channel_options(self._max_message_bytes, self._max_backoff_s)
+            self._channel = make_channel(
+                self.address, channel_options(self._max_message_bytes, self._max_backoff_s), self._root_cert, self._tls
             )
             self._thread = threading.Thread(target=self._run, name="in2n-stream-client", daemon=True)
             self._thread.start()
@@ -335,18 +420,29 @@ class StreamClient:
             raise RuntimeError("StreamClient is closed")
         if self._thread is None:
             raise RuntimeError("StreamClient not started; call start() first")
-        request = make_request("", view_id, render, original, params)
-        if request.ByteSize() > self._max_message_bytes:
-            raise ValueError(
-                f"render and original take {request.ByteSize()} bytes, over max_message_bytes={self._max_message_bytes}"
-            )
+        view_id = int(view_id)
+        key = original_key(original) if self._send_originals_once and self._server_caches else ""
+        with self._lock:
+            with_original = not key or self._server_has.get(view_id) != key
+        request = make_request("", view_id, render, original if with_original else None, params)
+        if key:
+            request.client_id = self._client_id
+            request.original_key = key
+        _check_size(request, self._max_message_bytes)
+        kept = None if with_original else np.array(original, copy=True)  # for a re-send after a cache miss
         with self._lock:
             if self._conn is None:
                 raise RuntimeError(f"not connected to {self.address} (reconnecting in the background); check can_submit()")
             if len(self._in_flight) >= self.max_in_flight:
                 raise RuntimeError(f"{self.max_in_flight} requests already in flight (max_in_flight); check can_submit()")
             request.request_id = f"{self._id_prefix}-{next(self._ids)}"
-            self._in_flight[request.request_id] = int(view_id)
+            self._in_flight[request.request_id] = view_id
+            if kept is not None:
+                self._resendable[request.request_id] = (request, kept)
+            elif key:
+                self._server_has[view_id] = key
+            if with_original:
+                self.originals_sent += 1
             self._conn.outgoing.put(pb.StreamEditRequest(edit=request))
         return request.request_id
 
@@ -400,26 +496,34 @@ class StreamClient:
         which resets the reconnect backoff.
         """
         conn = _Connection()
+        stub = pb_grpc.EditServiceStub(self._channel)
+        try:  # does this server cache originals? (servers before the cache answer False)
+            caches = stub.Describe(pb.DescribeRequest(), timeout=10.0, metadata=self._metadata).caches_originals
+        except grpc.RpcError as e:
+            log.debug("Describe failed (%s); sending every original", e.code())
+            caches = False
         opened = time.monotonic()
         responses = 0
-        conn.call = pb_grpc.EditServiceStub(self._channel).StreamEdit(conn.requests())
+        conn.call = stub.StreamEdit(conn.requests(), metadata=self._metadata)
         with self._lock:
             if self._closed.is_set():
                 conn.shut()
                 return False
+            self._server_caches = caches
             self._conn = conn
         log.info("stream client connected to %s", self.address)
         reason = "the server ended the stream"
         try:
             for response in conn.call:
                 responses += 1
-                self._on_response(response)
+                self._on_response(response, conn)
         except grpc.RpcError as e:
             reason = f"{e.code().name}: {e.details()}"
         finally:
             with self._lock:
                 self._conn = None
                 lost, self._in_flight = self._in_flight, {}
+                self._resendable.clear()
                 closing = self._closed.is_set()
                 if not closing:
                     message = f"stream to {self.address} broke ({reason}); resubmit when reconnected"
@@ -433,7 +537,39 @@ class StreamClient:
             log.warning("stream to %s broke (%s); %d request(s) in flight handed back; reconnecting", self.address, reason, len(lost))
         return responses > 0 or time.monotonic() - opened >= 1.0
 
-    def _on_response(self, response: pb.StreamEditResponse) -> None:
+    def _resend_with_original(self, response: pb.StreamEditResponse, conn: _Connection) -> bool:
+        """A request sent without its original came back "original not cached": send it again with it.
+
+        True if re-sent (the caller sees nothing of it); only once per request.
+        """
+        if response.WhichOneof("outcome") != "error":
+            return False
+        code, message = status_code(response.error.code), response.error.message
+        miss = code == grpc.StatusCode.FAILED_PRECONDITION and message.startswith(ORIGINAL_NOT_CACHED)
+        old_server = code == grpc.StatusCode.INVALID_ARGUMENT and message.startswith("original is required")
+        if not (miss or old_server):
+            return False
+        with self._lock:
+            entry = self._resendable.pop(response.request_id, None)
+            if entry is None or response.request_id not in self._in_flight:
+                return False
+            request, original = entry
+            resent = pb.EditRequest()
+            resent.CopyFrom(request)
+            resent.original.CopyFrom(_wire_image(original, "original"))
+            if old_server:  # a server that knows nothing of the cache: send every original from now on
+                self._server_caches = False
+            else:
+                self._server_has[request.view_id] = request.original_key
+            self.cache_misses += 1
+            self.originals_sent += 1
+            conn.outgoing.put(pb.StreamEditRequest(edit=resent))
+        log.debug("request %s: %s; re-sent with its original", response.request_id, message)
+        return True
+
+    def _on_response(self, response: pb.StreamEditResponse, conn: Optional[_Connection] = None) -> None:
+        if conn is not None and self._resend_with_original(response, conn):
+            return
         outcome = response.WhichOneof("outcome")
         if outcome == "edited":
             try:
@@ -454,6 +590,7 @@ class StreamClient:
         else:
             result = StreamResult(response.request_id, response.view_id, None, grpc.StatusCode.INTERNAL, "response without outcome")
         with self._lock:
+            self._resendable.pop(response.request_id, None)
             if self._in_flight.pop(response.request_id, None) is None:
                 log.debug("ignoring response to unknown request %r", response.request_id)
                 return

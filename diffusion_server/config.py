@@ -47,6 +47,30 @@ class ServerConfig:
     """Threads serving RPCs (each open stream holds one)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Logging level of the server's log on stderr."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines on stderr: human text, or one JSON object per line (ts, level, logger, msg, ...)."""
+    max_batch: int = 1
+    """Most queued edits run as one backend call (backends that batch: ip2p, tiny-ip2p); 1: no batching."""
+    max_delay_ms: float = 0.0
+    """Longest wait for more edits to fill a batch, in milliseconds (0: take only what is already queued)."""
+    original_cache_mb: int = 1024
+    """Memory for originals cached per (client, view), in MiB; 0 turns the cache off (then every request must carry its original)."""
+    metrics_port: int = 0
+    """Serve Prometheus metrics on http://HOST:PORT/metrics; 0: off."""
+    grace_s: float = 30.0
+    """On SIGTERM or SIGINT: stop taking edits, finish those accepted for up to this many seconds, then exit."""
+    tls_cert: Optional[Path] = None
+    """PEM certificate chain of the server: serve TLS (with --tls-key)."""
+    tls_key: Optional[Path] = None
+    """PEM private key of --tls-cert."""
+    token: Optional[str] = None
+    """Bearer token every request must carry (metadata `authorization: Bearer TOKEN`); default: $IN2N_TOKEN, unset: no token. Health checks stay open."""
+    channels_last: bool = False
+    """ip2p/tiny-ip2p: UNet and VAE in channels_last memory format (often faster on CUDA)."""
+    compile: bool = False
+    """ip2p/tiny-ip2p: torch.compile the UNet (checked with one warm-up edit at start-up)."""
+    cpu_offload: bool = False
+    """ip2p/tiny-ip2p on CUDA: keep weights in CPU memory, move each model to the GPU only while it runs."""
 
     @property
     def max_message_bytes(self) -> int:
@@ -67,3 +91,20 @@ class ServerConfig:
             raise ValueError(f"--rpc-threads must be >= 2, got {self.rpc_threads}")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        if not 1 <= self.max_batch <= 256:
+            raise ValueError(f"--max-batch must be in [1, 256], got {self.max_batch}")
+        if not (0.0 <= self.max_delay_ms <= 10_000.0):
+            raise ValueError(f"--max-delay-ms must be in [0, 10000], got {self.max_delay_ms}")
+        if self.original_cache_mb < 0:
+            raise ValueError(f"--original-cache-mb must be >= 0, got {self.original_cache_mb}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
+        if not self.grace_s >= 0:
+            raise ValueError(f"--grace-s must be >= 0, got {self.grace_s}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together; give both (PEM files) or neither")
+        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file; give a PEM file")
+        if self.token is not None and not self.token.strip():
+            raise ValueError("--token (or IN2N_TOKEN) must not be empty")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
+import hmac
+import json
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from diffusion_server.backends import BackendUnavailable, create_backend
 from diffusion_server.backends.base import EditBackend
 from diffusion_server.config import ServerConfig
+from diffusion_server.metrics import ServerMetrics
 from diffusion_server.service import EditServicer, ServiceLimits
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
@@ -27,29 +32,137 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EditService"].full_name  # "in2n.v1.EditService"
 
 
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
 class StartupError(RuntimeError):
     """The server cannot start; the message is one line saying what to do."""
 
 
-def build_server(config: ServerConfig, backend: EditBackend) -> Tuple[grpc.Server, int, EditServicer, health.HealthServicer]:
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """Answers UNAUTHENTICATED to every call without metadata `authorization: Bearer <token>`, except health checks."""
+
+    def __init__(self, token: str, on_reject: Optional[Callable[[str], None]] = None):
+        self._expected = f"Bearer {token}".encode()
+        self._on_reject = on_reject
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        method = handler_call_details.method or ""
+        if method.startswith(HEALTH_PREFIX):
+            return continuation(handler_call_details)
+        given = b""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else bytes(value)
+                break
+        if hmac.compare_digest(given, self._expected):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        if self._on_reject is not None:
+            self._on_reject(method)
+        message = "missing or wrong bearer token: send metadata 'authorization: Bearer <token>' (the server's --token / IN2N_TOKEN)"
+
+        def deny(request_or_iterator, context):  # type: ignore[no-untyped-def]
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC, ISO 8601), level, logger, msg, and exc when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": datetime.datetime.fromtimestamp(record.created, tz=datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in ("event", "port", "backend", "device"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Root logger on stderr at `level`, as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def resolve_token(config: ServerConfig) -> Optional[str]:
+    """--token, else $IN2N_TOKEN, else None (no token required)."""
+    if config.token is not None:
+        return config.token
+    return os.environ.get("IN2N_TOKEN") or None
+
+
+def _read_pem(flag: str, path: Path) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise StartupError(f"{flag} {path}: cannot read it ({e.strerror or e}); give a readable PEM file") from e
+    if b"-----BEGIN" not in data:
+        raise StartupError(f"{flag} {path}: not a PEM file (no -----BEGIN line)")
+    return data
+
+
+def build_server(
+    config: ServerConfig, backend: EditBackend, metrics: Optional[ServerMetrics] = None
+) -> Tuple[grpc.Server, int, EditServicer, health.HealthServicer]:
     """Create (not start) a server for `backend` bound to config.host:config.port.
 
+    TLS when config.tls_cert/tls_key are set; a bearer token when `resolve_token(config)` gives one.
     Returns (server, actual port, servicer, health servicer).
     """
     limits = ServiceLimits(
         max_image_side=config.max_image_side,
         max_diffusion_steps=config.max_diffusion_steps,
         max_queued=config.max_queued,
+        max_batch=config.max_batch,
+        max_delay_s=config.max_delay_ms / 1e3,
+        original_cache_bytes=config.original_cache_mb << 20,
     )
+    token = resolve_token(config)
+    interceptors = []
+    if token is not None:
+        on_reject = (lambda method: metrics.request_done(method.rsplit("/", 1)[-1], "UNAUTHENTICATED")) if metrics else None
+        interceptors.append(TokenAuthInterceptor(token, on_reject))
+    credentials = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        cert, key = _read_pem("--tls-cert", config.tls_cert), _read_pem("--tls-key", config.tls_key)
+        try:
+            credentials = grpc.ssl_server_credentials([(key, cert)])
+        except Exception as e:  # noqa: BLE001 - grpc's own message is the clearest we have
+            raise StartupError(f"--tls-cert/--tls-key: cannot use them ({e})") from e
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="rpc"),
+        interceptors=interceptors,
         options=[
             ("grpc.max_send_message_length", limits.max_message_bytes),
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
         ],
     )
-    servicer = EditServicer(backend, config.backend, limits)
+    servicer = EditServicer(backend, config.backend, limits, metrics)
     pb_grpc.add_EditServiceServicer_to_server(servicer, server)
 
     health_servicer = health.HealthServicer()
@@ -60,7 +173,7 @@ def build_server(config: ServerConfig, backend: EditBackend) -> Tuple[grpc.Serve
 
     address = f"{config.host}:{config.port}"
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, credentials) if credentials is not None else server.add_insecure_port(address)
     except RuntimeError as e:  # newer grpcio raises, older ones return 0
         log.debug("bind failed: %s", e)
         port = 0
@@ -70,6 +183,20 @@ def build_server(config: ServerConfig, backend: EditBackend) -> Tuple[grpc.Serve
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port, servicer, health_servicer
+
+
+def shutdown(server: grpc.Server, servicer: EditServicer, health_servicer: health.HealthServicer, grace_s: float) -> bool:
+    """Graceful stop: health NOT_SERVING, no new edits (UNAVAILABLE), the accepted ones finished and answered for
+    up to grace_s, open streams ended, then the server stopped. Returns True if nothing accepted was dropped."""
+    start = time.monotonic()
+    health_servicer.enter_graceful_shutdown()
+    finished = servicer.drain(grace_s)
+    if not finished:
+        log.warning("grace period of %.1f s over with edits unfinished; cancelling them", grace_s)
+    servicer.close()
+    # A moment for the last responses and stream ends to reach the clients, within the grace period.
+    server.stop(grace=max(0.5, min(2.0, grace_s - (time.monotonic() - start)))).wait()
+    return finished
 
 
 def write_port_file(path: Path, port: int) -> None:
@@ -91,7 +218,7 @@ def remove_port_file(path: Path, port: int) -> None:
 
 
 def serve(config: ServerConfig) -> None:
-    """Create the backend, serve until SIGTERM or SIGINT, then stop gracefully.
+    """Create the backend, serve until SIGTERM or SIGINT, then drain and stop (see `shutdown`).
 
     Raises:
         StartupError: the server cannot start (bad option, missing weights, no such device, busy port).
@@ -101,11 +228,25 @@ def serve(config: ServerConfig) -> None:
     except ValueError as e:
         raise StartupError(str(e)) from e
     try:
-        backend = create_backend(config.backend, config.model, config.device, config.precision, config.seed)
+        backend = create_backend(
+            config.backend, config.model, config.device, config.precision, config.seed,
+            channels_last=config.channels_last, compile=config.compile, cpu_offload=config.cpu_offload,
+        )  # fmt: skip
     except BackendUnavailable as e:
         raise StartupError(str(e)) from e
     info = backend.info()
-    server, port, servicer, health_servicer = build_server(config, backend)
+    metrics = ServerMetrics()
+    server, port, servicer, health_servicer = build_server(config, backend, metrics)
+    metrics_port = None
+    if config.metrics_port:
+        try:
+            metrics_port = metrics.serve_http(config.host, config.metrics_port)
+        except OSError as e:
+            servicer.close()
+            raise StartupError(f"--metrics-port {config.metrics_port}: cannot listen on it ({e.strerror or e}); pick another port") from e
+    token = resolve_token(config)
+    if token is None and config.host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+        log.warning("listening on %s without a token: anyone who reaches the port can use the server (see --token)", config.host)
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -113,26 +254,30 @@ def serve(config: ServerConfig) -> None:
     server.start()
     if config.port_file is not None:
         write_port_file(config.port_file, port)
-    print(
+    security = ("tls" if config.tls_cert else "plaintext") + (", token" if token else "")
+    banner = (
         f"diffusion_server: serving {config.backend} (model={info.model or '-'}, device={info.device}, "
-        f"precision={info.precision}) on {config.host}:{port}",
-        flush=True,
+        f"precision={info.precision}) on {config.host}:{port}"
     )
+    extras = f" [{security}; max batch {config.max_batch}" + (f"; metrics on :{metrics_port}" if metrics_port else "") + "]"
+    if config.log_format == "json":
+        print(json.dumps({"event": "serving", "msg": banner + extras, "backend": config.backend, "model": info.model,
+                          "device": info.device, "precision": info.precision, "host": config.host, "port": port,
+                          "metrics_port": metrics_port, "tls": bool(config.tls_cert), "token": bool(token)}), flush=True)
+    else:
+        print(banner + extras, flush=True)
     stop.wait()
-    log.info("stopping (5 s grace)")
-    health_servicer.enter_graceful_shutdown()
-    server.stop(grace=5).wait()
-    servicer.close()
+    log.info("stopping: finishing accepted edits (up to %.1f s)", config.grace_s)
+    finished = shutdown(server, servicer, health_servicer, config.grace_s)
+    metrics.close()
     if config.port_file is not None:
         remove_port_file(config.port_file, port)
-    log.info("stopped")
+    log.info("stopped%s", "" if finished else " (some edits were cancelled at the end of the grace period)")
 
 
 def run_cli(config: ServerConfig) -> int:
     """Serve `config`; returns the process exit code. Start-up failures print one line on stderr."""
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(config.log_level, config.log_format)
     try:
         serve(config)
     except StartupError as e:

@@ -2,11 +2,19 @@
 
 Requests are validated on the RPC threads (images decoded, numbers range-checked,
 `backend.check` asked), then handed to `EditWorker`, the one thread that owns
-the backend: a device runs one edit at a time. RPC threads wait on futures.
+the backend: it takes up to `max_batch` queued edits at a time (waiting at most
+`max_delay_s` for more to arrive) and runs them as one `edit_batch` call where
+the backend supports batching, one by one otherwise. RPC threads wait on futures.
+
+Before computing, the worker drops what nobody waits for any more: an edit whose
+deadline has passed fails with DEADLINE_EXCEEDED, one whose client cancelled or
+went away is cancelled. Originals a client sends with `client_id` and
+`original_key` are cached (`OriginalCache`), so later requests may carry only the render.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import math
@@ -14,7 +22,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Set
+from typing import Callable, Deque, Hashable, Iterator, List, Optional, Set, Tuple
 
 import grpc
 import numpy as np
@@ -28,8 +36,10 @@ from diffusion_server.backends.base import (
     DEFAULT_LOWER_BOUND,
     DEFAULT_UPPER_BOUND,
     EditBackend,
+    EditItem,
     EditParams,
     EditRejected,
+    EditResult,
 )
 from diffusion_server.config import max_message_bytes_for
 from protos.in2n.v1 import edit_service_pb2 as pb
@@ -39,16 +49,22 @@ log = logging.getLogger(__name__)
 
 MAX_INSTRUCTION_CHARS = 1000
 MAX_REQUEST_ID_CHARS = 256
+MAX_CLIENT_ID_CHARS = 256
 MAX_GUIDANCE = 100.0
+ORIGINAL_NOT_CACHED = "original not cached"
+"""Start of the FAILED_PRECONDITION message of a request whose original the server does not hold."""
 
 
 @dataclass(frozen=True)
 class ServiceLimits:
-    """What the service accepts."""
+    """What the service accepts and how it schedules."""
 
     max_image_side: int = 2048
     max_diffusion_steps: int = 1000
     max_queued: int = 32
+    max_batch: int = 1
+    max_delay_s: float = 0.0
+    original_cache_bytes: int = 1 << 30
 
     @property
     def max_message_bytes(self) -> int:
@@ -68,6 +84,10 @@ def _invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+def _always_active() -> bool:
+    return True
+
+
 @dataclass
 class EditJob:
     """One validated edit, ready for the worker."""
@@ -79,6 +99,45 @@ class EditJob:
     params: EditParams
     uint8_out: bool  # answer in uint8 because the render came as uint8
     arrival: float  # time.perf_counter() when the request arrived
+    original_key: Optional[Hashable] = None  # (client_id, view_id, key) when the original is cached
+    deadline: Optional[float] = None  # time.perf_counter() after which the edit is not worth computing
+    is_active: Callable[[], bool] = _always_active  # False once the client is gone
+    future: "concurrent.futures.Future[pb.EditResponse]" = field(default_factory=concurrent.futures.Future)
+
+
+class OriginalCache:
+    """Originals by (client_id, view_id), least recently used evicted beyond `max_bytes`; thread-safe."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._items: "collections.OrderedDict[Tuple[str, int], Tuple[str, np.ndarray]]" = collections.OrderedDict()
+        self._bytes = 0
+
+    def put(self, client_id: str, view_id: int, key: str, image: np.ndarray) -> None:
+        if image.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop((client_id, view_id), None)
+            if old is not None:
+                self._bytes -= old[1].nbytes
+            self._items[(client_id, view_id)] = (key, image)
+            self._bytes += image.nbytes
+            while self._bytes > self.max_bytes:
+                _, (_, evicted) = self._items.popitem(last=False)
+                self._bytes -= evicted.nbytes
+
+    def get(self, client_id: str, view_id: int, key: str) -> Optional[np.ndarray]:
+        with self._lock:
+            entry = self._items.get((client_id, view_id))
+            if entry is None or entry[0] != key:
+                return None
+            self._items.move_to_end((client_id, view_id))
+            return entry[1]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
 
 
 def _optional_float(req: pb.EditRequest, name: str, default: float, low: float, high: float) -> float:
@@ -90,10 +149,25 @@ def _optional_float(req: pb.EditRequest, name: str, default: float, low: float, 
     return value
 
 
-def parse_request(req: pb.EditRequest, limits: ServiceLimits, backend: EditBackend, arrival: float) -> EditJob:
-    """Validate `req` and decode its images; raises `RequestError` (INVALID_ARGUMENT) naming the bad field."""
+def parse_request(
+    req: pb.EditRequest,
+    limits: ServiceLimits,
+    backend: EditBackend,
+    arrival: float,
+    originals: Optional[OriginalCache] = None,
+) -> EditJob:
+    """Validate `req` and decode its images.
+
+    Raises `RequestError`: INVALID_ARGUMENT naming the bad field, or FAILED_PRECONDITION
+    ("original not cached ...") for a request without original whose original the server does not hold.
+    A valid request with `original`, `client_id` and `original_key` puts its original in `originals`.
+    """
     if len(req.request_id) > MAX_REQUEST_ID_CHARS:
         raise _invalid(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters, got {len(req.request_id)}")
+    if len(req.client_id) > MAX_CLIENT_ID_CHARS:
+        raise _invalid(f"client_id must be at most {MAX_CLIENT_ID_CHARS} characters, got {len(req.client_id)}")
+    if req.original_key and not req.client_id:
+        raise _invalid("client_id is required with original_key (originals are cached per client)")
     if not req.instruction.strip():
         raise _invalid("instruction must be a non-empty text")
     if len(req.instruction) > MAX_INSTRUCTION_CHARS:
@@ -109,14 +183,23 @@ def parse_request(req: pb.EditRequest, limits: ServiceLimits, backend: EditBacke
         raise _invalid(f"lower_bound ({lower:g}) must be <= upper_bound ({upper:g})")
     seed = req.seed if req.HasField("seed") else None
 
-    for name in ("render", "original"):
-        if not req.HasField(name):
-            raise _invalid(f"{name} is required")
+    if not req.HasField("render"):
+        raise _invalid("render is required")
+    if not req.HasField("original") and not req.original_key:
+        raise _invalid("original is required (or original_key, for an original sent before)")
     try:
         render = codec.decode_image(req.render, "render", max_side=limits.max_image_side)
-        original = codec.decode_image(req.original, "original", max_side=limits.max_image_side)
+        original = codec.decode_image(req.original, "original", max_side=limits.max_image_side) if req.HasField("original") else None
     except codec.ImageFormatError as e:
         raise _invalid(str(e)) from None
+    if original is None:
+        original = originals.get(req.client_id, req.view_id, req.original_key) if originals is not None else None
+        if original is None:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{ORIGINAL_NOT_CACHED} for client {req.client_id!r}, view {req.view_id}, key {req.original_key!r}; "
+                "send the request again with original set",
+            )
     if render.shape != original.shape:
         raise _invalid(
             f"original: size {original.shape[0]}x{original.shape[1]} must match render's {render.shape[0]}x{render.shape[1]}"
@@ -135,6 +218,11 @@ def parse_request(req: pb.EditRequest, limits: ServiceLimits, backend: EditBacke
         backend.check(params)
     except EditRejected as e:
         raise _invalid(str(e)) from None
+    if req.HasField("original") and req.original_key and originals is not None:
+        originals.put(req.client_id, req.view_id, req.original_key, original)
+    deadline = None
+    if req.HasField("timeout_ms") and req.timeout_ms > 0:
+        deadline = arrival + req.timeout_ms / 1e3
     return EditJob(
         request_id=req.request_id,
         view_id=req.view_id,
@@ -143,6 +231,8 @@ def parse_request(req: pb.EditRequest, limits: ServiceLimits, backend: EditBacke
         params=params,
         uint8_out=req.render.dtype == pb.DTYPE_UINT8,
         arrival=arrival,
+        original_key=(req.client_id, req.view_id, req.original_key) if req.original_key else None,
+        deadline=deadline,
     )
 
 
@@ -160,65 +250,216 @@ def _encode_output(image: np.ndarray, shape: tuple, uint8_out: bool) -> pb.Image
     return codec.encode_image(image)
 
 
-class EditWorker:
-    """The single thread that owns the backend and runs one edit at a time."""
+def _backend_error(job: EditJob, error: BaseException) -> RequestError:
+    if isinstance(error, RequestError):
+        return error
+    if isinstance(error, EditRejected):
+        return RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    log.error("backend failed on request %r (view %d): %s: %s", job.request_id, job.view_id, type(error).__name__, error,
+              exc_info=(type(error), error, error.__traceback__))
+    return RequestError(grpc.StatusCode.INTERNAL, f"backend error: {type(error).__name__}: {error}")
 
-    def __init__(self, backend: EditBackend, max_queued: int):
+
+def _deadline_from(context: grpc.ServicerContext, arrival: float) -> Optional[float]:
+    """The call's deadline as a time.perf_counter() value, None when it has none."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > 1e8:
+        return None
+    return arrival + max(0.0, remaining)
+
+
+class EditWorker:
+    """The single thread that owns the backend: takes batches of queued edits and runs them."""
+
+    def __init__(
+        self,
+        backend: EditBackend,
+        max_queued: int,
+        max_batch: int = 1,
+        max_delay_s: float = 0.0,
+        metrics: Optional[object] = None,
+    ):
         self._backend = backend
         self._max_queued = max_queued
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edit-worker")
-        self._lock = threading.Lock()
+        self._max_batch = max_batch if getattr(backend, "supports_batching", False) else 1
+        self._max_delay_s = max_delay_s
+        self._metrics = metrics
+        self._cond = threading.Condition()
+        self._queue: Deque[EditJob] = collections.deque()
         self._pending = 0  # queued or running
+        self._closed = False
+        self._draining = False
+        self._thread = threading.Thread(target=self._loop, name="edit-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return self._pending
 
     def submit(self, job: EditJob) -> "concurrent.futures.Future[pb.EditResponse]":
-        """Queue `job`; raises RequestError (RESOURCE_EXHAUSTED) when the queue is full."""
-        with self._lock:
+        """Queue `job`; raises RequestError: RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE when stopping."""
+        with self._cond:
+            if self._closed or self._draining:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another server or later")
             if self._pending >= self._max_queued:
                 raise RequestError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"server queue is full ({self._max_queued} edits queued or running); retry later",
                 )
             self._pending += 1
-        try:
-            future = self._executor.submit(self._run, job)
-        except RuntimeError as e:  # executor shut down
-            with self._lock:
-                self._pending -= 1
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"server is shutting down ({e})") from None
-        future.add_done_callback(self._release)
-        return future
+            self._queue.append(job)
+            self._update_gauges()
+            self._cond.notify_all()
+        job.future.add_done_callback(lambda _f, job=job: self._release(job))
+        return job.future
 
-    def _release(self, _future: concurrent.futures.Future) -> None:
-        with self._lock:
+    def _update_gauges(self) -> None:  # with self._cond held
+        if self._metrics is not None:
+            self._metrics.queue_depth.set(len(self._queue))  # type: ignore[attr-defined]
+            self._metrics.in_progress.set(self._pending)  # type: ignore[attr-defined]
+
+    def _release(self, job: EditJob) -> None:
+        """Every job's future ends exactly once (result, error or cancel): it stops counting then."""
+        with self._cond:
+            try:
+                self._queue.remove(job)  # cancelled while queued: free its slot at once
+            except ValueError:
+                pass
             self._pending -= 1
+            self._update_gauges()
+            self._cond.notify_all()
 
-    def _run(self, job: EditJob) -> pb.EditResponse:
+    def _take_batch(self) -> Optional[List[EditJob]]:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            batch = [self._queue.popleft()]
+            if self._max_batch > 1:
+                until = time.perf_counter() + self._max_delay_s
+                while len(batch) < self._max_batch and not self._closed:
+                    if self._queue:
+                        batch.append(self._queue.popleft())
+                        continue
+                    remaining = until - time.perf_counter()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            self._update_gauges()
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            try:
+                self._run_batch(batch)
+            except Exception:  # noqa: BLE001 - never let the worker die
+                log.exception("edit worker failure")
+                for job in batch:
+                    if not job.future.done():
+                        try:
+                            job.future.set_exception(RequestError(grpc.StatusCode.INTERNAL, "edit worker failure"))
+                        except concurrent.futures.InvalidStateError:
+                            pass
+
+    def _live(self, batch: List[EditJob]) -> List[EditJob]:
+        """The jobs of `batch` still worth computing, marked running; the others are answered here."""
+        now = time.perf_counter()
+        live = []
+        for job in batch:
+            if not job.is_active():
+                job.future.cancel()  # the client is gone
+                continue
+            if not job.future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            if job.deadline is not None and now > job.deadline:
+                waited = (now - job.arrival) * 1e3
+                job.future.set_exception(
+                    RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed after {waited:.0f} ms in the queue; not computed")
+                )
+                continue
+            live.append(job)
+        return live
+
+    def _run_batch(self, batch: List[EditJob]) -> None:
+        live = self._live(batch)
+        if not live:
+            return
+        if self._metrics is not None:
+            self._metrics.batch_size.observe(len(live))  # type: ignore[attr-defined]
         start = time.perf_counter()
-        try:
-            result = self._backend.edit(job.render, job.original, job.params)
-        except EditRejected as e:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        except Exception as e:  # noqa: BLE001 - any backend failure becomes INTERNAL; the server keeps serving
-            log.exception("backend failed on request %r (view %d)", job.request_id, job.view_id)
-            raise RequestError(grpc.StatusCode.INTERNAL, f"backend error: {type(e).__name__}: {e}") from None
+        items = [EditItem(job.render, job.original, job.params, job.original_key) for job in live]
+        results: List[object]
+        if len(live) == 1:
+            results = [self._one(items[0])]
+        else:
+            try:
+                results = list(self._backend.edit_batch(items))
+                if len(results) != len(items):
+                    raise RuntimeError(f"edit_batch returned {len(results)} results for {len(items)} edits")
+            except Exception as e:  # noqa: BLE001 - a failed batch: retry one by one, so each edit gets its own outcome
+                log.warning("batch of %d failed (%s: %s); running its edits one by one", len(items), type(e).__name__, e)
+                results = [self._one(item) for item in items]
         computed = time.perf_counter()
-        edited = _encode_output(result.image, job.render.shape, job.uint8_out)
-        done = time.perf_counter()
-        return pb.EditResponse(
-            request_id=job.request_id,
-            view_id=job.view_id,
-            edited=edited,
-            timings=pb.Timings(
-                queue_ms=(start - job.arrival) * 1e3,
-                compute_ms=(computed - start) * 1e3,
-                total_ms=(done - job.arrival) * 1e3,
-            ),
-            timestep=max(0, int(result.timestep)),
-        )
+        for job, result in zip(live, results):
+            try:
+                if isinstance(result, BaseException):
+                    raise _backend_error(job, result)
+                assert isinstance(result, EditResult)
+                edited = _encode_output(result.image, job.render.shape, job.uint8_out)
+            except RequestError as e:
+                job.future.set_exception(e)
+                continue
+            done = time.perf_counter()
+            if self._metrics is not None:
+                self._metrics.edit_done(start - job.arrival, computed - start, done - job.arrival)  # type: ignore[attr-defined]
+            job.future.set_result(
+                pb.EditResponse(
+                    request_id=job.request_id,
+                    view_id=job.view_id,
+                    edited=edited,
+                    timings=pb.Timings(
+                        queue_ms=(start - job.arrival) * 1e3,
+                        compute_ms=(computed - start) * 1e3,
+                        total_ms=(done - job.arrival) * 1e3,
+                    ),
+                    timestep=max(0, int(result.timestep)),
+                )
+            )
+
+    def _one(self, item: EditItem) -> object:
+        """One edit through the backend's own path (`edit` for backends without batching)."""
+        try:
+            if self._backend.supports_batching:
+                return self._backend.edit_batch([item])[0]
+            return self._backend.edit(item.render, item.original, item.params)
+        except Exception as e:  # noqa: BLE001 - reported per edit
+            return e
+
+    def drain(self, timeout_s: float) -> bool:
+        """Refuse new edits (UNAVAILABLE); wait up to timeout_s for the queued and running ones. True if all finished."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._draining = True
+            while self._pending > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
 
     def close(self) -> None:
-        """Cancel queued edits; the running one finishes on its own."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Cancel queued edits; the running batch finishes on its own."""
+        with self._cond:
+            self._closed = True
+            queued = list(self._queue)
+            self._cond.notify_all()
+        for job in queued:
+            job.future.cancel()
 
 
 @dataclass
@@ -237,6 +478,7 @@ class _EndOfInput:
 
 
 _TERMINATED = object()  # the RPC ended (client cancelled, deadline, server stopping)
+_DRAINED = object()  # the server is stopping and every accepted edit has been answered: end the stream
 
 
 def _error_response(request_id: str, view_id: int, error: RequestError) -> pb.StreamEditResponse:
@@ -250,15 +492,45 @@ def _error_response(request_id: str, view_id: int, error: RequestError) -> pb.St
 class EditServicer(pb_grpc.EditServiceServicer):
     """Serves Edit, StreamEdit and Describe over one backend."""
 
-    def __init__(self, backend: EditBackend, backend_name: str, limits: ServiceLimits = ServiceLimits()):
+    def __init__(
+        self,
+        backend: EditBackend,
+        backend_name: str,
+        limits: ServiceLimits = ServiceLimits(),
+        metrics: Optional[object] = None,
+    ):
         self._backend = backend
         self._backend_name = backend_name
         self._limits = limits
         self._info = backend.info()
-        self._worker = EditWorker(backend, limits.max_queued)
+        self._metrics = metrics
+        self._worker = EditWorker(backend, limits.max_queued, limits.max_batch, limits.max_delay_s, metrics)
+        self._originals = OriginalCache(limits.original_cache_bytes) if limits.original_cache_bytes > 0 else None
+        self._streams_lock = threading.Lock()
+        self._streams: Set["queue.Queue[object]"] = set()
+
+    @property
+    def worker(self) -> EditWorker:
+        return self._worker
 
     def close(self) -> None:
         self._worker.close()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Stop taking edits, answer those accepted (up to timeout_s), then end every open stream.
+
+        Returns True if every accepted edit was answered in time.
+        """
+        finished = self._worker.drain(timeout_s)
+        with self._streams_lock:
+            streams = list(self._streams)
+        for out in streams:
+            out.put(_DRAINED)
+        return finished
+
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        if self._metrics is not None:
+            self._metrics.request_done(method, code.name)  # type: ignore[attr-defined]
 
     # -- Describe --------------------------------------------------------------------------------
 
@@ -273,6 +545,8 @@ class EditServicer(pb_grpc.EditServiceServicer):
             max_diffusion_steps=self._limits.max_diffusion_steps,
             known_instructions=list(self._info.known_instructions),
             server_version=diffusion_server.__version__,
+            max_batch=self._limits.max_batch if self._backend.supports_batching else 1,
+            caches_originals=self._originals is not None,
         )
 
     # -- Edit (unary) ----------------------------------------------------------------------------
@@ -280,17 +554,29 @@ class EditServicer(pb_grpc.EditServiceServicer):
     def Edit(self, request: pb.EditRequest, context: grpc.ServicerContext) -> pb.EditResponse:
         arrival = time.perf_counter()
         try:
-            future = self._worker.submit(parse_request(request, self._limits, self._backend, arrival))
+            job = parse_request(request, self._limits, self._backend, arrival, self._originals)
+            call_deadline = _deadline_from(context, arrival)
+            if call_deadline is not None:
+                job.deadline = call_deadline if job.deadline is None else min(job.deadline, call_deadline)
+            job.is_active = context.is_active
+            future = self._worker.submit(job)
         except RequestError as e:
             log.info("Edit %r rejected: %s", request.request_id, e.message)
+            self._count("Edit", e.code)
             context.abort(e.code, e.message)
         context.add_callback(future.cancel)  # client gone: drop the job if it has not started
         try:
-            return future.result()
+            response = future.result()
         except RequestError as e:
+            self._count("Edit", e.code)
             context.abort(e.code, e.message)
         except concurrent.futures.CancelledError:
-            context.abort(grpc.StatusCode.CANCELLED, "edit cancelled")
+            expired = job.deadline is not None and time.perf_counter() >= job.deadline
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            self._count("Edit", code)
+            context.abort(code, "deadline passed; not computed" if expired else "edit cancelled")
+        self._count("Edit", grpc.StatusCode.OK)
+        return response
 
     # -- StreamEdit ------------------------------------------------------------------------------
 
@@ -301,8 +587,10 @@ class EditServicer(pb_grpc.EditServiceServicer):
         state = _StreamState()
         if not context.add_callback(lambda: out.put(_TERMINATED)):
             return
+        with self._streams_lock:
+            self._streams.add(out)
         reader = threading.Thread(
-            target=self._read_stream, args=(request_iterator, out, state), name="stream-reader", daemon=True
+            target=self._read_stream, args=(request_iterator, out, state, context), name="stream-reader", daemon=True
         )
         reader.start()
         expected: Optional[int] = None
@@ -310,7 +598,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
         try:
             while expected is None or sent < expected:
                 item = out.get()
-                if item is _TERMINATED:
+                if item is _TERMINATED or item is _DRAINED:
                     return
                 if isinstance(item, _EndOfInput):
                     expected = item.count
@@ -318,15 +606,27 @@ class EditServicer(pb_grpc.EditServiceServicer):
                 yield item
                 sent += 1
         finally:
+            with self._streams_lock:
+                self._streams.discard(out)
             with state.lock:  # drop whatever this stream still has queued
                 state.cancelled = True
                 futures = list(state.futures)
             for future in futures:
                 future.cancel()
 
-    def _read_stream(self, requests: Iterator[pb.StreamEditRequest], out: "queue.Queue[object]", state: _StreamState) -> None:
+    def _read_stream(
+        self,
+        requests: Iterator[pb.StreamEditRequest],
+        out: "queue.Queue[object]",
+        state: _StreamState,
+        context: grpc.ServicerContext,
+    ) -> None:
         """Read the client's requests and submit each; every request read yields exactly one response."""
         count = 0
+
+        def active() -> bool:
+            return not state.cancelled and context.is_active()
+
         try:
             for stream_request in requests:
                 count += 1
@@ -340,13 +640,19 @@ class EditServicer(pb_grpc.EditServiceServicer):
                             raise _invalid(f"request_id {req.request_id!r} is already in flight on this stream")
                         state.in_flight.add(req.request_id)
                     try:
-                        future = self._worker.submit(parse_request(req, self._limits, self._backend, arrival))
+                        job = parse_request(req, self._limits, self._backend, arrival, self._originals)
+                        call_deadline = _deadline_from(context, arrival)
+                        if call_deadline is not None:
+                            job.deadline = call_deadline if job.deadline is None else min(job.deadline, call_deadline)
+                        job.is_active = active
+                        future = self._worker.submit(job)
                     except RequestError:
                         with state.lock:
                             state.in_flight.discard(req.request_id)
                         raise
                 except RequestError as e:
                     log.info("StreamEdit request %r rejected: %s", req.request_id, e.message)
+                    self._count("StreamEdit", e.code)
                     out.put(_error_response(req.request_id, req.view_id, e))
                     continue
                 with state.lock:
@@ -362,22 +668,23 @@ class EditServicer(pb_grpc.EditServiceServicer):
         finally:
             out.put(_EndOfInput(count))
 
-    @staticmethod
     def _on_stream_done(
-        future: concurrent.futures.Future, request_id: str, view_id: int, out: "queue.Queue[object]", state: _StreamState
+        self, future: concurrent.futures.Future, request_id: str, view_id: int, out: "queue.Queue[object]", state: _StreamState
     ) -> None:
         with state.lock:
             state.in_flight.discard(request_id)
             state.futures = [f for f in state.futures if f is not future]
         if future.cancelled():
-            response = _error_response(request_id, view_id, RequestError(grpc.StatusCode.CANCELLED, "edit cancelled"))
+            error: Optional[BaseException] = RequestError(grpc.StatusCode.CANCELLED, "edit cancelled")
         else:
             error = future.exception()
-            if error is None:
-                response = pb.StreamEditResponse(request_id=request_id, view_id=view_id, edited=future.result())
-            elif isinstance(error, RequestError):
-                response = _error_response(request_id, view_id, error)
-            else:
+        if error is None:
+            response = pb.StreamEditResponse(request_id=request_id, view_id=view_id, edited=future.result())
+            self._count("StreamEdit", grpc.StatusCode.OK)
+        else:
+            if not isinstance(error, RequestError):
                 log.error("unexpected failure of request %r: %r", request_id, error)
-                response = _error_response(request_id, view_id, RequestError(grpc.StatusCode.INTERNAL, str(error)))
+                error = RequestError(grpc.StatusCode.INTERNAL, str(error))
+            response = _error_response(request_id, view_id, error)
+            self._count("StreamEdit", error.code)
         out.put(response)

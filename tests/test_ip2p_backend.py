@@ -232,3 +232,62 @@ def test_real_instruct_pix2pix_loads_and_edits(monkeypatch) -> None:
     res = b.edit(render, original, EditParams("make it look like a painting", diffusion_steps=FEW, seed=0))
     assert res.image.shape == (64, 64, 3) and np.isfinite(res.image).all()
     assert b.unet.config.in_channels == 8 and b.vae_factor == 8
+
+
+# -- batching and cached conditioning ------------------------------------------------------------
+
+
+def test_batched_edits_equal_the_same_edits_alone(backend: Ip2pBackend) -> None:
+    from diffusion_server.backends.base import EditItem
+
+    items = []
+    for i, (hw, params) in enumerate(
+        [
+            ((32, 32), EditParams("turn it red", seed=1, diffusion_steps=FEW)),
+            ((32, 32), EditParams("make it night", seed=2, diffusion_steps=FEW, guidance_scale=3.0, image_guidance_scale=0.5)),
+            ((30, 46), EditParams("turn it red", seed=3, diffusion_steps=FEW)),  # another size: another group
+            ((32, 32), EditParams("the end", seed=4, diffusion_steps=2, lower_bound=0.5)),  # other step count
+            ((32, 32), EditParams("and then", seed=5, diffusion_steps=FEW, lower_bound=0.9, upper_bound=0.95)),
+        ]
+    ):
+        render, original = _images(*hw, seed=10 + i)
+        items.append(EditItem(render, original, params))
+    batched = backend.edit_batch(items)
+    assert len(batched) == len(items)
+    timesteps = set()
+    for item, result in zip(items, batched):
+        assert not isinstance(result, Exception), result
+        alone = backend.edit(item.render, item.original, item.params)
+        assert result.timestep == alone.timestep
+        timesteps.add(result.timestep)
+        assert result.image.shape == item.render.shape
+        np.testing.assert_allclose(result.image, alone.image, rtol=0, atol=1e-5)
+    assert len(timesteps) == len(items)  # different T in one batch, each with its own schedule
+
+
+def test_batch_reports_a_bad_item_alone(backend: Ip2pBackend) -> None:
+    from diffusion_server.backends.base import EditItem
+
+    render, original = _images(seed=3)
+    good = EditItem(render, original, EditParams("ok", seed=1, diffusion_steps=2))
+    bad = EditItem(render, original[:16], EditParams("ok", seed=1, diffusion_steps=2))
+    first, second = backend.edit_batch([good, bad])
+    assert not isinstance(first, Exception)
+    np.testing.assert_allclose(first.image, backend.edit(render, original, good.params).image, rtol=0, atol=1e-5)
+    assert isinstance(second, ValueError) and "same shape" in str(second)
+
+
+def test_conditioning_latents_of_a_cached_original_are_encoded_once() -> None:
+    from diffusion_server.backends.base import EditItem
+
+    backend = build_tiny_ip2p(seed=0)
+    render, original = _images(seed=4)
+    params = EditParams("turn it red", seed=9, diffusion_steps=2)
+    uncached = backend.edit(render, original, params)
+    assert backend.cond_encodes == 1
+    key = ("client", 7, "key-of-original")
+    first = backend.edit_batch([EditItem(render, original, params, key)])[0]
+    second = backend.edit_batch([EditItem(render, original, params, key)])[0]
+    assert backend.cond_encodes == 2  # the second edit of the cached original reused its latents
+    np.testing.assert_array_equal(first.image, uncached.image)
+    np.testing.assert_array_equal(second.image, uncached.image)

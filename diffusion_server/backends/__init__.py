@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from typing import Callable, Dict, Literal, Tuple, get_args
 
 from diffusion_server.backends.base import EditBackend
 
 log = logging.getLogger(__name__)
 
-BackendName = Literal["ip2p", "tiny-ip2p", "palette"]
+BackendName = Literal["ip2p", "tiny-ip2p", "palette", "identity"]
 """Names accepted by `--backend`."""
 BACKEND_NAMES: Tuple[str, ...] = get_args(BackendName)
 
@@ -65,16 +66,48 @@ def check_device_available(device: str) -> None:
         raise BackendUnavailable("--device mps: MPS is not available on this machine; use --device cpu")
 
 
-def _make_palette(model: str, device: str, precision: str, seed: int) -> EditBackend:
+@dataclass(frozen=True)
+class TorchOptions:
+    """Speed and memory options of the torch backends (--channels-last, --compile, --cpu-offload)."""
+
+    channels_last: bool = False
+    compile: bool = False
+    cpu_offload: bool = False
+
+    def flags(self) -> str:
+        return " ".join(f"--{name.replace('_', '-')}" for name in ("channels_last", "compile", "cpu_offload") if getattr(self, name))
+
+
+def _no_torch_options(backend: str, options: TorchOptions) -> None:
+    if options.flags():
+        raise BackendUnavailable(f"{options.flags()}: not supported by the {backend} backend (torch backends only: ip2p, tiny-ip2p)")
+
+
+def _check_torch_options(device: str, options: TorchOptions) -> None:
+    if options.cpu_offload and not device.startswith("cuda"):
+        raise BackendUnavailable(f"--cpu-offload needs a CUDA device (weights wait in CPU memory for the GPU); --device is {device}")
+
+
+def _make_identity(model: str, device: str, precision: str, seed: int, options: TorchOptions = TorchOptions()) -> EditBackend:
+    from diffusion_server.backends.identity import IdentityBackend
+
+    _no_torch_options("identity", options)
+    return IdentityBackend()
+
+
+def _make_palette(model: str, device: str, precision: str, seed: int, options: TorchOptions = TorchOptions()) -> EditBackend:
     from diffusion_server.backends.palette import PaletteBackend
+
+    _no_torch_options("palette", options)
 
     if device != "cpu":
         log.debug("the palette backend runs on the CPU; --device %s is ignored", device)
     return PaletteBackend()
 
 
-def _make_ip2p(model: str, device: str, precision: str, seed: int) -> EditBackend:
+def _make_ip2p(model: str, device: str, precision: str, seed: int, options: TorchOptions = TorchOptions()) -> EditBackend:
     check_device_available(device)
+    _check_torch_options(device, options)
     try:
         from diffusion_server.backends.ip2p import Ip2pBackend, WeightsNotFound
     except ImportError as e:
@@ -82,34 +115,55 @@ def _make_ip2p(model: str, device: str, precision: str, seed: int) -> EditBacken
             f"the ip2p backend cannot be imported ({e}); install diffusers and transformers, or use --backend palette"
         ) from e
     try:
-        return Ip2pBackend.from_pretrained(model, device, precision)
+        backend = Ip2pBackend.from_pretrained(model, device, precision)
     except WeightsNotFound as e:
         raise BackendUnavailable(str(e).strip().splitlines()[0] if str(e).strip() else "ip2p weights not found") from e
+    return _apply_torch_options(backend, options)
 
 
-def _make_tiny_ip2p(model: str, device: str, precision: str, seed: int) -> EditBackend:
+def _apply_torch_options(backend: EditBackend, options: TorchOptions) -> EditBackend:
+    try:
+        backend.optimize(channels_last=options.channels_last, compile=options.compile, cpu_offload=options.cpu_offload)  # type: ignore[attr-defined]
+    except (RuntimeError, ValueError, ImportError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise BackendUnavailable(f"{options.flags()}: not usable here ({type(e).__name__}: {first}); start without it") from e
+    return backend
+
+
+def _make_tiny_ip2p(model: str, device: str, precision: str, seed: int, options: TorchOptions = TorchOptions()) -> EditBackend:
     check_device_available(device)
+    _check_torch_options(device, options)
     try:
         from diffusion_server.backends.tiny_ip2p import build_tiny_ip2p
     except ImportError as e:
         raise BackendUnavailable(
             f"the tiny-ip2p backend cannot be imported ({e}); install diffusers and transformers, or use --backend palette"
         ) from e
-    return build_tiny_ip2p(device=device, seed=seed, precision=precision)
+    return _apply_torch_options(build_tiny_ip2p(device=device, seed=seed, precision=precision), options)
 
 
-BackendFactory = Callable[[str, str, str, int], EditBackend]
-"""(model, device, resolved precision, seed) -> backend."""
+BackendFactory = Callable[..., EditBackend]
+"""(model, device, resolved precision, seed, options: TorchOptions) -> backend."""
 
 _FACTORIES: Dict[str, BackendFactory] = {
     "ip2p": _make_ip2p,
     "tiny-ip2p": _make_tiny_ip2p,
     "palette": _make_palette,
+    "identity": _make_identity,
 }
 assert set(_FACTORIES) == set(BACKEND_NAMES)
 
 
-def create_backend(name: str, model: str = "", device: str = "cpu", precision: str = "auto", seed: int = 0) -> EditBackend:
+def create_backend(
+    name: str,
+    model: str = "",
+    device: str = "cpu",
+    precision: str = "auto",
+    seed: int = 0,
+    channels_last: bool = False,
+    compile: bool = False,
+    cpu_offload: bool = False,
+) -> EditBackend:
     """Build the backend called `name`.
 
     Args:
@@ -118,6 +172,7 @@ def create_backend(name: str, model: str = "", device: str = "cpu", precision: s
         device: torch device string, e.g. "cpu", "cuda:1".
         precision: "auto", "fp32", "fp16" or "bf16"; `auto` resolves by device.
         seed: initialisation seed of tiny-ip2p's random weights.
+        channels_last, compile, cpu_offload: speed and memory options of the torch backends (off by default).
 
     Raises:
         BackendUnavailable: unknown name, bad device, missing weights or packages (one-line message).
@@ -125,4 +180,5 @@ def create_backend(name: str, model: str = "", device: str = "cpu", precision: s
     if name not in _FACTORIES:
         raise BackendUnavailable(f"--backend {name!r} is unknown; choose one of {', '.join(BACKEND_NAMES)}")
     check_device_syntax(device)
-    return _FACTORIES[name](model, device, resolve_precision(precision, device), seed)
+    options = TorchOptions(channels_last=channels_last, compile=compile, cpu_offload=cpu_offload)
+    return _FACTORIES[name](model, device, resolve_precision(precision, device), seed, options)

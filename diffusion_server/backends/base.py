@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Hashable, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -59,8 +59,28 @@ class BackendInfo:
     known_instructions: List[str] = field(default_factory=list)
 
 
+@dataclass
+class EditItem:
+    """One edit of a batch (see `EditBackend.edit_batch`)."""
+
+    render: np.ndarray
+    """[H, W, 3] float32 in [0, 1]."""
+    original: np.ndarray
+    """[H, W, 3] float32 in [0, 1], same size."""
+    params: EditParams
+    original_key: Optional[Hashable] = None
+    """Identifies `original` when the server caches it (same key: same pixels), so a backend may cache
+    what it derives from it (e.g. conditioning latents); None: not cached."""
+
+
 class EditBackend(abc.ABC):
-    """Base class of all editing backends."""
+    """Base class of all editing backends.
+
+    Batching is optional: a backend that can run several edits at once sets `supports_batching = True`
+    and overrides `edit_batch`; the others are called one edit at a time.
+    """
+
+    supports_batching: bool = False
 
     @abc.abstractmethod
     def info(self) -> BackendInfo:
@@ -78,3 +98,17 @@ class EditBackend(abc.ABC):
             original: [H, W, 3] float32 in [0, 1], the captured image of the view.
             params: validated edit parameters.
         """
+
+    def edit_batch(self, items: Sequence[EditItem]) -> List[Union[EditResult, Exception]]:
+        """Edit several views; one result (or the exception of that edit) per item, in order.
+
+        Default: `edit` on each item in turn. A batching backend must give each item the result
+        `edit` would give it alone (same seed, same numbers, up to floating-point rounding).
+        """
+        results: List[Union[EditResult, Exception]] = []
+        for item in items:
+            try:
+                results.append(self.edit(item.render, item.original, item.params))
+            except Exception as e:  # noqa: BLE001 - reported per item
+                results.append(e)
+        return results

@@ -21,6 +21,14 @@ channels, AutoencoderKL, CLIP text encoder and tokenizer) and a DDIM scheduler.
 Randomness, all from one CPU torch.Generator (seeded by `params.seed` when
 given, so a seed draws the same numbers on any device), in this order:
 T (torch.randint), the VAE posterior sample, the noise added at T.
+
+Batching (`edit_batch`): edits with the same latent size and the same number of
+steps run as one UNet call per step (3 x batch rows), each with its own
+generator, timestep schedule (its own T), text embedding and guidance scales;
+the scheduler steps each edit on its own. An edit gives the same numbers
+batched or alone (up to float rounding of the batched kernels). `edit` is a
+batch of one. The conditioning latents of an original the server caches
+(`EditItem.original_key`) are computed once and kept in a bounded LRU.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ import math
 import os
 import warnings
 from collections import OrderedDict
-from typing import Any, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -39,7 +48,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .base import BackendInfo, EditBackend, EditParams, EditResult
+from diffusers.utils.torch_utils import randn_tensor
+
+from .base import BackendInfo, EditBackend, EditItem, EditParams, EditResult
 
 try:  # not an OSError in huggingface_hub >= 1.0
     from huggingface_hub.errors import EntryNotFoundError as _EntryNotFound
@@ -53,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TEXT_CACHE_SIZE = 64
+_COND_CACHE_SIZE = 512
 
 
 class WeightsNotFound(RuntimeError):
@@ -112,10 +124,25 @@ def _looks_like_path(model: str) -> bool:
     )
 
 
+@dataclass
+class _Prepared:
+    """An edit checked and sized, with the numbers that decide its batch group."""
+
+    item: EditItem
+    H: int
+    W: int
+    h8: int
+    w8: int
+    seed: int  # the generator's seed (drawn at random when params.seed is None)
+    T: int
+    steps: int
+
+
 class Ip2pBackend(EditBackend):
     """InstructPix2Pix with DDIM, Instruct-NeRF2NeRF style (edits start from the noised render)."""
 
     DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
+    supports_batching = True
 
     def __init__(
         self,
@@ -149,6 +176,16 @@ class Ip2pBackend(EditBackend):
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._text_cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         self._empty_embedding: Optional[torch.Tensor] = None
+        self._cond_cache: "OrderedDict[Hashable, torch.Tensor]" = OrderedDict()
+        self.cond_encodes = 0  # originals encoded by the VAE (cache misses), for tests
+        self.options: Dict[str, bool] = {}
+        try:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            processors = list(self.unet.attn_processors.values())
+            self.attention = "sdpa" if processors and all(isinstance(p, AttnProcessor2_0) for p in processors) else "other"
+        except Exception:  # noqa: BLE001 - informational only
+            self.attention = "unknown"
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -221,62 +258,162 @@ class Ip2pBackend(EditBackend):
     def info(self) -> BackendInfo:
         return BackendInfo(model=self.model, device=str(self.device), precision=self.precision)
 
-    @torch.inference_mode()
+
     def edit(self, render: np.ndarray, original: np.ndarray, params: EditParams) -> EditResult:
-        _check_image("render", render)
-        _check_image("original", original)
-        if render.shape != original.shape:
-            raise ValueError(f"render {render.shape} and original {original.shape} must have the same shape")
-        H, W = render.shape[:2]
-        h8, w8 = self._vae_size(H, W)
+        result = self.edit_batch([EditItem(render, original, params)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-        gen = torch.Generator(device="cpu")
-        if params.seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(int(params.seed))
+    @torch.inference_mode()
+    def edit_batch(self, items: Sequence[EditItem]) -> List[Union[EditResult, Exception]]:
+        results: List[Union[EditResult, Exception, None]] = [None] * len(items)
+        groups: "OrderedDict[Tuple[int, int, int], List[Tuple[int, _Prepared]]]" = OrderedDict()
+        for i, item in enumerate(items):
+            try:
+                p = self._prepare(item)
+            except Exception as e:  # noqa: BLE001 - reported for this edit only
+                results[i] = e
+                continue
+            groups.setdefault((p.h8, p.w8, p.steps), []).append((i, p))
+        for members in groups.values():
+            try:
+                outs: List[Union[EditResult, Exception]] = list(self._run_group([p for _, p in members]))
+            except Exception as e:  # noqa: BLE001
+                if len(members) == 1:
+                    outs = [e]
+                else:  # e.g. out of memory: each edit alone
+                    logger.warning("batch of %d edits failed (%s: %s); running them one by one", len(members), type(e).__name__, e)
+                    outs = []
+                    for _, p in members:
+                        try:
+                            outs.append(self._run_group([p])[0])
+                        except Exception as e1:  # noqa: BLE001
+                            outs.append(e1)
+            for (i, _), out in zip(members, outs):
+                results[i] = out
+        return results  # type: ignore[return-value]
 
+    def _draw_timestep(self, gen: torch.Generator, params: EditParams) -> Tuple[int, int]:
+        """(T, steps): T from `gen` (its first draw), steps = min(diffusion_steps, T)."""
         n_train = int(self.scheduler.config.num_train_timesteps)  # 1000
         lo = int(params.lower_bound * n_train + 1e-6)
         hi = int(params.upper_bound * n_train + 1e-6)
         T = int(torch.randint(lo, max(lo, hi) + 1, (1,), generator=gen).item())
         T = min(max(T, 1), n_train - 1)  # a valid index of the noise schedule
-        steps = max(1, min(int(params.diffusion_steps), T))
+        return T, max(1, min(int(params.diffusion_steps), T))
 
-        render_t = self._to_model_image(render, h8, w8)  # [1, 3, h8, w8] in [-1, 1]
-        original_t = self._to_model_image(original, h8, w8)  # [1, 3, h8, w8] in [-1, 1]
+    def _prepare(self, item: EditItem) -> _Prepared:
+        _check_image("render", item.render)
+        _check_image("original", item.original)
+        if item.render.shape != item.original.shape:
+            raise ValueError(f"render {item.render.shape} and original {item.original.shape} must have the same shape")
+        H, W = item.render.shape[:2]
+        h8, w8 = self._vae_size(H, W)
+        gen = torch.Generator(device="cpu")
+        seed = gen.seed() if item.params.seed is None else int(item.params.seed)
+        gen.manual_seed(seed)
+        T, steps = self._draw_timestep(gen, item.params)
+        return _Prepared(item, H, W, h8, w8, seed, T, steps)
 
-        latents = self.vae.encode(render_t).latent_dist.sample(gen) * self.scaling_factor  # [1, 4, h, w]
-        noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(self.device, self.dtype)
-        scheduler = copy.deepcopy(self.scheduler)
-        latents = scheduler.add_noise(latents, noise, torch.tensor([T]))  # [1, 4, h, w]
+    def _run_group(self, preps: Sequence[_Prepared]) -> List[EditResult]:
+        """Edits of one size and step count, as one UNet call per step."""
+        B = len(preps)
+        h8, w8, steps = preps[0].h8, preps[0].w8, preps[0].steps
+        gens = []
+        for p in preps:  # fresh generators, replaying the timestep draw of _prepare
+            gen = torch.Generator(device="cpu").manual_seed(p.seed)
+            T, _ = self._draw_timestep(gen, p.item.params)
+            assert T == p.T
+            gens.append(gen)
 
-        image_latents = self.vae.encode(original_t).latent_dist.mode()  # [1, 4, h, w]
-        image_cond = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # [3, 4, h, w]
+        renders = torch.cat([self._to_model_image(p.item.render, h8, w8) for p in preps])  # [B, 3, h8, w8] in [-1, 1]
+        posterior = self.vae.encode(renders).latent_dist
+        latents: List[torch.Tensor] = []
+        schedulers = []
+        for i, (p, gen) in enumerate(zip(preps, gens)):
+            mean, std = posterior.mean[i : i + 1], posterior.std[i : i + 1]
+            sample = randn_tensor(mean.shape, generator=gen, device=posterior.parameters.device, dtype=posterior.parameters.dtype)
+            lat = (mean + std * sample) * self.scaling_factor  # [1, 4, h, w]
+            noise = torch.randn(lat.shape, generator=gen, dtype=torch.float32).to(self.device, self.dtype)
+            scheduler = copy.deepcopy(self.scheduler)
+            latents.append(scheduler.add_noise(lat, noise, torch.tensor([p.T])))
+            scheduler.register_to_config(num_train_timesteps=p.T, timestep_spacing="leading")
+            scheduler.set_timesteps(steps)
+            schedulers.append(scheduler)
+
+        image_latents = self._conditioning(preps, h8, w8)  # [B, 4, h, w]
+        image_cond = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # [3B, 4, h, w]
         empty = self._empty()
-        text_cond = torch.cat([self._text_embedding(params.instruction), empty, empty])  # [3, 77, D]
+        texts = torch.cat([self._text_embedding(p.item.params.instruction) for p in preps])  # [B, 77, D]
+        text_cond = torch.cat([texts] + [empty.expand(B, -1, -1)] * 2)  # [3B, 77, D]
 
-        scheduler.register_to_config(num_train_timesteps=T, timestep_spacing="leading")
-        scheduler.set_timesteps(steps)
-        for t in scheduler.timesteps:
-            model_in = torch.cat([torch.cat([latents] * 3), image_cond], dim=1)  # [3, 8, h, w]
-            eps = self.unet(model_in, t.to(self.device), encoder_hidden_states=text_cond).sample  # [3, 4, h, w]
-            eps_text_image, eps_image, eps_uncond = eps.chunk(3)
-            eps = (
-                eps_uncond
-                + params.guidance_scale * (eps_text_image - eps_image)
-                + params.image_guidance_scale * (eps_image - eps_uncond)
-            )
-            latents = scheduler.step(eps, t, latents).prev_sample  # [1, 4, h, w]
+        for k in range(steps):
+            lat = torch.cat(latents)  # [B, 4, h, w]
+            model_in = torch.cat([torch.cat([lat] * 3), image_cond], dim=1)  # [3B, 8, h, w]
+            t = torch.stack([s.timesteps[k] for s in schedulers])  # [B]
+            eps = self.unet(model_in, torch.cat([t] * 3).to(self.device), encoder_hidden_states=text_cond).sample
+            eps_text_image, eps_image, eps_uncond = eps.chunk(3)  # [B, 4, h, w] each
+            for i, p in enumerate(preps):
+                e_ti, e_i, e_u = eps_text_image[i : i + 1], eps_image[i : i + 1], eps_uncond[i : i + 1]
+                guided = e_u + p.item.params.guidance_scale * (e_ti - e_i) + p.item.params.image_guidance_scale * (e_i - e_u)
+                latents[i] = schedulers[i].step(guided, schedulers[i].timesteps[k], latents[i]).prev_sample
 
-        out = self.vae.decode(latents / self.scaling_factor).sample  # [1, 3, h8, w8] in ~[-1, 1]
+        out = self.vae.decode(torch.cat(latents) / self.scaling_factor).sample  # [B, 3, h8, w8] in ~[-1, 1]
         out = (out.float() / 2 + 0.5).clamp(0, 1)
-        if (h8, w8) != (H, W):
-            out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False).clamp(0, 1)
-        if not torch.isfinite(out).all():
-            raise RuntimeError(f"the edit produced non-finite values at precision {self.precision}; try fp32")
-        image = out[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)  # [H, W, 3]
-        return EditResult(image=np.ascontiguousarray(image), timestep=T)
+        results: List[EditResult] = []
+        for i, p in enumerate(preps):
+            o = out[i : i + 1]
+            if (h8, w8) != (p.H, p.W):
+                o = F.interpolate(o, size=(p.H, p.W), mode="bilinear", align_corners=False).clamp(0, 1)
+            if not torch.isfinite(o).all():
+                raise RuntimeError(f"the edit produced non-finite values at precision {self.precision}; try fp32")
+            image = o[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)  # [H, W, 3]
+            results.append(EditResult(image=np.ascontiguousarray(image), timestep=p.T))
+        return results
+
+    def _conditioning(self, preps: Sequence[_Prepared], h8: int, w8: int) -> torch.Tensor:
+        """VAE(original).mode of each edit, [B, 4, h, w]; those of cached originals come from an LRU."""
+        found: List[Optional[torch.Tensor]] = []
+        missing: List[int] = []
+        for i, p in enumerate(preps):
+            key = None if p.item.original_key is None else (p.item.original_key, h8, w8)
+            cached = self._cond_cache.get(key) if key is not None else None
+            if cached is not None:
+                self._cond_cache.move_to_end(key)
+            else:
+                missing.append(i)
+            found.append(cached)
+        if missing:
+            originals = torch.cat([self._to_model_image(preps[i].item.original, h8, w8) for i in missing])
+            encoded = self.vae.encode(originals).latent_dist.mode()
+            self.cond_encodes += len(missing)
+            for j, i in enumerate(missing):
+                found[i] = encoded[j : j + 1]
+                if preps[i].item.original_key is not None:
+                    self._cond_cache[(preps[i].item.original_key, h8, w8)] = found[i]
+                    if len(self._cond_cache) > _COND_CACHE_SIZE:
+                        self._cond_cache.popitem(last=False)
+        return torch.cat(found)  # type: ignore[arg-type]
+
+    def optimize(self, channels_last: bool = False, compile: bool = False, cpu_offload: bool = False) -> None:
+        """Speed and memory options (all off by default); raises RuntimeError/ImportError when unusable."""
+        if cpu_offload:
+            if self.device.type != "cuda":
+                raise RuntimeError(f"--cpu-offload needs a CUDA device, not {self.device}")
+            from accelerate import cpu_offload as offload
+
+            for module in (self.unet, self.vae, self.text_encoder):
+                offload(module.to("cpu"), execution_device=self.device)
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        if compile:
+            self.unet = torch.compile(self.unet)
+            rng = np.random.default_rng(0)
+            probe = rng.random((8 * self.vae_factor, 8 * self.vae_factor, 3), dtype=np.float32)
+            self.edit(probe, probe, EditParams(instruction="warm-up", diffusion_steps=1, seed=0))  # compiles now, fails now
+        self.options = {"channels_last": channels_last, "compile": compile, "cpu_offload": cpu_offload}
 
     # ------------------------------------------------------------------ helpers
     def _place(self, module: torch.nn.Module) -> Any:

@@ -14,33 +14,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/in2n/v1/edit_service.proto\x12\x07in2n.v1\"e\n\x05Image\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12\x1d\n\x05\x64type\x18\x04 \x01(\x0e\x32\x0e.in2n.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\x97\x03\n\x0b\x45\x64itRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07view_id\x18\x02 \x01(\x03\x12\x1e\n\x06render\x18\x03 \x01(\x0b\x32\x0e.in2n.v1.Image\x12 \n\x08original\x18\x04 \x01(\x0b\x32\x0e.in2n.v1.Image\x12\x13\n\x0binstruction\x18\x05 \x01(\t\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12!\n\x14image_guidance_scale\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\x1c\n\x0f\x64iffusion_steps\x18\x08 \x01(\rH\x02\x88\x01\x01\x12\x18\n\x0blower_bound\x18\t \x01(\x02H\x03\x88\x01\x01\x12\x18\n\x0bupper_bound\x18\n \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x05\x88\x01\x01\x42\x11\n\x0f_guidance_scaleB\x17\n\x15_image_guidance_scaleB\x12\n\x10_diffusion_stepsB\x0e\n\x0c_lower_boundB\x0e\n\x0c_upper_boundB\x07\n\x05_seed\"A\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x88\x01\n\x0c\x45\x64itResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07view_id\x18\x02 \x01(\x03\x12\x1e\n\x06\x65\x64ited\x18\x03 \x01(\x0b\x32\x0e.in2n.v1.Image\x12!\n\x07timings\x18\x04 \x01(\x0b\x32\x10.in2n.v1.Timings\x12\x10\n\x08timestep\x18\x05 \x01(\r\"*\n\tEditError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"7\n\x11StreamEditRequest\x12\"\n\x04\x65\x64it\x18\x01 \x01(\x0b\x32\x14.in2n.v1.EditRequest\"\x92\x01\n\x12StreamEditResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07view_id\x18\x02 \x01(\x03\x12\'\n\x06\x65\x64ited\x18\x03 \x01(\x0b\x32\x15.in2n.v1.EditResponseH\x00\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.in2n.v1.EditErrorH\x00\x42\t\n\x07outcome\"\x11\n\x0f\x44\x65scribeRequest\"\xd9\x01\n\x10\x44\x65scribeResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x16\n\x0emax_image_side\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\x12\x1b\n\x13max_diffusion_steps\x18\x07 \x01(\r\x12\x1a\n\x12known_instructions\x18\x08 \x03(\t\x12\x16\n\x0eserver_version\x18\t \x01(\t*U\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x32\xce\x01\n\x0b\x45\x64itService\x12I\n\nStreamEdit\x12\x1a.in2n.v1.StreamEditRequest\x1a\x1b.in2n.v1.StreamEditResponse(\x01\x30\x01\x12\x33\n\x04\x45\x64it\x12\x14.in2n.v1.EditRequest\x1a\x15.in2n.v1.EditResponse\x12?\n\x08\x44\x65scribe\x12\x18.in2n.v1.DescribeRequest\x1a\x19.in2n.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/in2n/v1/edit_service.proto\x12\x07in2n.v1\"e\n\x05Image\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12\x1d\n\x05\x64type\x18\x04 \x01(\x0e\x32\x0e.in2n.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\xe8\x03\n\x0b\x45\x64itRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07view_id\x18\x02 \x01(\x03\x12\x1e\n\x06render\x18\x03 \x01(\x0b\x32\x0e.in2n.v1.Image\x12 \n\x08original\x18\x04 \x01(\x0b\x32\x0e.in2n.v1.Image\x12\x13\n\x0binstruction\x18\x05 \x01(\t\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12!\n\x14image_guidance_scale\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\x1c\n\x0f\x64iffusion_steps\x18\x08 \x01(\rH\x02\x88\x01\x01\x12\x18\n\x0blower_bound\x18\t \x01(\x02H\x03\x88\x01\x01\x12\x18\n\x0bupper_bound\x18\n \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x05\x88\x01\x01\x12\x11\n\tclient_id\x18\x0c \x01(\t\x12\x14\n\x0coriginal_key\x18\r \x01(\t\x12\x17\n\ntimeout_ms\x18\x0e \x01(\rH\x06\x88\x01\x01\x42\x11\n\x0f_guidance_scaleB\x17\n\x15_image_guidance_scaleB\x12\n\x10_diffusion_stepsB\x0e\n\x0c_lower_boundB\x0e\n\x0c_upper_boundB\x07\n\x05_seedB\r\n\x0b_timeout_ms\"A\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x88\x01\n\x0c\x45\x64itResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07view_id\x18\x02 \x01(\x03\x12\x1e\n\x06\x65\x64ited\x18\x03 \x01(\x0b\x32\x0e.in2n.v1.Image\x12!\n\x07timings\x18\x04 \x01(\x0b\x32\x10.in2n.v1.Timings\x12\x10\n\x08timestep\x18\x05 \x01(\r\"*\n\tEditError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"7\n\x11StreamEditRequest\x12\"\n\x04\x65\x64it\x18\x01 \x01(\x0b\x32\x14.in2n.v1.EditRequest\"\x92\x01\n\x12StreamEditResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07view_id\x18\x02 \x01(\x03\x12\'\n\x06\x65\x64ited\x18\x03 \x01(\x0b\x32\x15.in2n.v1.EditResponseH\x00\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.in2n.v1.EditErrorH\x00\x42\t\n\x07outcome\"\x11\n\x0f\x44\x65scribeRequest\"\x86\x02\n\x10\x44\x65scribeResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x16\n\x0emax_image_side\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\x12\x1b\n\x13max_diffusion_steps\x18\x07 \x01(\r\x12\x1a\n\x12known_instructions\x18\x08 \x03(\t\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x11\n\tmax_batch\x18\n \x01(\r\x12\x18\n\x10\x63\x61\x63hes_originals\x18\x0b \x01(\x08*U\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x32\xce\x01\n\x0b\x45\x64itService\x12I\n\nStreamEdit\x12\x1a.in2n.v1.StreamEditRequest\x1a\x1b.in2n.v1.StreamEditResponse(\x01\x30\x01\x12\x33\n\x04\x45\x64it\x12\x14.in2n.v1.EditRequest\x1a\x15.in2n.v1.EditResponse\x12?\n\x08\x44\x65scribe\x12\x18.in2n.v1.DescribeRequest\x1a\x19.in2n.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.in2n.v1.edit_service_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_DTYPE']._serialized_start=1254
-  _globals['_DTYPE']._serialized_end=1339
+  _globals['_DTYPE']._serialized_start=1380
+  _globals['_DTYPE']._serialized_end=1465
   _globals['_IMAGE']._serialized_start=46
   _globals['_IMAGE']._serialized_end=147
   _globals['_EDITREQUEST']._serialized_start=150
-  _globals['_EDITREQUEST']._serialized_end=557
-  _globals['_TIMINGS']._serialized_start=559
-  _globals['_TIMINGS']._serialized_end=624
-  _globals['_EDITRESPONSE']._serialized_start=627
-  _globals['_EDITRESPONSE']._serialized_end=763
-  _globals['_EDITERROR']._serialized_start=765
-  _globals['_EDITERROR']._serialized_end=807
-  _globals['_STREAMEDITREQUEST']._serialized_start=809
-  _globals['_STREAMEDITREQUEST']._serialized_end=864
-  _globals['_STREAMEDITRESPONSE']._serialized_start=867
-  _globals['_STREAMEDITRESPONSE']._serialized_end=1013
-  _globals['_DESCRIBEREQUEST']._serialized_start=1015
-  _globals['_DESCRIBEREQUEST']._serialized_end=1032
-  _globals['_DESCRIBERESPONSE']._serialized_start=1035
-  _globals['_DESCRIBERESPONSE']._serialized_end=1252
-  _globals['_EDITSERVICE']._serialized_start=1342
-  _globals['_EDITSERVICE']._serialized_end=1548
+  _globals['_EDITREQUEST']._serialized_end=638
+  _globals['_TIMINGS']._serialized_start=640
+  _globals['_TIMINGS']._serialized_end=705
+  _globals['_EDITRESPONSE']._serialized_start=708
+  _globals['_EDITRESPONSE']._serialized_end=844
+  _globals['_EDITERROR']._serialized_start=846
+  _globals['_EDITERROR']._serialized_end=888
+  _globals['_STREAMEDITREQUEST']._serialized_start=890
+  _globals['_STREAMEDITREQUEST']._serialized_end=945
+  _globals['_STREAMEDITRESPONSE']._serialized_start=948
+  _globals['_STREAMEDITRESPONSE']._serialized_end=1094
+  _globals['_DESCRIBEREQUEST']._serialized_start=1096
+  _globals['_DESCRIBEREQUEST']._serialized_end=1113
+  _globals['_DESCRIBERESPONSE']._serialized_start=1116
+  _globals['_DESCRIBERESPONSE']._serialized_end=1378
+  _globals['_EDITSERVICE']._serialized_start=1468
+  _globals['_EDITSERVICE']._serialized_end=1674
 # @@protoc_insertion_point(module_scope)

@@ -32,7 +32,7 @@ class Image(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class EditRequest(_message.Message):
-    __slots__ = ("request_id", "view_id", "render", "original", "instruction", "guidance_scale", "image_guidance_scale", "diffusion_steps", "lower_bound", "upper_bound", "seed")
+    __slots__ = ("request_id", "view_id", "render", "original", "instruction", "guidance_scale", "image_guidance_scale", "diffusion_steps", "lower_bound", "upper_bound", "seed", "client_id", "original_key", "timeout_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     VIEW_ID_FIELD_NUMBER: _ClassVar[int]
     RENDER_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,9 @@ class EditRequest(_message.Message):
     LOWER_BOUND_FIELD_NUMBER: _ClassVar[int]
     UPPER_BOUND_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_KEY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     view_id: int
     render: Image
@@ -55,7 +58,10 @@ class EditRequest(_message.Message):
     lower_bound: float
     upper_bound: float
     seed: int
-    def __init__(self, request_id: _Optional[str] = ..., view_id: _Optional[int] = ..., render: _Optional[_Union[Image, _Mapping]] = ..., original: _Optional[_Union[Image, _Mapping]] = ..., instruction: _Optional[str] = ..., guidance_scale: _Optional[float] = ..., image_guidance_scale: _Optional[float] = ..., diffusion_steps: _Optional[int] = ..., lower_bound: _Optional[float] = ..., upper_bound: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    client_id: str
+    original_key: str
+    timeout_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., view_id: _Optional[int] = ..., render: _Optional[_Union[Image, _Mapping]] = ..., original: _Optional[_Union[Image, _Mapping]] = ..., instruction: _Optional[str] = ..., guidance_scale: _Optional[float] = ..., image_guidance_scale: _Optional[float] = ..., diffusion_steps: _Optional[int] = ..., lower_bound: _Optional[float] = ..., upper_bound: _Optional[float] = ..., seed: _Optional[int] = ..., client_id: _Optional[str] = ..., original_key: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "compute_ms", "total_ms")
@@ -112,7 +118,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("backend", "model", "device", "precision", "max_image_side", "max_message_bytes", "max_diffusion_steps", "known_instructions", "server_version")
+    __slots__ = ("backend", "model", "device", "precision", "max_image_side", "max_message_bytes", "max_diffusion_steps", "known_instructions", "server_version", "max_batch", "caches_originals")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +128,8 @@ class DescribeResponse(_message.Message):
     MAX_DIFFUSION_STEPS_FIELD_NUMBER: _ClassVar[int]
     KNOWN_INSTRUCTIONS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    CACHES_ORIGINALS_FIELD_NUMBER: _ClassVar[int]
     backend: str
     model: str
     device: str
@@ -131,4 +139,6 @@ class DescribeResponse(_message.Message):
     max_diffusion_steps: int
     known_instructions: _containers.RepeatedScalarFieldContainer[str]
     server_version: str
-    def __init__(self, backend: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., max_image_side: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_diffusion_steps: _Optional[int] = ..., known_instructions: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    max_batch: int
+    caches_originals: bool
+    def __init__(self, backend: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., max_image_side: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_diffusion_steps: _Optional[int] = ..., known_instructions: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., max_batch: _Optional[int] = ..., caches_originals: bool = ...) -> None: ...

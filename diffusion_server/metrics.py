@@ -1,0 +1,63 @@
+"""Prometheus metrics of the server (prometheus_client, on a registry of its own).
+
+Exposed over HTTP by `serve()` when `--metrics-port` is set (`GET /metrics`):
+
+- `in2n_queue_depth` (gauge): edits accepted and not yet started;
+- `in2n_edits_in_progress` (gauge): edits queued or running;
+- `in2n_batch_size` (histogram): edits the backend ran at once;
+- `in2n_edit_latency_seconds{stage}` (histogram): queue, compute and total time of successful edits;
+- `in2n_edits_total` (counter): edits answered with an image;
+- `in2n_requests_total{method,code}` (counter): every answered request by gRPC status code name
+  (OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, CANCELLED, UNAUTHENTICATED, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Tuple
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class ServerMetrics:
+    """All metrics of one server; safe to call from any thread."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.queue_depth = Gauge("in2n_queue_depth", "Edits accepted and not yet started", registry=r)
+        self.in_progress = Gauge("in2n_edits_in_progress", "Edits queued or running", registry=r)
+        self.batch_size = Histogram("in2n_batch_size", "Edits run by the backend at once", buckets=_BATCH_BUCKETS, registry=r)
+        self.latency = Histogram(
+            "in2n_edit_latency_seconds", "Time of successful edits by stage", ["stage"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.edits = Counter("in2n_edits", "Edits answered with an image", registry=r)
+        self.requests = Counter("in2n_requests", "Answered requests by method and gRPC status code", ["method", "code"], registry=r)
+        self._http: Optional[Tuple[object, object]] = None
+
+    def request_done(self, method: str, code_name: str) -> None:
+        self.requests.labels(method=method, code=code_name).inc()
+
+    def edit_done(self, queue_s: float, compute_s: float, total_s: float) -> None:
+        self.edits.inc()
+        self.latency.labels(stage="queue").observe(queue_s)
+        self.latency.labels(stage="compute").observe(compute_s)
+        self.latency.labels(stage="total").observe(total_s)
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Serve /metrics on host:port (0: any free port) in a daemon thread; returns the port."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = (server, thread)
+        return int(server.server_address[1])
+
+    def close(self) -> None:
+        if self._http is not None:
+            server = self._http[0]
+            server.shutdown()  # type: ignore[attr-defined]
+            server.server_close()  # type: ignore[attr-defined]
+            self._http = None
