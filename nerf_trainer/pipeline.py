@@ -72,6 +72,10 @@ class In2nPipelineConfig(VanillaPipelineConfig):
     """See edit_rate."""
     max_in_flight: int = 2
     """Most edits outstanding at once on each server (rendering or at the server)."""
+    edit_mode: Literal["async", "sync", "off"] = "async"
+    """async: edits stream in while training goes on (this tool). sync: every edit_rate steps the step renders
+    edit_count views and waits for their edits (the reference implementation's behaviour, for comparison).
+    off: no edits (plain nerfacto training on the current images, for comparison)."""
     edit_timeout_s: float = 600.0
     """An edit not back after this many seconds is given up and its view re-queued (0: wait forever)."""
     require_server: bool = False
@@ -107,6 +111,8 @@ class In2nPipeline(VanillaPipeline):
         self.run_dir: Optional[Path] = None
         self._edit_number = 0
         self._restored_schedule: Optional[dict] = None
+        self._sync_client: Optional[EditClient] = None
+        self._step_starts: List[float] = []  # time.perf_counter() at the start of each training step
         # Shown in the nerfstudio viewer's "Custom Elements" panel; changes apply to the next edit sent.
         self.viewer_instruction = ViewerText("Edit instruction", config.instruction, cb_hook=self._on_viewer_change)
         self.viewer_guidance_scale = ViewerNumber("Text guidance", config.guidance_scale, cb_hook=self._on_viewer_change)
@@ -258,8 +264,38 @@ class In2nPipeline(VanillaPipeline):
             CONSOLE.log("in2n: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in metrics.items()))
 
     def get_train_loss_dict(self, step: int):
-        self.update_dataset(step)
+        if self.config.edit_mode == "async":
+            self.update_dataset(step)
+        elif self.config.edit_mode == "sync":
+            self.update_dataset_sync(step)
         return super().get_train_loss_dict(step)
+
+    def update_dataset_sync(self, step: int) -> None:
+        """The reference behaviour: every edit_rate steps, render edit_count views and wait for each edit."""
+        if self.schedule is None:
+            self._start_update(step)
+            for client in self.clients:
+                client.close()
+            self.clients = []
+            self._sync_client = EditClient(self.servers[0], timeout_s=self.config.edit_timeout_s or 3600.0)
+        assert self.schedule is not None and self.renderer is not None
+        if step % self.config.edit_rate != 0:
+            return
+        dm = self.datamanager
+        for _ in range(self.config.edit_count):
+            view = self.schedule.next_view(step)
+            render = self.renderer.render_now(view)
+            request_id = f"sync-{self._edit_number}"
+            self.schedule.submitted(request_id, view, step)
+            try:
+                reply = self._sync_client.edit(self._wire(render), self._wire(dm.original_images[view]), self._params(), view_id=view)
+            except Exception as e:  # the server failed or went away: the view waits for the next round
+                self.schedule.failed(request_id, str(e))
+                continue
+            finally:
+                self._edit_number += 1
+            if self.schedule.accept(request_id, view, reply.image, tuple(dm.images.shape[1:])) is not None:
+                dm.swap_image(view, torch.from_numpy(np.ascontiguousarray(reply.image, dtype=np.float32)))
 
     # -- reporting and shutdown ---------------------------------------------------------------
 
@@ -355,17 +391,32 @@ class In2nPipeline(VanillaPipeline):
         stats = dict(self.edit_metrics(), instruction=self.config.instruction, server=self.config.edit_server)
         (folder / "edit_stats.json").write_text(json.dumps(stats, indent=2))
 
+    def step_times(self) -> np.ndarray:
+        """Wall time of each whole training step so far, in seconds ([S-1])."""
+        return np.diff(np.asarray(self._step_starts, dtype=np.float64))
+
     def _finish(self, step: int) -> None:
         if self.schedule is not None:
             CONSOLE.print(f"in2n: {self.edit_metrics()}")
         self.write_report()
+        if self.run_dir is not None:
+            (self.run_dir / "edit_report").mkdir(parents=True, exist_ok=True)
+            np.save(self.run_dir / "edit_report" / "step_times.npy", self.step_times())
         for client in self.clients:
             client.close()
         self.clients = []
+        if self._sync_client is not None:
+            self._sync_client.close()
+            self._sync_client = None
 
     def get_training_callbacks(self, attrs: TrainingCallbackAttributes) -> List[TrainingCallback]:
         callbacks = super().get_training_callbacks(attrs)
         if attrs.trainer is not None:
             self.run_dir = Path(attrs.trainer.base_dir)
         callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN], self._finish))
+        callbacks.append(
+            TrainingCallback(
+                [TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], lambda step: self._step_starts.append(time.perf_counter())
+            )
+        )
         return callbacks

@@ -1,0 +1,151 @@
+"""Does asynchronous editing slow training down? Steps per second with and without edits.
+
+Runs the same `ns-train in2n-tiny` job (small nerfacto, demo scene) in three modes
+against a diffusion server whose backend takes a fixed time per edit and no CPU
+(it sleeps), and compares whole-step wall times (recorded by the pipeline in
+edit_report/step_times.npy):
+
+- off:   no edits (the baseline);
+- async: this tool, edits streamed while training goes on (render_chunk_rays per step);
+- sync:  the reference behaviour, every edit_rate steps the step renders a view and waits for its edit.
+
+    python bench/trainer_throughput.py --steps 300 --edit-ms 500 --chunk-rays 256 1024
+
+Prints a markdown table (for BENCHMARKS.md) and writes bench/results/trainer_throughput.json.
+This is a benchmark, not a test: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import tyro
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from diffusion_server.backends.base import BackendInfo, EditBackend, EditResult  # noqa: E402
+from nerf_trainer.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone  # noqa: E402
+
+
+@dataclass
+class BenchConfig:
+    """Training throughput with asynchronous editing, synchronous editing and none."""
+
+    steps: int = 300
+    """Training steps per mode."""
+    edit_ms: float = 500.0
+    """Fixed time the server takes per edit (sleeping, no CPU)."""
+    chunk_rays: List[int] = field(default_factory=lambda: [256, 1024])
+    """render_chunk_rays values to measure in async mode."""
+    edit_rate: int = 10
+    """Reference default: an edit every 10 steps (async: an upper bound)."""
+    warmup: int = 20
+    """Steps left out at the start of each run."""
+    workdir: Path = Path(tempfile.gettempdir()) / "in2n_bench_trainer"
+    """Scratch folder (scene, pretrained model, runs)."""
+
+
+class SleepBackend(EditBackend):
+    """Returns the render after a fixed delay, using no CPU meanwhile."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(model=f"sleep {self.delay_s * 1e3:.0f} ms")
+
+    def edit(self, render, original, params) -> EditResult:
+        time.sleep(self.delay_s)
+        return EditResult(image=render)
+
+
+def start_sleep_server(delay_s: float):
+    from diffusion_server.config import ServerConfig
+    from diffusion_server.server import build_server
+
+    server, port, _, _ = build_server(ServerConfig(backend="palette", device="cpu", port=0), SleepBackend(delay_s))
+    server.start()
+    return server, port
+
+
+def run_mode(cfg: BenchConfig, load_dir: Path, scene: Path, port: int, mode: str, chunk: int, env: dict) -> np.ndarray:
+    name = f"{mode}-{chunk}"
+    out = cfg.workdir / "runs"
+    cmd = [NS_TRAIN, "in2n-tiny", "--load-dir", str(load_dir), "--data", str(scene), "--output-dir", str(out),
+           "--experiment-name", "bench", "--timestamp", name, "--vis", "tensorboard", "--machine.device-type", "cpu",
+           "--max-num-iterations", str(cfg.steps), "--steps-per-save", "1000000", "--steps-per-eval-image", "1000000",
+           "--steps-per-eval-batch", "1000000", "--steps-per-eval-all-images", "1000000",
+           "--pipeline.datamanager.train-num-rays-per-batch", "512", "--pipeline.edit-server", f"127.0.0.1:{port}",
+           "--pipeline.instruction", "make it sepia", "--pipeline.edit-mode", mode, "--pipeline.edit-rate",
+           str(cfg.edit_rate), "--pipeline.render-chunk-rays", str(chunk), "--pipeline.max-in-flight", "2",
+           "--pipeline.log-every", "0"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    report = out / "bench" / "in2n-tiny" / name / "edit_report"
+    stats = json.loads((report / "edit_stats.json").read_text()) if (report / "edit_stats.json").exists() else {}
+    times = np.load(report / "step_times.npy")[cfg.warmup :]
+    return times, stats.get("edits_applied", 0)
+
+
+def main(cfg: BenchConfig) -> None:
+    from nerf_trainer.demo_scene import DemoSceneConfig, make_demo_scene
+
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    ensure_lpips_backbone(env, cfg.workdir)
+    scene = cfg.workdir / "scene"
+    if not (scene / "transforms.json").exists():
+        make_demo_scene(DemoSceneConfig(output=scene, num_views=24, size=64))
+    load_dir = cfg.workdir / "pre" / "bench" / "nerfacto" / "pre" / "nerfstudio_models"
+    if not list(load_dir.glob("*.ckpt")):
+        subprocess.run([NS_TRAIN, "nerfacto", "--data", str(scene), "--output-dir", str(cfg.workdir / "pre"),
+                        "--experiment-name", "bench", "--timestamp", "pre", "--vis", "tensorboard",
+                        "--machine.device-type", "cpu", "--max-num-iterations", "200", "--steps-per-save", "200",
+                        "--pipeline.datamanager.train-num-rays-per-batch", "512", *SMALL_NERFACTO],
+                       env=env, check=True, capture_output=True)  # fmt: skip
+    server, port = start_sleep_server(cfg.edit_ms / 1e3)
+    rows = []
+    try:
+        runs = [("off", 0)] + [("async", c) for c in cfg.chunk_rays] + [("sync", 0)]
+        results = {}
+        for mode, chunk in runs:
+            times, applied = run_mode(cfg, load_dir, scene, port, mode, chunk, env)
+            results[(mode, chunk)] = (times, applied)
+            print(f"{mode:5s} chunk={chunk:5d}: {1 / times.mean():.2f} steps/s, median {np.median(times) * 1e3:.0f} ms, "
+                  f"p99 {np.percentile(times, 99) * 1e3:.0f} ms, edits {applied}", flush=True)  # fmt: skip
+        base = 1 / results[("off", 0)][0].mean()
+        for (mode, chunk), (times, applied) in results.items():
+            sps = 1 / times.mean()
+            rows.append({
+                "mode": mode, "render_chunk_rays": chunk, "steps_per_s": round(sps, 3), "ratio_to_off": round(sps / base, 3),
+                "median_ms": round(float(np.median(times)) * 1e3, 1), "p99_ms": round(float(np.percentile(times, 99)) * 1e3, 1),
+                "p99_over_median": round(float(np.percentile(times, 99) / np.median(times)), 2), "edits_applied": applied,
+            })  # fmt: skip
+    finally:
+        server.stop(grace=None)
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}; steps={cfg.steps}, "
+          f"edit={cfg.edit_ms:.0f} ms (sleep), edit_rate={cfg.edit_rate}\n")  # fmt: skip
+    print("| mode | render_chunk_rays | steps/s | ratio to no editing | median step | p99 step | p99 / median | edits applied |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['render_chunk_rays'] or '-'} | {r['steps_per_s']} | {r['ratio_to_off']} | "
+              f"{r['median_ms']} ms | {r['p99_ms']} ms | {r['p99_over_median']} | {r['edits_applied']} |")  # fmt: skip
+    out = REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "trainer_throughput.json").write_text(json.dumps({"config": {k: str(v) for k, v in vars(cfg).items()}, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(BenchConfig))
