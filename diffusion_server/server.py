@@ -160,6 +160,7 @@ def build_server(
             ("grpc.max_send_message_length", limits.max_message_bytes),
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+            ("grpc.http2.lookahead_bytes", 16 << 20),  # a whole image per window: no flow-control stalls mid-message
         ],
     )
     servicer = EditServicer(backend, config.backend, limits, metrics)

@@ -88,7 +88,7 @@ def _always_active() -> bool:
     return True
 
 
-@dataclass
+@dataclass(eq=False)
 class EditJob:
     """One validated edit, ready for the worker."""
 
@@ -244,10 +244,12 @@ def _encode_output(image: np.ndarray, shape: tuple, uint8_out: bool) -> pb.Image
     image = image.astype(np.float32, copy=False)
     if not np.isfinite(image).all():
         raise RequestError(grpc.StatusCode.INTERNAL, "backend returned NaN or infinite values")
-    image = np.clip(image, 0.0, 1.0)
-    if uint8_out:
-        return codec.encode_image(np.round(image * 255.0).astype(np.uint8))
-    return codec.encode_image(image)
+    if uint8_out:  # round(clip(x, 0, 1) * 255), in place on one temporary (the hot path at 512x512: ~1 ms)
+        scaled = np.multiply(image, np.float32(255.0), dtype=np.float32)
+        np.rint(scaled, out=scaled)
+        np.clip(scaled, 0.0, 255.0, out=scaled)
+        return codec.encode_image(scaled.astype(np.uint8))
+    return codec.encode_image(np.clip(image, 0.0, 1.0))
 
 
 def _backend_error(job: EditJob, error: BaseException) -> RequestError:
@@ -322,10 +324,10 @@ class EditWorker:
     def _release(self, job: EditJob) -> None:
         """Every job's future ends exactly once (result, error or cancel): it stops counting then."""
         with self._cond:
-            try:
-                self._queue.remove(job)  # cancelled while queued: free its slot at once
-            except ValueError:
-                pass
+            for i, queued in enumerate(self._queue):  # cancelled while queued: free its slot at once
+                if queued is job:  # by identity (deque.remove would compare arrays and repr the job on a miss)
+                    del self._queue[i]
+                    break
             self._pending -= 1
             self._update_gauges()
             self._cond.notify_all()
