@@ -28,6 +28,7 @@ import torch
 import yaml
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.models.nerfacto import NerfactoModelConfig
+from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
 
 # Model settings that are about training the edit, not about what the pretrained model is.
@@ -116,24 +117,53 @@ class In2nTrainer(Trainer):
             return
         # Resuming an in2n run: put its edited images back (a nerfacto run has none).
         run = Path(self.config.load_dir).parent if self.config.load_dir else Path(self.config.load_checkpoint).parent.parent
-        edits = run / EDITS_FOLDER / f"step-{self._start_step - 1:09d}.pt"
-        if edits.exists():
-            restored = self.pipeline.load_edit_state(torch.load(edits, map_location="cpu", weights_only=True))
-            CONSOLE.print(f"in2n: restored {restored} edited views from {edits}")
+        step = self._start_step - 1
+        saved = sorted(p for p in (run / EDITS_FOLDER).glob("step-*.pt") if int(p.stem.split("-")[1]) <= step)
+        if not saved:
+            return
+        edits = saved[-1]
+        if edits.name != f"step-{step:09d}.pt":
+            CONSOLE.print(f"[bold yellow]in2n: no edits saved at step {step} (interrupted save?); using {edits.name}")
+        restored = self.pipeline.load_edit_state(torch.load(edits, map_location="cpu", weights_only=True))
+        CONSOLE.print(f"in2n: restored {restored} edited views from {edits}")
 
+    @check_main_thread
     def save_checkpoint(self, step: int) -> None:
-        """nerfstudio's checkpoint, then the edited dataset beside it (atomically) and the evolution sheet."""
-        super().save_checkpoint(step)
+        """The checkpoint, then the edited dataset beside it, each written atomically; then the evolution sheet.
+
+        Same content as nerfstudio's checkpoint, but written to a temporary file and
+        renamed, so a process killed mid-save leaves the previous checkpoint intact.
+        Older files go only once the new ones are complete.
+        """
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = self.checkpoint_dir / f"step-{step:09d}.ckpt"
+        atomic_torch_save(
+            {
+                "step": step,
+                "pipeline": self.pipeline.module.state_dict() if hasattr(self.pipeline, "module") else self.pipeline.state_dict(),
+                "optimizers": {k: v.state_dict() for (k, v) in self.optimizers.optimizers.items()},
+                "schedulers": {k: v.state_dict() for (k, v) in self.optimizers.schedulers.items()},
+                "scalers": self.grad_scaler.state_dict(),
+            },
+            ckpt,
+            self.base_dir,
+        )
+        keep = {ckpt}
         state = self.pipeline.edit_state()
         if state is not None:
-            folder = self.base_dir / EDITS_FOLDER
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"step-{step:09d}.pt"
-            tmp = folder / f".step-{step:09d}.pt.tmp"
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-            if self.config.save_only_latest_checkpoint:
-                for old in folder.glob("step-*.pt"):
-                    if old != path:
-                        old.unlink()
+            edits = self.base_dir / EDITS_FOLDER / f"step-{step:09d}.pt"
+            edits.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save(state, edits, self.base_dir)
+            keep.add(edits)
+        if self.config.save_only_latest_checkpoint:
+            for old in [*self.checkpoint_dir.glob("step-*.ckpt"), *(self.base_dir / EDITS_FOLDER).glob("step-*.pt")]:
+                if old not in keep:
+                    old.unlink()
         self.pipeline.write_report(final=False)
+
+
+def atomic_torch_save(obj, path: Path, scratch: Path) -> None:
+    """torch.save to a temporary file in `scratch` (same file system, outside the checkpoint folder), then rename."""
+    tmp = Path(scratch) / f".{path.name}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

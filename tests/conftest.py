@@ -221,6 +221,7 @@ def trainer_env(tmp_path_factory) -> dict:
     torch.save(torchvision.models.alexnet().state_dict(), home / "hub" / "checkpoints" / ALEXNET_FILE)
     env = subprocess_env()
     env["TORCH_HOME"] = str(home)
+    env["COLUMNS"] = "200"  # rich wraps log lines at the terminal width; tests read them
     return env
 
 
