@@ -151,3 +151,31 @@ def test_a_trainer_killed_mid_run_resumes_with_its_edits_bit_identical(pretraine
     resumed = torch.load(resumed_file, map_location="cpu", weights_only=True)
     assert torch.equal(resumed["views"], expected["views"])
     assert torch.equal(resumed["images"], expected["images"])  # bit-identical
+
+
+def test_a_hung_server_makes_edits_time_out_while_training_goes_on(pretrained, trainer_env, tmp_path):
+    """The server stops answering (SIGSTOP) with edits in flight: their deadline fires, the views are re-queued,
+    training never waits; when the server answers again, edits resume."""
+    FAILED = re.compile(r"edits failed (\d+)")
+    server = EditServerProcess(tmp_path / "server", backend="palette").start()
+    cmd = [NS_TRAIN, "in2n-tiny", "--load-dir", str(pretrained), "--output-dir", str(tmp_path / "out"),
+           "--experiment-name", "tiny", "--timestamp", "hung", "--max-num-iterations", "400",
+           "--pipeline.edit-server", server.address, "--pipeline.datamanager.train-num-rays-per-batch", "256",
+           "--pipeline.edit-rate", "1", "--pipeline.instruction", "make it sepia", "--pipeline.log-every", "10",
+           "--pipeline.edit-timeout-s", "1", *QUIET]  # fmt: skip
+    trainer = subprocess.Popen(cmd, env=trainer_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = LogWatcher(trainer)
+    try:
+        log.wait_for(lambda line: applied_in(line) >= 2)
+        server.pause()
+        line = log.wait_for(lambda line: bool(FAILED.search(line)) and int(FAILED.search(line).group(1)) >= 1)
+        stuck = applied_in(line)
+        server.resume()
+        log.wait_for(lambda line: applied_in(line) > stuck)
+        assert trainer.wait(timeout=600) == 0, "".join(log.seen[-40:])
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+        server.resume()
+        server.stop()
+    assert any("no answer within 1 s" in line for line in log.seen)
