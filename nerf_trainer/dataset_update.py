@@ -54,7 +54,13 @@ class DatasetUpdateSchedule:
     """Decides which view is edited next and whether a returned edit may be swapped in."""
 
     def __init__(
-        self, num_views: int, edit_rate: int, edit_count: int, max_in_flight: int, seed: Optional[int] = None
+        self,
+        num_views: int,
+        edit_rate: int,
+        edit_count: int,
+        max_in_flight: int,
+        seed: Optional[int] = None,
+        max_edits_per_view: int = 0,
     ) -> None:
         if num_views < 1:
             raise ValueError(f"num_views must be positive, got {num_views}")
@@ -62,6 +68,9 @@ class DatasetUpdateSchedule:
             raise ValueError(f"edit_rate and edit_count must be >= 1, got {edit_rate} and {edit_count}")
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        if max_edits_per_view < 0:
+            raise ValueError(f"max_edits_per_view must be >= 0 (0: no limit), got {max_edits_per_view}")
+        self.max_edits_per_view = max_edits_per_view
         self.num_views = num_views
         self.edit_rate, self.edit_count, self.max_in_flight = edit_rate, edit_count, max_in_flight
         self.order: List[int] = np.random.default_rng(seed).permutation(num_views).tolist()
@@ -103,8 +112,29 @@ class DatasetUpdateSchedule:
         if window != self._window_start:
             self._window_start, self._started_in_window = window, 0
         return (
-            self._started_in_window < self.edit_count and len(self.in_flight) + reserved < self.max_in_flight
+            self._started_in_window < self.edit_count
+            and len(self.in_flight) + reserved < self.max_in_flight
+            and (bool(self._retry) or self._next_eligible() is not None)
         )
+
+    def _eligible(self, view: int) -> bool:
+        """Under max_edits_per_view, counting edits applied and in flight."""
+        if self.max_edits_per_view == 0:
+            return True
+        done = self.stats.edits_per_view.get(view, 0) + self._pending_views.get(view, 0)
+        return done < self.max_edits_per_view
+
+    def _next_eligible(self) -> Optional[int]:
+        """Offset from the cursor of the next eligible view in the order, or None when none is left."""
+        for offset in range(self.num_views):
+            if self._eligible(self.order[(self._cursor + offset) % self.num_views]):
+                return offset
+        return None
+
+    @property
+    def finished(self) -> bool:
+        """True when max_edits_per_view is reached for every view and nothing is in flight or re-queued."""
+        return not self.in_flight and not self._retry and self._next_eligible() is None
 
     def next_view(self, step: int) -> int:
         """Take the next view to edit (re-queued views first, then the random order, cycling)."""
@@ -112,8 +142,11 @@ class DatasetUpdateSchedule:
         self._started_in_window += 1
         if self._retry:
             return self._retry.popleft()
-        view = self.order[self._cursor % self.num_views]
-        self._cursor += 1
+        offset = self._next_eligible()
+        if offset is None:
+            raise RuntimeError("every view has had max_edits_per_view edits; check may_start() first")
+        view = self.order[(self._cursor + offset) % self.num_views]
+        self._cursor += offset + 1
         return view
 
     def submitted(self, request_id: str, view: int, step: int) -> None:

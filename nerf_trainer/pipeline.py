@@ -76,6 +76,9 @@ class In2nPipelineConfig(VanillaPipelineConfig):
     """async: edits stream in while training goes on (this tool). sync: every edit_rate steps the step renders
     edit_count views and waits for their edits (the reference implementation's behaviour, for comparison).
     off: no edits (plain nerfacto training on the current images, for comparison)."""
+    max_edits_per_view: int = 0
+    """Stop editing a view after this many edits (0: no limit). 1 edits each view once: the naive
+    "edit every image once, then train" baseline the Iterative Dataset Update improves on."""
     edit_timeout_s: float = 600.0
     """An edit not back after this many seconds is given up and its view re-queued (0: wait forever)."""
     require_server: bool = False
@@ -166,7 +169,7 @@ class In2nPipeline(VanillaPipeline):
                         ) from None
         self.schedule = DatasetUpdateSchedule(
             n, self.config.edit_rate, self.config.edit_count, self.config.max_in_flight * len(servers),
-            seed=self.config.edit_seed,
+            seed=self.config.edit_seed, max_edits_per_view=self.config.max_edits_per_view,
         )
         if self._restored_schedule is not None:
             self.schedule.load_state_dict(self._restored_schedule)

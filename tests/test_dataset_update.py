@@ -100,3 +100,29 @@ def test_bad_arguments_name_themselves(kwargs):
     args = dict(num_views=3, edit_rate=1, edit_count=1, max_in_flight=1) | kwargs
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         DatasetUpdateSchedule(**args)
+
+
+def test_max_edits_per_view_edits_each_view_that_often_then_stops():
+    schedule = DatasetUpdateSchedule(num_views=4, edit_rate=1, edit_count=1, max_in_flight=2, seed=0, max_edits_per_view=1)
+    taken = []
+    step = 0
+    while schedule.may_start(step):
+        view = schedule.next_view(step)
+        schedule.submitted(f"r{step}", view, step)
+        taken.append(view)
+        if step % 2:  # leave one in flight now and then: in-flight edits count toward the limit
+            for rid, sub in list(schedule.in_flight.items()):
+                schedule.accept(rid, sub.view, good_image(), SHAPE)
+        step += 1
+    for rid, sub in list(schedule.in_flight.items()):
+        schedule.accept(rid, sub.view, good_image(), SHAPE)
+    assert sorted(taken) == [0, 1, 2, 3]
+    assert schedule.finished and not schedule.may_start(step + 1)
+
+
+def test_max_edits_per_view_still_retries_a_failed_view():
+    schedule = DatasetUpdateSchedule(num_views=2, edit_rate=1, edit_count=1, max_in_flight=1, seed=0, max_edits_per_view=1)
+    first = schedule.next_view(0)
+    schedule.submitted("a", first, 0)
+    schedule.failed("a", "UNAVAILABLE")
+    assert schedule.may_start(1) and schedule.next_view(1) == first
