@@ -22,9 +22,9 @@ class ServerConfig:
     """Serve an image-editing backend over gRPC (in2n.v1.EditService)."""
 
     backend: BackendName = "ip2p"
-    """Editing backend: ip2p (InstructPix2Pix weights), tiny-ip2p (tiny random IP2P, for tests) or palette (classical colour looks, no weights)."""
+    """Editing backend: ip2p (InstructPix2Pix weights), ip2p-xl (InstructPix2Pix on SDXL weights), tiny-ip2p (tiny random IP2P, for tests), palette (classical colour looks, no weights) or identity (returns the render; benchmarks)."""
     model: str = "timbrooks/instruct-pix2pix"
-    """Model id on the Hugging Face hub or a local folder (ip2p only; already downloaded, nothing is fetched)."""
+    """Model id on the Hugging Face hub or a local folder (ip2p, ip2p-xl: default diffusers/sdxl-instructpix2pix-768; already downloaded, nothing is fetched)."""
     device: str = "cuda:0"
     """Torch device of the backend: cpu, cuda or cuda:N (palette always runs on the CPU)."""
     precision: Precision = "auto"

@@ -291,3 +291,17 @@ def test_conditioning_latents_of_a_cached_original_are_encoded_once() -> None:
     assert backend.cond_encodes == 2  # the second edit of the cached original reused its latents
     np.testing.assert_array_equal(first.image, uncached.image)
     np.testing.assert_array_equal(second.image, uncached.image)
+
+
+def test_channels_last_gives_the_same_edit(backend: Ip2pBackend) -> None:
+    render, original = _images(seed=6)
+    p = EditParams("turn it red", seed=2, diffusion_steps=2)
+    other = build_tiny_ip2p(seed=0)
+    other.optimize(channels_last=True)
+    assert other.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(other.edit(render, original, p).image, backend.edit(render, original, p).image, rtol=0, atol=1e-5)
+
+
+def test_cpu_offload_refused_off_cuda(backend: Ip2pBackend) -> None:
+    with pytest.raises(RuntimeError, match="CUDA"):
+        build_tiny_ip2p(seed=0).optimize(cpu_offload=True)

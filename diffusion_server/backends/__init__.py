@@ -17,9 +17,6 @@ from diffusion_server.backends.base import EditBackend
 
 log = logging.getLogger(__name__)
 
-BackendName = Literal["ip2p", "tiny-ip2p", "palette", "identity"]
-"""Names accepted by `--backend`."""
-BACKEND_NAMES: Tuple[str, ...] = get_args(BackendName)
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 """Values accepted by `--precision`; `auto` is fp16 on CUDA, fp32 elsewhere."""
@@ -142,6 +139,21 @@ def _make_tiny_ip2p(model: str, device: str, precision: str, seed: int, options:
     return _apply_torch_options(build_tiny_ip2p(device=device, seed=seed, precision=precision), options)
 
 
+def _lazy(module: str, function: str = "make_backend") -> Callable[..., EditBackend]:
+    """A factory that imports `diffusion_server.backends.<module>` only when the backend is chosen."""
+
+    def factory(model: str, device: str, precision: str, seed: int, options: TorchOptions = TorchOptions()) -> EditBackend:
+        import importlib
+
+        try:
+            loaded = importlib.import_module(f"diffusion_server.backends.{module}")
+        except ImportError as e:
+            raise BackendUnavailable(f"the {module} backend cannot be imported ({e}); install its packages, or use --backend palette") from e
+        return getattr(loaded, function)(model, device, precision, seed, options)
+
+    return factory
+
+
 BackendFactory = Callable[..., EditBackend]
 """(model, device, resolved precision, seed, options: TorchOptions) -> backend."""
 
@@ -150,8 +162,13 @@ _FACTORIES: Dict[str, BackendFactory] = {
     "tiny-ip2p": _make_tiny_ip2p,
     "palette": _make_palette,
     "identity": _make_identity,
+    "ip2p-xl": _lazy("ip2p_xl"),
 }
-assert set(_FACTORIES) == set(BACKEND_NAMES)
+"""The registry: adding a backend is a module under backends/ and one line here."""
+
+BACKEND_NAMES: Tuple[str, ...] = tuple(_FACTORIES)
+BackendName = Literal[BACKEND_NAMES]  # type: ignore[valid-type]
+"""Names accepted by `--backend` (the registry's keys)."""
 
 
 def create_backend(

@@ -172,6 +172,7 @@ class Ip2pBackend(EditBackend):
         self.text_encoder = self._place(text_encoder)
         self.tokenizer = tokenizer
         self.scheduler = scheduler  # never stepped itself: each edit works on a copy
+        self.vae_dtype = self.dtype  # the VAE's own precision (ip2p-xl keeps an fp16-unsafe VAE in fp32)
         self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._text_cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
@@ -237,14 +238,14 @@ class Ip2pBackend(EditBackend):
                     ) from e
         return cls(**parts, device=device, precision=prec, model=model)
 
-    @staticmethod
-    def _load_components(model: str, dtype: torch.dtype, local_files_only: bool) -> dict:
+    @classmethod
+    def _load_components(cls, model: str, dtype: torch.dtype, local_files_only: bool) -> dict:
         with warnings.catch_warnings():  # diffusers passes an argument huggingface_hub deprecated
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-            return Ip2pBackend._load_components_unfiltered(model, dtype, local_files_only)
+            return cls._load_components_unfiltered(model, dtype, local_files_only)
 
-    @staticmethod
-    def _load_components_unfiltered(model: str, dtype: torch.dtype, local_files_only: bool) -> dict:
+    @classmethod
+    def _load_components_unfiltered(cls, model: str, dtype: torch.dtype, local_files_only: bool) -> dict:
         kw: dict = dict(local_files_only=local_files_only)
         return dict(
             scheduler=ddim_from_config(DDIMScheduler.load_config(model, subfolder="scheduler", **kw)),
@@ -334,7 +335,7 @@ class Ip2pBackend(EditBackend):
         for i, (p, gen) in enumerate(zip(preps, gens)):
             mean, std = posterior.mean[i : i + 1], posterior.std[i : i + 1]
             sample = randn_tensor(mean.shape, generator=gen, device=posterior.parameters.device, dtype=posterior.parameters.dtype)
-            lat = (mean + std * sample) * self.scaling_factor  # [1, 4, h, w]
+            lat = ((mean + std * sample) * self.scaling_factor).to(self.dtype)  # [1, 4, h, w]
             noise = torch.randn(lat.shape, generator=gen, dtype=torch.float32).to(self.device, self.dtype)
             scheduler = copy.deepcopy(self.scheduler)
             latents.append(scheduler.add_noise(lat, noise, torch.tensor([p.T])))
@@ -342,24 +343,22 @@ class Ip2pBackend(EditBackend):
             scheduler.set_timesteps(steps)
             schedulers.append(scheduler)
 
-        image_latents = self._conditioning(preps, h8, w8)  # [B, 4, h, w]
+        image_latents = self._conditioning(preps, h8, w8).to(self.dtype)  # [B, 4, h, w]
         image_cond = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # [3B, 4, h, w]
-        empty = self._empty()
-        texts = torch.cat([self._text_embedding(p.item.params.instruction) for p in preps])  # [B, 77, D]
-        text_cond = torch.cat([texts] + [empty.expand(B, -1, -1)] * 2)  # [3B, 77, D]
+        text_cond, unet_kwargs = self._unet_conditioning(preps, h8, w8)  # [3B, 77, D]
 
         for k in range(steps):
             lat = torch.cat(latents)  # [B, 4, h, w]
             model_in = torch.cat([torch.cat([lat] * 3), image_cond], dim=1)  # [3B, 8, h, w]
             t = torch.stack([s.timesteps[k] for s in schedulers])  # [B]
-            eps = self.unet(model_in, torch.cat([t] * 3).to(self.device), encoder_hidden_states=text_cond).sample
+            eps = self.unet(model_in, torch.cat([t] * 3).to(self.device), encoder_hidden_states=text_cond, **unet_kwargs).sample
             eps_text_image, eps_image, eps_uncond = eps.chunk(3)  # [B, 4, h, w] each
             for i, p in enumerate(preps):
                 e_ti, e_i, e_u = eps_text_image[i : i + 1], eps_image[i : i + 1], eps_uncond[i : i + 1]
                 guided = e_u + p.item.params.guidance_scale * (e_ti - e_i) + p.item.params.image_guidance_scale * (e_i - e_u)
                 latents[i] = schedulers[i].step(guided, schedulers[i].timesteps[k], latents[i]).prev_sample
 
-        out = self.vae.decode(torch.cat(latents) / self.scaling_factor).sample  # [B, 3, h8, w8] in ~[-1, 1]
+        out = self.vae.decode((torch.cat(latents) / self.scaling_factor).to(self.vae_dtype)).sample  # [B, 3, h8, w8] in ~[-1, 1]
         out = (out.float() / 2 + 0.5).clamp(0, 1)
         results: List[EditResult] = []
         for i, p in enumerate(preps):
@@ -371,6 +370,13 @@ class Ip2pBackend(EditBackend):
             image = o[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)  # [H, W, 3]
             results.append(EditResult(image=np.ascontiguousarray(image), timestep=p.T))
         return results
+
+    def _unet_conditioning(self, preps: Sequence[_Prepared], h8: int, w8: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """Text conditioning of the 3B UNet rows (text, empty, empty) and any other UNet arguments."""
+        B = len(preps)
+        empty = self._empty()
+        texts = torch.cat([self._text_embedding(p.item.params.instruction) for p in preps])  # [B, 77, D]
+        return torch.cat([texts] + [empty.expand(B, -1, -1)] * 2), {}
 
     def _conditioning(self, preps: Sequence[_Prepared], h8: int, w8: int) -> torch.Tensor:
         """VAE(original).mode of each edit, [B, 4, h, w]; those of cached originals come from an LRU."""
@@ -432,7 +438,7 @@ class Ip2pBackend(EditBackend):
         x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)[None]  # [1, 3, H, W]
         if x.shape[-2:] != (h, w):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-        return (x * 2 - 1).to(self.device, self.dtype)
+        return (x * 2 - 1).to(self.device, self.vae_dtype)
 
     def _encode_text(self, text: str) -> torch.Tensor:
         tok = self.tokenizer(
