@@ -15,14 +15,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class BenchServer:
-    def __init__(self, backend: str, extra_args: Optional[List[str]] = None):
+    def __init__(self, backend: str, extra_args: Optional[List[str]] = None, device: str = "cpu"):
         self._dir = tempfile.TemporaryDirectory(prefix="in2n-bench-")
         self.port_file = Path(self._dir.name) / "port"
         env = os.environ.copy()
         env.setdefault("OMP_NUM_THREADS", "1")
         env.setdefault("HF_HUB_OFFLINE", "1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        command = [sys.executable, "-m", "diffusion_server", "--backend", backend, "--device", "cpu", "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "diffusion_server", "--backend", backend, "--device", device, "--host", "127.0.0.1",
                    "--port", "0", "--port-file", str(self.port_file), "--log-level", "warning", *(extra_args or [])]
         self.proc = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 120

@@ -1,6 +1,7 @@
-"""Edits per second against --max-batch, tiny-ip2p on the CPU, through the server.
+"""Edits per second against --max-batch, through the server (default: tiny-ip2p on the CPU).
 
     python bench/batching.py [--batches 1 2 4 8] [--edits 16] [--side 64] [--steps 10] [--threads 1]
+    python bench/batching.py --backend ip2p --device cuda:0 --side 512 --steps 20 --batches 1 2 4 8
 
 For each batch size B: a server `--backend tiny-ip2p --max-batch B --max-delay-ms 200` with
 OMP_NUM_THREADS=--threads, and a StreamClient keeping 2B edits in flight (distinct seeds and
@@ -60,15 +61,20 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--backend", default="tiny-ip2p", help="tiny-ip2p, ip2p or ip2p-xl")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--model", default="", help="--model of the server (ip2p, ip2p-xl)")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     print(f"machine: {machine()}")
-    print(f"tiny-ip2p, CPU, {args.threads} torch thread(s), {args.side}x{args.side}, {args.steps} steps, {args.edits} edits per point")
+    print(f"{args.backend} on {args.device}, {args.threads} torch thread(s), {args.side}x{args.side}, {args.steps} steps, {args.edits} edits per point")
     print(f"{'max-batch':>9} {'edits/s':>8} {'s/edit':>7} {'mean batch':>10}")
     for batch in args.batches:
         metrics_port = free_port()
         extra = ["--max-batch", str(batch), "--max-delay-ms", "200", "--metrics-port", str(metrics_port), "--max-queued", "64"]
-        with BenchServer("tiny-ip2p", extra) as server:
+        if args.model:
+            extra += ["--model", args.model]
+        with BenchServer(args.backend, extra, device=args.device) as server:
             with StreamClient(server.address, max_in_flight=2 * batch) as client:
                 deadline = time.monotonic() + 60
                 while not client.can_submit():

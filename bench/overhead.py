@@ -6,7 +6,9 @@ Measures, one request at a time (no overlap), the round trip seen by the client:
 - unary `Edit` with render + original (`EditClient.edit`: encode, send, validate, queue, answer, decode);
 - `StreamClient` in steady state (the original cached on the server, only the render travels),
   from `submit` to the result showing up in `poll` (polled every 0.1 ms).
-Prints p50 / p90 / p99 in milliseconds. Not a test: numbers depend on the machine and its load.
+Prints p50 / p90 / p99 in milliseconds, and the part the server itself reports (arrival to
+response ready: validation, decode, queue, worker, encode). bench/grpc_floor.py gives the floor:
+plain gRPC moving the same bytes. Not a test: numbers depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -44,20 +46,22 @@ def main() -> None:
     with BenchServer("identity") as server:
         with EditClient(server.address, timeout_s=30) as client:
             client.wait_ready(30)
-            unary = []
+            unary, unary_server = [], []
             for i in range(args.warmup + args.requests):
                 t0 = time.perf_counter()
-                client.edit(render, original, params, view_id=0)
+                reply = client.edit(render, original, params, view_id=0)
                 if i >= args.warmup:
                     unary.append((time.perf_counter() - t0) * 1e3)
+                    unary_server.append(reply.timings["total_ms"])
         print(summary("unary Edit (render + original)", unary))
+        print(summary("  of which in the server handler", unary_server))
         with StreamClient(server.address, max_in_flight=1) as stream:
             deadline = time.monotonic() + 30
             while not stream.can_submit():
                 if time.monotonic() > deadline:
                     raise RuntimeError("stream did not connect")
                 time.sleep(0.01)
-            steady = []
+            steady, steady_server = [], []
             for i in range(args.warmup + args.requests):
                 t0 = time.perf_counter()
                 stream.submit(0, render, original, params)
@@ -70,7 +74,9 @@ def main() -> None:
                     raise RuntimeError(results[0].error_message)
                 if i >= args.warmup:
                     steady.append((time.perf_counter() - t0) * 1e3)
+                    steady_server.append(results[0].timings["total_ms"])
             print(summary("stream steady state (render only)", steady))
+            print(summary("  of which in the server", steady_server))
             print(f"stream: originals sent {stream.originals_sent}, cache misses {stream.cache_misses}")
 
 
