@@ -4,6 +4,9 @@
 # See README.md for every parameter.
 
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# This machine's pip config names local mirrors that do not hold every package; pip warns once per package.
+QUIET_PIP := 2>&1 | { grep -v "^WARNING: Location" || true; }
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -30,13 +33,13 @@ setup: $(VENV)/.setup-done
 $(VENV)/.setup-done: requirements.lock pyproject.toml
 	@echo "== setting up $(VENV) (pinned: requirements.lock) =="
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.lock
-	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.lock $(QUIET_PIP)
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . $(QUIET_PIP)
 	touch $@
 
 $(PROTO_VENV)/.setup-done: requirements-protos.lock
 	$(PYTHON) -m venv $(PROTO_VENV)
-	$(PROTO_VENV)/bin/pip install -q --disable-pip-version-check -r requirements-protos.lock
+	$(PROTO_VENV)/bin/pip install -q --disable-pip-version-check -r requirements-protos.lock $(QUIET_PIP)
 	touch $@
 
 # Regenerate the committed gRPC/protobuf code from the .proto.
