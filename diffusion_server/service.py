@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Hashable, Iterator, List, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, Hashable, Iterator, List, Optional, Set, Tuple
 
 import grpc
 import numpy as np
@@ -471,6 +471,7 @@ class _StreamState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     in_flight: Set[str] = field(default_factory=set)
     futures: List[concurrent.futures.Future] = field(default_factory=list)
+    unanswered: int = 0  # accepted edits whose response is not queued yet
     cancelled: bool = False
 
 
@@ -509,7 +510,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
         self._worker = EditWorker(backend, limits.max_queued, limits.max_batch, limits.max_delay_s, metrics)
         self._originals = OriginalCache(limits.original_cache_bytes) if limits.original_cache_bytes > 0 else None
         self._streams_lock = threading.Lock()
-        self._streams: Set["queue.Queue[object]"] = set()
+        self._streams: Dict["queue.Queue[object]", _StreamState] = {}
 
     @property
     def worker(self) -> EditWorker:
@@ -523,10 +524,17 @@ class EditServicer(pb_grpc.EditServiceServicer):
 
         Returns True if every accepted edit was answered in time.
         """
+        deadline = time.monotonic() + timeout_s
         finished = self._worker.drain(timeout_s)
         with self._streams_lock:
-            streams = list(self._streams)
-        for out in streams:
+            streams = list(self._streams.items())
+        for out, state in streams:
+            # An edit's response is queued just after its job is released: wait for those last few.
+            while finished and time.monotonic() < deadline:
+                with state.lock:
+                    if state.unanswered == 0:
+                        break
+                time.sleep(0.001)
             out.put(_DRAINED)
         return finished
 
@@ -590,7 +598,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
         if not context.add_callback(lambda: out.put(_TERMINATED)):
             return
         with self._streams_lock:
-            self._streams.add(out)
+            self._streams[out] = state
         reader = threading.Thread(
             target=self._read_stream, args=(request_iterator, out, state, context), name="stream-reader", daemon=True
         )
@@ -609,7 +617,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
                 sent += 1
         finally:
             with self._streams_lock:
-                self._streams.discard(out)
+                self._streams.pop(out, None)
             with state.lock:  # drop whatever this stream still has queued
                 state.cancelled = True
                 futures = list(state.futures)
@@ -659,6 +667,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
                     continue
                 with state.lock:
                     state.futures.append(future)
+                    state.unanswered += 1
                     cancelled = state.cancelled
                 if cancelled:
                     future.cancel()
@@ -690,3 +699,5 @@ class EditServicer(pb_grpc.EditServiceServicer):
             response = _error_response(request_id, view_id, error)
             self._count("StreamEdit", error.code)
         out.put(response)
+        with state.lock:  # after the response is queued: a drain waits for this
+            state.unanswered -= 1
