@@ -76,6 +76,9 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
+_STANDARD_RECORD_FIELDS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
+
+
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: ts (UTC, ISO 8601), level, logger, msg, and exc when there is one."""
 
@@ -86,9 +89,9 @@ class JsonLogFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key in ("event", "port", "backend", "device"):
-            if hasattr(record, key):
-                entry[key] = getattr(record, key)
+        for key, value in record.__dict__.items():  # fields given with `extra=`: request_id, code, ...
+            if key not in _STANDARD_RECORD_FIELDS and not key.startswith("_"):
+                entry[key] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

@@ -571,7 +571,8 @@ class EditServicer(pb_grpc.EditServiceServicer):
             job.is_active = context.is_active
             future = self._worker.submit(job)
         except RequestError as e:
-            log.info("Edit %r rejected: %s", request.request_id, e.message)
+            log.info("Edit %r rejected: %s", request.request_id, e.message,
+                     extra={"event": "rejected", "request_id": request.request_id, "code": e.code.name})
             self._count("Edit", e.code)
             context.abort(e.code, e.message)
         context.add_callback(future.cancel)  # client gone: drop the job if it has not started
@@ -661,7 +662,8 @@ class EditServicer(pb_grpc.EditServiceServicer):
                             state.in_flight.discard(req.request_id)
                         raise
                 except RequestError as e:
-                    log.info("StreamEdit request %r rejected: %s", req.request_id, e.message)
+                    log.info("StreamEdit request %r rejected: %s", req.request_id, e.message,
+                             extra={"event": "rejected", "request_id": req.request_id, "code": e.code.name})
                     self._count("StreamEdit", e.code)
                     out.put(_error_response(req.request_id, req.view_id, e))
                     continue

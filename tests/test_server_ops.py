@@ -462,7 +462,8 @@ def test_cli_metrics_json_logs_and_sigterm(edit_server_factory) -> None:
     lines = [line for line in server.output().splitlines() if line.strip()]
     objects = [json.loads(line) for line in lines]  # every line is one JSON object
     assert objects[0]["event"] == "serving" and objects[0]["port"] == server.port and objects[0]["metrics_port"] == port
-    assert any("rejected" in o.get("msg", "") and o.get("level") == "info" for o in objects)
+    [rejected] = [o for o in objects if o.get("event") == "rejected"]
+    assert rejected["level"] == "info" and rejected["code"] == "INVALID_ARGUMENT" and "Monet" in rejected["msg"]
     assert any(o.get("msg", "").startswith("stopped") for o in objects)
 
 
