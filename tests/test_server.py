@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import queue
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from typing import Callable, Iterator, List, Optional
 
 import grpc
@@ -24,6 +26,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from diffusion_server import codec
 from diffusion_server.backends.base import BackendInfo, EditBackend, EditParams, EditResult
 from diffusion_server.backends.palette import apply_look
+from diffusion_server.client import StreamClient
 from diffusion_server.config import ServerConfig
 from diffusion_server.server import build_server
 from protos.in2n.v1 import edit_service_pb2 as pb
@@ -423,8 +426,11 @@ def test_sigterm_stops_gracefully(edit_server) -> None:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="tiny-ip2p needs diffusers")
-@pytest.mark.parametrize("edit_server", ["tiny-ip2p"], indirect=True)
-def test_tiny_ip2p_behind_the_server(edit_server) -> None:
+def test_tiny_ip2p_behind_the_server_and_sigterm_finishes_the_edit_in_flight(edit_server_factory) -> None:
+    from test_client import collect, free_port, wait_until
+
+    metrics_port = free_port()
+    edit_server = edit_server_factory("tiny-ip2p", extra_args=["--metrics-port", str(metrics_port), "--grace-s", "60"])
     with grpc.insecure_channel(edit_server.address) as channel:
         stub = pb_grpc.EditServiceStub(channel)
         d = stub.Describe(pb.DescribeRequest(), timeout=10)
@@ -440,3 +446,21 @@ def test_tiny_ip2p_behind_the_server(edit_server) -> None:
         assert streamed.WhichOneof("outcome") == "edited", streamed.error.message
         assert streamed.edited.timestep == unary.timestep  # same seed, same edit
         np.testing.assert_array_equal(decoded(streamed.edited), image)
+
+    # SIGTERM while an edit runs: the edit is finished and answered, then the process exits 0.
+    def running() -> bool:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        return "in2n_edits_in_progress 1.0" in text and "in2n_queue_depth 0.0" in text
+
+    with StreamClient(edit_server.address, max_in_flight=1) as client:
+        wait_until(client.can_submit, "connected")
+        # 8x8 with T = 999 and 100 DDIM steps: about a second, so it is running when SIGTERM lands.
+        params = EditParams("turn it red", diffusion_steps=100, lower_bound=0.999, upper_bound=0.999, seed=1)
+        client.submit(0, random_image(1, 8, 8), random_image(2, 8, 8), params)
+        wait_until(running, "the edit is running")
+        edit_server.proc.send_signal(signal.SIGTERM)
+        [result] = collect(client, 1, timeout_s=120).values()
+    assert result.ok, result.error_message
+    assert result.timestep == 999 and result.image.shape == (8, 8, 3)
+    assert edit_server.proc.wait(timeout=60) == 0
+    assert "stopping: finishing accepted edits" in edit_server.output()

@@ -498,3 +498,4 @@ def test_cpu_offload_needs_cuda(child_env: dict) -> None:
     pytest.importorskip("diffusers")
     result = run_server_cli(["--backend", "tiny-ip2p", "--device", "cpu", "--port", "0", "--cpu-offload"], child_env)
     assert_one_line_error(result, "--cpu-offload", "CUDA")
+
