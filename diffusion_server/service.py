@@ -36,6 +36,7 @@ from diffusion_server.backends.base import (
     DEFAULT_LOWER_BOUND,
     DEFAULT_UPPER_BOUND,
     EditBackend,
+    EditCancelled,
     EditItem,
     EditParams,
     EditRejected,
@@ -257,6 +258,8 @@ def _backend_error(job: EditJob, error: BaseException) -> RequestError:
         return error
     if isinstance(error, EditRejected):
         return RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    if isinstance(error, EditCancelled):
+        return RequestError(grpc.StatusCode.CANCELLED, f"edit stopped: {error}")
     log.error("backend failed on request %r (view %d): %s: %s", job.request_id, job.view_id, type(error).__name__, error,
               exc_info=(type(error), error, error.__traceback__))
     return RequestError(grpc.StatusCode.INTERNAL, f"backend error: {type(error).__name__}: {error}")
@@ -394,7 +397,7 @@ class EditWorker:
         if self._metrics is not None:
             self._metrics.batch_size.observe(len(live))  # type: ignore[attr-defined]
         start = time.perf_counter()
-        items = [EditItem(job.render, job.original, job.params, job.original_key) for job in live]
+        items = [EditItem(job.render, job.original, job.params, job.original_key, job.is_active) for job in live]
         results: List[object]
         if len(live) == 1:
             results = [self._one(items[0])]

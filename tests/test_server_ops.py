@@ -224,34 +224,41 @@ def test_backend_without_batching_is_called_one_by_one(make_server) -> None:
     assert s.stub.Describe(pb.DescribeRequest(), timeout=5).max_batch == 1
 
 
-def test_tiny_ip2p_batched_over_grpc_equals_alone(make_server) -> None:
+@pytest.fixture(scope="module")
+def tiny_backend() -> Iterator[EditBackend]:
+    """One tiny random IP2P for this module's in-process servers (one torch thread while it lives)."""
     torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
     from diffusion_server.backends.tiny_ip2p import build_tiny_ip2p
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        backend = build_tiny_ip2p(seed=0)
-        s = make_server(backend, max_batch=3, max_delay_ms=10_000)
-        fields = [dict(seed=1), dict(seed=2, guidance_scale=2.0), dict(seed=3, lower_bound=0.6)]
-        texts = ["turn it red", "make it night", "turn it red"]
-        requests = [
-            pb.StreamEditRequest(edit=edit_request(f"t{i}", texts[i], random_image(20 + i, 16, 16), diffusion_steps=2, **fields[i]))
-            for i in range(3)
-        ]
-        responses = {r.request_id: r for r in s.stub.StreamEdit(iter(requests), timeout=120)}
-        assert metric(s, "in2n_batch_size_count") == 1 and metric(s, "in2n_batch_size_sum") == 3
-        for i in range(3):
-            req = requests[i].edit
-            alone = backend.edit(
-                codec.decode_image(req.render, "render"),
-                codec.decode_image(req.original, "original"),
-                EditParams(texts[i], diffusion_steps=2, **fields[i]),
-            )
-            assert responses[f"t{i}"].edited.timestep == alone.timestep
-            np.testing.assert_allclose(decoded(responses[f"t{i}"].edited), alone.image, rtol=0, atol=1e-5)
+        yield build_tiny_ip2p(seed=0)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_tiny_ip2p_batched_over_grpc_equals_alone(make_server, tiny_backend) -> None:
+    backend = tiny_backend
+    s = make_server(backend, max_batch=3, max_delay_ms=10_000)
+    fields = [dict(seed=1), dict(seed=2, guidance_scale=2.0), dict(seed=3, lower_bound=0.6)]
+    texts = ["turn it red", "make it night", "turn it red"]
+    requests = [
+        pb.StreamEditRequest(edit=edit_request(f"t{i}", texts[i], random_image(20 + i, 16, 16), diffusion_steps=2, **fields[i]))
+        for i in range(3)
+    ]
+    responses = {r.request_id: r for r in s.stub.StreamEdit(iter(requests), timeout=120)}
+    assert metric(s, "in2n_batch_size_count") == 1 and metric(s, "in2n_batch_size_sum") == 3
+    for i in range(3):
+        req = requests[i].edit
+        alone = backend.edit(
+            codec.decode_image(req.render, "render"),
+            codec.decode_image(req.original, "original"),
+            EditParams(texts[i], diffusion_steps=2, **fields[i]),
+        )
+        assert responses[f"t{i}"].edited.timestep == alone.timestep
+        np.testing.assert_allclose(decoded(responses[f"t{i}"].edited), alone.image, rtol=0, atol=1e-5)
 
 
 # -- originals sent once ---------------------------------------------------------------------------
@@ -499,3 +506,17 @@ def test_cpu_offload_needs_cuda(child_env: dict) -> None:
     result = run_server_cli(["--backend", "tiny-ip2p", "--device", "cpu", "--port", "0", "--cpu-offload"], child_env)
     assert_one_line_error(result, "--cpu-offload", "CUDA")
 
+
+
+def test_cancelled_running_ip2p_edit_stops_between_steps(make_server, tiny_backend) -> None:
+    backend = tiny_backend
+    s = make_server(backend)
+    before = backend.unet_steps_run
+    stream = OpenStream(s.stub)
+    long_edit = dict(diffusion_steps=200, lower_bound=0.999, upper_bound=0.999, seed=1)  # T = 999: 200 steps
+    stream.send(edit_request("long", "turn it red", random_image(1, 8, 8), **long_edit))
+    wait_until(lambda: backend.unet_steps_run > before, "the edit is running")
+    stream.cancel()
+    wait_until(lambda: s.servicer.worker.pending == 0, "the worker let go of the edit")
+    assert backend.unet_steps_run - before < 200  # stopped early, not run to the end for nobody
+    assert metric(s, "in2n_requests_total", method="StreamEdit", code="CANCELLED") == 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Hashable, List, Optional, Sequence, Union
+from typing import Callable, Hashable, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -71,6 +71,13 @@ class EditItem:
     original_key: Optional[Hashable] = None
     """Identifies `original` when the server caches it (same key: same pixels), so a backend may cache
     what it derives from it (e.g. conditioning latents); None: not cached."""
+    is_active: Optional[Callable[[], bool]] = None
+    """False once nobody waits for this edit (client gone): a long backend may stop early and raise
+    `EditCancelled` (checked by ip2p between diffusion steps). None: always active."""
+
+
+class EditCancelled(RuntimeError):
+    """An edit a backend stopped because nobody waits for it any more (see `EditItem.is_active`)."""
 
 
 class EditBackend(abc.ABC):

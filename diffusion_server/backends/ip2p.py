@@ -50,7 +50,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffusers.utils.torch_utils import randn_tensor
 
-from .base import BackendInfo, EditBackend, EditItem, EditParams, EditResult
+from .base import BackendInfo, EditBackend, EditCancelled, EditItem, EditParams, EditResult
 
 try:  # not an OSError in huggingface_hub >= 1.0
     from huggingface_hub.errors import EntryNotFoundError as _EntryNotFound
@@ -179,6 +179,7 @@ class Ip2pBackend(EditBackend):
         self._empty_embedding: Optional[torch.Tensor] = None
         self._cond_cache: "OrderedDict[Hashable, torch.Tensor]" = OrderedDict()
         self.cond_encodes = 0  # originals encoded by the VAE (cache misses), for tests
+        self.unet_steps_run = 0  # denoising steps run (one UNet call each), for tests
         self.options: Dict[str, bool] = {}
         try:
             from diffusers.models.attention_processor import AttnProcessor2_0
@@ -281,8 +282,8 @@ class Ip2pBackend(EditBackend):
             try:
                 outs: List[Union[EditResult, Exception]] = list(self._run_group([p for _, p in members]))
             except Exception as e:  # noqa: BLE001
-                if len(members) == 1:
-                    outs = [e]
+                if len(members) == 1 or isinstance(e, EditCancelled):
+                    outs = [e] * len(members)
                 else:  # e.g. out of memory: each edit alone
                     logger.warning("batch of %d edits failed (%s: %s); running them one by one", len(members), type(e).__name__, e)
                     outs = []
@@ -348,6 +349,9 @@ class Ip2pBackend(EditBackend):
         text_cond, unet_kwargs = self._unet_conditioning(preps, h8, w8)  # [3B, 77, D]
 
         for k in range(steps):
+            if all(p.item.is_active is not None and not p.item.is_active() for p in preps):
+                raise EditCancelled(f"nobody waits for {'this edit' if B == 1 else f'these {B} edits'}; stopped after {k} of {steps} steps")
+            self.unet_steps_run += 1
             lat = torch.cat(latents)  # [B, 4, h, w]
             model_in = torch.cat([torch.cat([lat] * 3), image_cond], dim=1)  # [3B, 8, h, w]
             t = torch.stack([s.timesteps[k] for s in schedulers])  # [B]
