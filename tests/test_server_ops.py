@@ -11,9 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import queue
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -26,7 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from diffusion_server import codec
-from diffusion_server.backends.base import BackendInfo, EditBackend, EditItem, EditParams, EditResult
+from diffusion_server.backends.base import BackendInfo, EditBackend, EditParams, EditResult
 from diffusion_server.backends.identity import IdentityBackend
 from diffusion_server.client import EditClient, EditFailed, StreamClient
 from diffusion_server.config import ServerConfig

@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .base import EditBackend
-from .ip2p import Ip2pBackend, WeightsNotFound, _Prepared, ddim_from_config
+from .ip2p import Ip2pBackend, WeightsNotFound, _Prepared
 
 DEFAULT_XL_MODEL = "diffusers/sdxl-instructpix2pix-768"
 
