@@ -52,6 +52,11 @@ class In2nPipelineConfig(VanillaPipelineConfig):
     """The NeRF: nerfacto with L1 (and optionally LPIPS) losses."""
     edit_server: str = "127.0.0.1:50051"
     """Address (host:port) of the diffusion server (python -m diffusion_server); several, comma-separated, spread the edits."""
+    edit_server_tls: bool = False
+    """Connect with TLS, trusting the system's roots (or edit_server_root_cert). The bearer token of a server
+    started with --token is read from the environment variable IN2N_TOKEN (never saved in config.yml)."""
+    edit_server_root_cert: Optional[Path] = None
+    """PEM file of the certificate (or CA) to trust for a TLS server with a self-signed certificate."""
     instruction: str = "don't change the image"
     """The text instruction applied to every view, e.g. "turn him into a bronze statue"."""
     guidance_scale: float = 7.5
@@ -158,7 +163,7 @@ class In2nPipeline(VanillaPipeline):
         servers = self.servers
         if self.config.require_server:
             for address in servers:
-                with EditClient(address) as probe:
+                with EditClient(address, **self._connection_args()) as probe:
                     try:
                         probe.wait_ready(timeout_s=self.config.connect_timeout_s)
                     except TimeoutError:
@@ -178,7 +183,9 @@ class In2nPipeline(VanillaPipeline):
         self.recorder = EvolutionRecorder(views, dm.original_images, self.config.sheet_max_edits)
         for view in views:
             self.recorder.record_before(view, self.renderer.render_now(view))
-        self.clients = [StreamClient(a, max_in_flight=self.config.max_in_flight).start() for a in servers]
+        self.clients = [
+            StreamClient(a, max_in_flight=self.config.max_in_flight, **self._connection_args()).start() for a in servers
+        ]
         CONSOLE.print(
             f"[bold]in2n[/bold]: editing {n} views with {self.config.instruction!r} "
             f"via {self.config.edit_server}, up to {self.config.max_in_flight} in flight"
@@ -191,6 +198,14 @@ class In2nPipeline(VanillaPipeline):
         if not servers:
             raise ValueError("pipeline.edit_server names no server")
         return servers
+
+    def _connection_args(self) -> dict:
+        """Token (from $IN2N_TOKEN) and TLS settings for the clients."""
+        return {
+            "token": os.environ.get("IN2N_TOKEN") or None,
+            "root_cert": self.config.edit_server_root_cert,
+            "tls": self.config.edit_server_tls,
+        }
 
     def _free_client(self) -> Optional[StreamClient]:
         """The connected client with the most free slots (servers that went away are routed around)."""
@@ -280,7 +295,9 @@ class In2nPipeline(VanillaPipeline):
             for client in self.clients:
                 client.close()
             self.clients = []
-            self._sync_client = EditClient(self.servers[0], timeout_s=self.config.edit_timeout_s or 3600.0)
+            self._sync_client = EditClient(
+                self.servers[0], timeout_s=self.config.edit_timeout_s or 3600.0, **self._connection_args()
+            )
         assert self.schedule is not None and self.renderer is not None
         if step % self.config.edit_rate != 0:
             return

@@ -149,3 +149,20 @@ def test_in2n_runs_against_a_diffusion_backend(pretrained, trainer_env, tmp_path
         assert not np.array_equal(snapshot["images"][view], snapshot["originals"][view])
     for view in np.flatnonzero(snapshot["edits_per_view"] == 0):
         assert np.array_equal(snapshot["images"][view], snapshot["originals"][view])
+
+
+def test_in2n_reaches_a_server_that_requires_a_token(pretrained, trainer_env, tmp_path):
+    """A server started with --token: the trainer's edits go through with IN2N_TOKEN set (and only then)."""
+    with EditServerProcess(tmp_path / "server", backend="palette", extra_args=["--token", "s3cret"]) as server:
+        proc = run_in2n(pretrained, tmp_path / "out", server.address, dict(trainer_env, IN2N_TOKEN="s3cret"), 40,
+                        "--pipeline.instruction", "make it sepia")  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        refused = run_in2n(pretrained, tmp_path / "refused", server.address, dict(trainer_env, IN2N_TOKEN="wrong"), 30,
+                           "--pipeline.instruction", "make it sepia")  # fmt: skip
+        assert refused.returncode == 0, "a refused edit never stops training"
+    stats = json.loads((tmp_path / "out" / "tiny" / "in2n-tiny" / "edit" / "edit_report" / "edit_stats.json").read_text())
+    assert stats["edits_applied"] >= 1
+    refused_stats = json.loads(
+        (tmp_path / "refused" / "tiny" / "in2n-tiny" / "edit" / "edit_report" / "edit_stats.json").read_text()
+    )
+    assert refused_stats["edits_applied"] == 0
