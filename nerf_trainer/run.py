@@ -176,6 +176,7 @@ def main(config: RunConfig) -> Path:
     root = Path.cwd()
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("PYTHONWARNINGS", "ignore")  # nerfstudio/torch deprecation noise would bury the progress display
     ensure_lpips_backbone(env, root)
 
     # 1. the scene
