@@ -29,9 +29,16 @@ def save_png(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def grid(rows: List[List[Optional[np.ndarray]]], pad: int = 2) -> np.ndarray:
-    """Tile images ([H, W, 3] uint8, all one size; None = blank) into one sheet."""
+def grid(rows: List[List[Optional[np.ndarray]]], pad: int = 2, min_side: int = 128) -> np.ndarray:
+    """Tile images ([H, W, 3] uint8, all one size; None = blank) into one sheet.
+
+    Small images are enlarged (nearest neighbour, by a whole factor) to at least `min_side`.
+    """
     cells = [c for row in rows for c in row if c is not None]
+    factor = max(1, -(-min_side // max(cells[0].shape[:2])))
+    if factor > 1:
+        rows = [[None if c is None else c.repeat(factor, axis=0).repeat(factor, axis=1) for c in row] for row in rows]
+        cells = [c for row in rows for c in row if c is not None]
     h, w, _ = cells[0].shape
     ncols = max(len(r) for r in rows)
     sheet = np.full((len(rows) * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, dtype=np.uint8)

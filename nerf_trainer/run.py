@@ -10,7 +10,7 @@
 5. the results, copied to outputs/<scene>/<time>/: before/after renders of a few
    views and the dataset-evolution sheet; the server is stopped.
 
-    python -m nerf_trainer.run --instruction "make it look like night"
+    python -m nerf_trainer.run --instruction "make it sepia"
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import List, Literal, Optional
 
 import tyro
 
-DEFAULT_INSTRUCTIONS = {"ip2p": "turn it into a bronze sculpture", "palette": "make it look like night"}
+DEFAULT_INSTRUCTIONS = {"ip2p": "turn it into a bronze sculpture", "palette": "make it sepia"}
 # nerfacto settings that train at about 0.2 s a step on a 2-core CPU (64x64 images, 512 rays).
 SMALL_NERFACTO = [
     "--pipeline.model.implementation", "torch",
