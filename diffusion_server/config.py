@@ -71,6 +71,8 @@ class ServerConfig:
     """ip2p/tiny-ip2p: torch.compile the UNet (checked with one warm-up edit at start-up)."""
     cpu_offload: bool = False
     """ip2p/tiny-ip2p on CUDA: keep weights in CPU memory, move each model to the GPU only while it runs."""
+    delay_ms: float = 0.0
+    """identity only: every edit takes this many milliseconds (a sleep: a fixed cost per edit, for load tests); 0: no cost."""
 
     @property
     def max_message_bytes(self) -> int:
@@ -95,6 +97,10 @@ class ServerConfig:
             raise ValueError(f"--max-batch must be in [1, 256], got {self.max_batch}")
         if not (0.0 <= self.max_delay_ms <= 10_000.0):
             raise ValueError(f"--max-delay-ms must be in [0, 10000], got {self.max_delay_ms}")
+        if not (0.0 <= self.delay_ms <= 600_000.0):
+            raise ValueError(f"--delay-ms must be in [0, 600000], got {self.delay_ms}")
+        if self.delay_ms and self.backend != "identity":
+            raise ValueError(f"--delay-ms: only the identity backend takes it (a fixed cost per edit, for load tests), not {self.backend}")
         if self.original_cache_mb < 0:
             raise ValueError(f"--original-cache-mb must be >= 0, got {self.original_cache_mb}")
         if not 0 <= self.metrics_port <= 65535:

@@ -23,9 +23,8 @@ from diffusion_server.backends import BackendUnavailable, create_backend
 from diffusion_server.backends.base import EditBackend
 from diffusion_server.config import ServerConfig
 from diffusion_server.metrics import ServerMetrics
-from diffusion_server.service import EditServicer, ServiceLimits
+from diffusion_server.service import EditServicer, ServiceLimits, add_edit_service
 from protos.in2n.v1 import edit_service_pb2 as pb
-from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,7 @@ def build_server(
         ],
     )
     servicer = EditServicer(backend, config.backend, limits, metrics)
-    pb_grpc.add_EditServiceServicer_to_server(servicer, server)
+    add_edit_service(servicer, server)
 
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -235,6 +234,7 @@ def serve(config: ServerConfig) -> None:
         backend = create_backend(
             config.backend, config.model, config.device, config.precision, config.seed,
             channels_last=config.channels_last, compile=config.compile, cpu_offload=config.cpu_offload,
+            delay_ms=config.delay_ms,
         )  # fmt: skip
     except BackendUnavailable as e:
         raise StartupError(str(e)) from e

@@ -85,6 +85,70 @@ def _invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+def _short(text: str, limit: int = 80) -> str:
+    """repr of `text` cut to `limit` characters, for log lines (a hostile request_id may be megabytes long)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+@dataclass(frozen=True)
+class MalformedMessage:
+    """A request message that did not parse (not protobuf, truncated, bad UTF-8 in a text field, ...).
+
+    The tolerant deserializers of `add_edit_service` hand it to the servicer instead of raising, so the
+    client gets INVALID_ARGUMENT saying what was wrong (gRPC would answer INTERNAL "Exception
+    deserializing request!" and log a traceback), and a stream stays open (one EditError for that message).
+    """
+
+    type_name: str
+    size: int
+    error: str
+
+    def message(self) -> str:
+        return f"request is not a valid {self.type_name} message ({self.size} bytes): {self.error}"
+
+
+def _tolerant(message_class: type) -> Callable[[bytes], object]:
+    type_name = message_class.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> object:
+        try:
+            return message_class.FromString(data)
+        except Exception as e:  # noqa: BLE001 - DecodeError, UnicodeDecodeError, RecursionError (nested groups), ...
+            if isinstance(e, RecursionError):
+                detail = "nested too deeply"
+            else:
+                detail = " ".join(str(e).split()) or "unparseable"
+            if len(detail) > 300:
+                detail = detail[:300] + "..."
+            return MalformedMessage(type_name, len(data), f"{type(e).__name__}: {detail}")
+
+    return deserialize
+
+
+def add_edit_service(servicer: "EditServicer", server: grpc.Server) -> None:
+    """Register `servicer` on `server` as in2n.v1.EditService (what the generated
+    `add_EditServiceServicer_to_server` does, with tolerant request deserializers: see `MalformedMessage`)."""
+    handlers = {
+        "StreamEdit": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamEdit,
+            request_deserializer=_tolerant(pb.StreamEditRequest),
+            response_serializer=pb.StreamEditResponse.SerializeToString,
+        ),
+        "Edit": grpc.unary_unary_rpc_method_handler(
+            servicer.Edit,
+            request_deserializer=_tolerant(pb.EditRequest),
+            response_serializer=pb.EditResponse.SerializeToString,
+        ),
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            servicer.Describe,
+            request_deserializer=_tolerant(pb.DescribeRequest),
+            response_serializer=pb.DescribeResponse.SerializeToString,
+        ),
+    }
+    service_name = pb.DESCRIPTOR.services_by_name["EditService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
+
+
 def _always_active() -> bool:
     return True
 
@@ -548,6 +612,8 @@ class EditServicer(pb_grpc.EditServiceServicer):
     # -- Describe --------------------------------------------------------------------------------
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
+        if isinstance(request, MalformedMessage):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
         return pb.DescribeResponse(
             backend=self._backend_name,
             model=self._info.model,
@@ -566,6 +632,10 @@ class EditServicer(pb_grpc.EditServiceServicer):
 
     def Edit(self, request: pb.EditRequest, context: grpc.ServicerContext) -> pb.EditResponse:
         arrival = time.perf_counter()
+        if isinstance(request, MalformedMessage):
+            log.info("Edit rejected: %s", request.message(), extra={"event": "rejected", "code": "INVALID_ARGUMENT"})
+            self._count("Edit", grpc.StatusCode.INVALID_ARGUMENT)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
         try:
             job = parse_request(request, self._limits, self._backend, arrival, self._originals)
             call_deadline = _deadline_from(context, arrival)
@@ -574,7 +644,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
             job.is_active = context.is_active
             future = self._worker.submit(job)
         except RequestError as e:
-            log.info("Edit %r rejected: %s", request.request_id, e.message,
+            log.info("Edit %s rejected: %s", _short(request.request_id), e.message,
                      extra={"event": "rejected", "request_id": request.request_id, "code": e.code.name})
             self._count("Edit", e.code)
             context.abort(e.code, e.message)
@@ -645,8 +715,13 @@ class EditServicer(pb_grpc.EditServiceServicer):
             for stream_request in requests:
                 count += 1
                 arrival = time.perf_counter()
-                req = stream_request.edit
+                malformed = stream_request if isinstance(stream_request, MalformedMessage) else None
+                req = pb.EditRequest() if malformed is not None else stream_request.edit
                 try:
+                    if malformed is not None:
+                        raise _invalid(malformed.message())
+                    if not stream_request.HasField("edit"):
+                        raise _invalid("edit is required in every StreamEditRequest")
                     if not req.request_id:
                         raise _invalid("request_id must be non-empty in StreamEdit (responses are matched by it)")
                     with state.lock:
@@ -665,7 +740,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
                             state.in_flight.discard(req.request_id)
                         raise
                 except RequestError as e:
-                    log.info("StreamEdit request %r rejected: %s", req.request_id, e.message,
+                    log.info("StreamEdit request %s rejected: %s", _short(req.request_id), e.message,
                              extra={"event": "rejected", "request_id": req.request_id, "code": e.code.name})
                     self._count("StreamEdit", e.code)
                     out.put(_error_response(req.request_id, req.view_id, e))

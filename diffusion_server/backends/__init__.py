@@ -85,11 +85,13 @@ def _check_torch_options(device: str, options: TorchOptions) -> None:
         raise BackendUnavailable(f"--cpu-offload needs a CUDA device (weights wait in CPU memory for the GPU); --device is {device}")
 
 
-def _make_identity(model: str, device: str, precision: str, seed: int, options: TorchOptions = TorchOptions()) -> EditBackend:
+def _make_identity(
+    model: str, device: str, precision: str, seed: int, options: TorchOptions = TorchOptions(), delay_ms: float = 0.0
+) -> EditBackend:
     from diffusion_server.backends.identity import IdentityBackend
 
     _no_torch_options("identity", options)
-    return IdentityBackend()
+    return IdentityBackend(delay_s=delay_ms / 1e3)
 
 
 def _make_palette(model: str, device: str, precision: str, seed: int, options: TorchOptions = TorchOptions()) -> EditBackend:
@@ -180,6 +182,7 @@ def create_backend(
     channels_last: bool = False,
     compile: bool = False,
     cpu_offload: bool = False,
+    delay_ms: float = 0.0,
 ) -> EditBackend:
     """Build the backend called `name`.
 
@@ -190,6 +193,7 @@ def create_backend(
         precision: "auto", "fp32", "fp16" or "bf16"; `auto` resolves by device.
         seed: initialisation seed of tiny-ip2p's random weights.
         channels_last, compile, cpu_offload: speed and memory options of the torch backends (off by default).
+        delay_ms: identity only: a fixed cost of every edit (a sleep), for load tests; 0: none.
 
     Raises:
         BackendUnavailable: unknown name, bad device, missing weights or packages (one-line message).
@@ -198,4 +202,7 @@ def create_backend(
         raise BackendUnavailable(f"--backend {name!r} is unknown; choose one of {', '.join(BACKEND_NAMES)}")
     check_device_syntax(device)
     options = TorchOptions(channels_last=channels_last, compile=compile, cpu_offload=cpu_offload)
-    return _FACTORIES[name](model, device, resolve_precision(precision, device), seed, options)
+    if delay_ms and name != "identity":
+        raise BackendUnavailable(f"--delay-ms: only the identity backend takes it (a fixed cost per edit, for load tests), not {name}")
+    extra = {"delay_ms": delay_ms} if delay_ms else {}
+    return _FACTORIES[name](model, device, resolve_precision(precision, device), seed, options, **extra)

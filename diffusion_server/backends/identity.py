@@ -3,10 +3,12 @@
 For measuring the server's own overhead (bench/) and for tests of the plumbing
 (batching, queueing, caching): it batches (any number of edits per call), and
 it accepts any instruction and parameters; the reported timestep is 0.
+`--delay-ms` gives every edit a fixed cost (a sleep), for load tests.
 """
 
 from __future__ import annotations
 
+import time
 from typing import List, Sequence, Union
 
 import numpy as np
@@ -19,7 +21,8 @@ class IdentityBackend(EditBackend):
 
     supports_batching = True
 
-    def __init__(self) -> None:
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s  # fixed cost of each edit (a sleep), for load tests; 0: none
         self.batch_sizes: List[int] = []  # sizes of the edit_batch calls, for tests
 
     def info(self) -> BackendInfo:
@@ -28,6 +31,8 @@ class IdentityBackend(EditBackend):
     def edit(self, render: np.ndarray, original: np.ndarray, params: EditParams) -> EditResult:
         if original.shape != render.shape:
             raise EditRejected(f"original shape {tuple(original.shape)} must equal render shape {tuple(render.shape)}")
+        if self.delay_s > 0:
+            time.sleep(self.delay_s)
         return EditResult(image=render, timestep=0)
 
     def edit_batch(self, items: Sequence[EditItem]) -> List[Union[EditResult, Exception]]:
