@@ -75,4 +75,4 @@ lock: setup
 	$(VENV)/bin/pip freeze --exclude-editable | { echo "# Exact versions installed by \`make setup\` (pip freeze, Python 3.11, x86_64). Regenerate: make lock."; cat; } > requirements.lock
 
 clean:
-	rm -rf $(VENV) $(PROTO_VENV) .pytest_cache
+	rm -rf $(VENV) $(PROTO_VENV) .pytest_cache .hypothesis

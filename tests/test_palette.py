@@ -113,7 +113,7 @@ def test_info() -> None:
 
 
 def test_registry_builds_palette() -> None:
-    assert set(BACKEND_NAMES) == {"ip2p", "tiny-ip2p", "palette", "identity", "ip2p-xl"}
+    assert set(BACKEND_NAMES) == {"ip2p", "tiny-ip2p", "palette", "identity", "ip2p-xl", "stochastic"}
     assert isinstance(create_backend("palette", device="cpu"), PaletteBackend)
 
 

@@ -166,3 +166,22 @@ def test_in2n_reaches_a_server_that_requires_a_token(pretrained, trainer_env, tm
         (tmp_path / "refused" / "tiny" / "in2n-tiny" / "edit" / "edit_report" / "edit_stats.json").read_text()
     )
     assert refused_stats["edits_applied"] == 0
+
+
+def test_in2n_with_its_lpips_patch_loss_trains(pretrained, trainer_env, tmp_path):
+    """`ns-train in2n` (L1 + LPIPS on 32x32 patches) runs its loss on real patches and edits."""
+    with EditServerProcess(tmp_path / "server", backend="palette") as server:
+        cmd = [NS_TRAIN, "in2n", "--load-dir", str(pretrained), "--output-dir", str(tmp_path / "out"),
+               "--experiment-name", "tiny", "--timestamp", "edit", "--max-num-iterations", "20",
+               "--pipeline.edit-server", server.address, "--pipeline.datamanager.train-num-rays-per-batch", "1024",
+               "--pipeline.edit-rate", "1", "--pipeline.instruction", "make it sepia", "--logging.steps-per-log", "1",
+               *QUIET]  # fmt: skip
+        proc = subprocess.run(cmd, env=trainer_env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "out" / "tiny" / "in2n" / "edit"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run)).Reload()
+    lpips = [e.value for e in events.Scalars("Train Loss Dict/lpips_loss")]
+    assert lpips and all(np.isfinite(lpips)) and max(lpips) > 0
+    assert json.loads((run / "edit_report" / "edit_stats.json").read_text())["edits_applied"] >= 1

@@ -165,6 +165,7 @@ _FACTORIES: Dict[str, BackendFactory] = {
     "palette": _make_palette,
     "identity": _make_identity,
     "ip2p-xl": _lazy("ip2p_xl"),
+    "stochastic": _lazy("stochastic"),
 }
 """The registry: adding a backend is a module under backends/ and one line here."""
 
