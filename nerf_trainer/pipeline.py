@@ -14,7 +14,6 @@ No step ever waits on the network: the gRPC stream lives on the client's threads
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,6 @@ from nerf_trainer.model import In2nModelConfig
 from nerf_trainer.report import EvolutionRecorder, to_uint8
 from nerf_trainer.view_renderer import ViewRenderer
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass
