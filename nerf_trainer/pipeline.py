@@ -37,7 +37,6 @@ from nerf_trainer.report import EvolutionRecorder, to_uint8
 from nerf_trainer.view_renderer import ViewRenderer
 
 
-
 @dataclass
 class In2nPipelineConfig(VanillaPipelineConfig):
     """nerfacto training plus the asynchronous Iterative Dataset Update."""
