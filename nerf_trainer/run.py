@@ -56,9 +56,9 @@ class RunConfig:
     """Diffusion server backend; auto: ip2p when its weights are on this machine, else palette."""
     model: str = "timbrooks/instruct-pix2pix"
     """InstructPix2Pix hub id or local folder (ip2p backend)."""
-    steps: int = 400
+    steps: int = 300
     """in2n training steps (after the pretrained checkpoint's own)."""
-    pretrain_steps: int = 1200
+    pretrain_steps: int = 1000
     """nerfacto steps when no pretrained checkpoint exists yet."""
     train_device: str = "cpu"
     """Device of the NeRF trainer: cpu, cuda or cuda:N."""
@@ -234,7 +234,11 @@ def main(config: RunConfig) -> Path:
     # 4. the edit (on a CPU, as many rays a step as the pretraining: the variants' defaults are sized for GPUs)
     # (LPIPS variants sample 32x32 patches: a multiple of 1024 rays).
     cpu_rays = "512" if config.method == "in2n-tiny" else "1024"
-    cpu_args = ["--pipeline.datamanager.train-num-rays-per-batch", cpu_rays] if config.train_device == "cpu" else []
+    cpu_args = (
+        ["--pipeline.datamanager.train-num-rays-per-batch", cpu_rays, "--pipeline.render-chunk-rays", "1024"]
+        if config.train_device == "cpu"
+        else []
+    )
     try:
         banner(f"editing {name} with {instruction!r}: {config.method}, {config.steps} steps")
         run([NS_TRAIN, config.method, "--load-dir", str(load_dir), "--data", str(scene),

@@ -3,17 +3,23 @@
 It edits the render (the start image, as IP2P does) toward a colour look named
 by the instruction; the original only has to match the render's size. Each
 look is a pure per-pixel function of the render x = (R, G, B) in [0, 1],
-computed in float32 in the order written, then clamped to [0, 1]:
+computed in float32, then clamped to [0, 1]:
 
     Y (luma)   = 0.299 R + 0.587 G + 0.114 B
+    T(t)       = t / (0.299 t_R + 0.587 t_G + 0.114 t_B)    a tone whose luma is 1
     identity   : x
-    sepia      : R' = 0.393 R + 0.769 G + 0.189 B
-                 G' = 0.349 R + 0.686 G + 0.168 B
-                 B' = 0.272 R + 0.534 G + 0.131 B
-    night      : (0.25 R, 0.30 G + 0.02, 0.55 B + 0.08)     dark and blue-tinted
+    sepia      : Y T(1.0, 0.85, 0.62)
+    night      : min(Y, 0.35) T(0.45, 0.6, 1.0)              dark and blue
     grayscale  : (Y, Y, Y)
     invert     : 1 - x
-    tint c     : 0.4 x + 0.6 Y c, with c = (1, 0, 0) red, (0, 1, 0) green, (0, 0, 1) blue
+    tint c     : Y T(c + 0.35 (1 - c)), with c = (1, 0, 0) red, (0, 1, 0) green, (0, 0, 1) blue
+
+Every look but invert is a projection: applied to an image that already has
+the look, it changes nothing (up to clamping), as an instruction-following
+editor conditioned on the captured image would. That matters under the
+Iterative Dataset Update, which edits renders that already carry earlier
+edits: a look that compounded (a sepia matrix brightens by 1.35 at each pass)
+would drift to white. Invert flips at each pass: use it for single edits.
 
 Instructions match case-insensitively after dropping apostrophes, turning
 other punctuation into spaces and collapsing whitespace ("Don't change the
@@ -34,11 +40,17 @@ Look = Callable[[np.ndarray], np.ndarray]
 """[H, W, 3] float32 -> [H, W, 3] float32 (before clamping)."""
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-_SEPIA = np.array(  # rows: output channel, columns: input R, G, B
-    [[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]], dtype=np.float32
-)
-_NIGHT_SCALE = np.array([0.25, 0.30, 0.55], dtype=np.float32)
-_NIGHT_OFFSET = np.array([0.0, 0.02, 0.08], dtype=np.float32)
+
+
+def tone(r: float, g: float, b: float) -> np.ndarray:
+    """[3] colour with luma 1: multiplying a luma by it keeps that luma."""
+    t = np.array([r, g, b], dtype=np.float64)
+    return (t / float(t @ _LUMA.astype(np.float64))).astype(np.float32)
+
+
+_SEPIA_TONE = tone(1.0, 0.85, 0.62)
+_NIGHT_TONE = tone(0.45, 0.6, 1.0)
+_NIGHT_MAX_LUMA = np.float32(0.35)
 
 
 def luma(x: np.ndarray) -> np.ndarray:
@@ -51,11 +63,11 @@ def _identity(x: np.ndarray) -> np.ndarray:
 
 
 def _sepia(x: np.ndarray) -> np.ndarray:
-    return x @ _SEPIA.T
+    return luma(x) * _SEPIA_TONE
 
 
 def _night(x: np.ndarray) -> np.ndarray:
-    return x * _NIGHT_SCALE + _NIGHT_OFFSET
+    return np.minimum(luma(x), _NIGHT_MAX_LUMA) * _NIGHT_TONE
 
 
 def _grayscale(x: np.ndarray) -> np.ndarray:
@@ -67,11 +79,12 @@ def _invert(x: np.ndarray) -> np.ndarray:
 
 
 def _tint(channel: int) -> Look:
-    colour = np.zeros(3, dtype=np.float32)
+    colour = np.full(3, 0.35, dtype=np.float32)
     colour[channel] = 1.0
+    colour_tone = tone(*colour)
 
     def look(x: np.ndarray) -> np.ndarray:
-        return np.float32(0.4) * x + np.float32(0.6) * luma(x) * colour
+        return luma(x) * colour_tone
 
     return look
 
