@@ -79,6 +79,8 @@ class ConsistencyConfig:
     """Views rendered at the end of each run and measured (spread evenly over the views)."""
     temperature: float = 0.25
     """Softmax temperature of the backend's look choice (smaller: follows the render more)."""
+    seen_pixels: Optional[int] = 4096
+    """Size of the latent through which the backend sees the noised render (None: the render's own pixels)."""
     seed: int = 0
     """Edit seed (order and edits) of both runs."""
     workdir: Path = Path(tempfile.gettempdir()) / "in2n_bench_consistency"
@@ -228,7 +230,7 @@ def main(cfg: ConsistencyConfig) -> Dict[str, object]:
             raise SystemExit(f"pretraining failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         print(f"pretrained nerfacto ({cfg.pretrain_steps} steps) in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    backend = StochasticLookBackend(temperature=cfg.temperature, seed=cfg.seed)
+    backend = StochasticLookBackend(temperature=cfg.temperature, seed=cfg.seed, seen_pixels=cfg.seen_pixels)
     server, port = start_server(backend)
     out = cfg.workdir / "runs"
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -257,7 +259,7 @@ def main(cfg: ConsistencyConfig) -> Dict[str, object]:
     info = machine()
     print(f"\nmachine: {info['nproc']} CPUs, {info['cpu']}; demo scene {cfg.num_views} views {cfg.size}x{cfg.size}, "
           f"{cfg.steps} steps, {cfg.sheet_views} views measured, backend K={backend.num_looks} looks "
-          f"({', '.join(backend.names)}), temperature {cfg.temperature:g}, seed {cfg.seed}\n")  # fmt: skip
+          f"({', '.join(backend.names)}), temperature {cfg.temperature:g}, seen pixels {cfg.seen_pixels}, seed {cfg.seed}\n")  # fmt: skip
     print(table(results))
     doc = {
         "machine": info,

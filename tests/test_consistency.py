@@ -105,14 +105,34 @@ def test_look_choice_follows_the_render():
     assert uniform.min() >= 0.2 and uniform.max() <= 0.47, uniform  # 1/3 each, up to sampling noise
 
 
-def test_large_timesteps_see_less_of_the_render():
+@pytest.mark.parametrize("seen_pixels", [None, 64])
+def test_large_timesteps_see_less_of_the_render(seen_pixels):
     """At T near 1000 the render is mostly noise: the choice follows it less than at small T (as in diffusion)."""
-    original = scene_like_image(4, size=8)  # few pixels: the colour estimate of a noised render is noisy
-    backend = StochasticLookBackend()
+    original = scene_like_image(4, size=8)  # few pixels (or a small latent): the colour estimate of a noised render is noisy
+    backend = StochasticLookBackend(seen_pixels=seen_pixels)
     render = 0.6 * original + 0.4 * backend.look(original, 0)
     small_t = choices(backend, render, original, lower_bound=0.1, upper_bound=0.1)[0]
     large_t = choices(backend, render, original, lower_bound=0.98, upper_bound=0.98)[0]
     assert small_t > large_t + 0.1, (small_t, large_t)
+
+
+def test_what_the_model_sees_does_not_depend_on_the_image_size():
+    """The noise lives in a latent of `seen_pixels` values: a flat 4x4 and a flat 64x64 render of the same
+    colour, same seed, give the same look probabilities; with noise per pixel (None) they do not."""
+    colour = np.array([0.7, 0.4, 0.3], np.float32)
+    flat = {side: np.broadcast_to(colour, (side, side, 3)).copy() for side in (4, 64)}
+    grey = {side: np.full((side, side, 3), 0.5, np.float32) for side in (4, 64)}
+    params = EditParams("x", seed=11, lower_bound=0.9, upper_bound=0.9)
+    latent, per_pixel = StochasticLookBackend(), StochasticLookBackend(seen_pixels=None)
+    probs = {}
+    for name, backend in (("latent", latent), ("per_pixel", per_pixel)):
+        for side in (4, 64):
+            backend.edit(flat[side], grey[side], params)
+            probs[name, side] = backend.last_choice.probabilities
+    np.testing.assert_allclose(probs["latent", 4], probs["latent", 64], rtol=1e-9)
+    assert np.abs(probs["per_pixel", 4] - probs["per_pixel", 64]).max() > 0.01, probs
+    with pytest.raises(ValueError, match="seen_pixels"):
+        StochasticLookBackend(seen_pixels=0)
 
 
 def test_registry_factory_and_info():
@@ -168,9 +188,15 @@ def assert_converged_to_one_look(idu: dict) -> None:
     assert idu["before"]["distance_rel"] > 0.8, report
     assert a["agreement"] >= 0.9, report
     assert a["spread_rel"] < 0.15, report
-    assert a["distance_rel"] < 0.35, report
+    assert a["distance_rel"] < 0.2, report
     assert idu["training_images"]["majority_look"] == a["majority_look"], report
-    assert idu["training_images"]["agreement"] >= 0.6, report
+    assert idu["training_images"]["agreement"] >= 0.8, report
+
+
+# In2n steps of the runs. The thresholds above hold with a wide margin at 600 steps: over backend
+# seeds 1..6 the final renders' distance_rel was 0.063..0.078 and the training images' agreement
+# 0.93..1.0 (2 CPUs). At 300 steps the NeRF has not always settled yet (0.08..0.43): too few for a test.
+CONSISTENCY_STEPS = 600
 
 
 def idu_and_once_runs(pretrained, scene, env, tmp: Path, steps: int, modes=("idu", "once")) -> dict:
@@ -187,7 +213,7 @@ def idu_and_once_runs(pretrained, scene, env, tmp: Path, steps: int, modes=("idu
 
 def test_idu_converges_to_one_look(pretrained, tiny_scene, trainer_env, tmp_path):
     """(a) alone, on the tiny scene: the Iterative Dataset Update brings every view to one look."""
-    runs = idu_and_once_runs(pretrained, tiny_scene, trainer_env, tmp_path, 300, modes=("idu",))
+    runs = idu_and_once_runs(pretrained, tiny_scene, trainer_env, tmp_path, CONSISTENCY_STEPS, modes=("idu",))
     assert_converged_to_one_look(runs["idu"])
 
 
@@ -199,7 +225,7 @@ def test_idu_is_much_more_consistent_than_editing_once(pretrained, tiny_scene, t
     looks its views got (its renders may agree on the nearest look): the difference shows as the
     distance to a single look, and as the disagreement of its training images.
     """
-    runs = idu_and_once_runs(pretrained, tiny_scene, trainer_env, tmp_path, 300)
+    runs = idu_and_once_runs(pretrained, tiny_scene, trainer_env, tmp_path, CONSISTENCY_STEPS)
     idu, once = runs["idu"], runs["once"]
     assert_converged_to_one_look(idu)
     report = summary("IDU renders", idu["after"]) + summary("once renders", once["after"])

@@ -26,6 +26,13 @@ The model, for one call edit(render r, original o, params):
 4. **Mode seeking.** What the model "sees" of the render's colour is the
    per-channel mean of the clean-image estimate (z / sqrt(abar_T) + 1) / 2
    (unbiased; its noise grows with T, so at large T the render is barely seen).
+   The noise lives in a latent of fixed size, `seen_pixels` values per channel
+   (default 4096: Stable Diffusion's 64x64 latent of a 512x512 image), not in
+   the render's pixels: how much of the render the model sees depends on T,
+   not on the image size (a 32x32 test image is seen as well as a 512x512
+   photo). The mean of seen_pixels independent noise values is drawn directly:
+   mean_c(r) + sqrt((1 - abar_T) / abar_T) / 2 * N(0, 1) / sqrt(seen_pixels).
+   seen_pixels=None puts the noise on the render's own pixels instead.
    d_k = || stats(seen | o) - log g_k ||, and look k is drawn with probability
    softmax(-d_k / temperature) (default temperature 0.25). A render that is
    already look k gets look k with probability ~0.96; the original, 1/K each.
@@ -91,6 +98,7 @@ class StochasticLookBackend(EditBackend):
         names: Optional[Sequence[str]] = None,
         temperature: float = 0.25,
         seed: Optional[int] = None,
+        seen_pixels: Optional[int] = 4096,
     ) -> None:
         gains_array = np.asarray(gains, dtype=np.float64)
         if gains_array.ndim != 2 or gains_array.shape[1] != 3 or len(gains_array) < 2:
@@ -99,6 +107,9 @@ class StochasticLookBackend(EditBackend):
             raise ValueError("gains must be in (0, 1] (a look must not clip the original)")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if seen_pixels is not None and seen_pixels < 1:
+            raise ValueError(f"seen_pixels must be a positive count or None, got {seen_pixels}")
+        self.seen_pixels = seen_pixels
         self.gains = gains_array
         self.look_stats = np.log(gains_array)  # [K, 3]: stats(look_k(o) | o) for every o
         default_names = DEFAULT_LOOK_NAMES if len(gains_array) == len(DEFAULT_LOOK_NAMES) else ()
@@ -117,7 +128,7 @@ class StochasticLookBackend(EditBackend):
     def info(self) -> BackendInfo:
         looks = ", ".join(f"{n} {tuple(float(x) for x in g)}" for n, g in zip(self.names, self.gains))
         return BackendInfo(
-            model=f"stochastic looks (K={self.num_looks}, temperature {self.temperature:g}): {looks}",
+            model=f"stochastic looks (K={self.num_looks}, temperature {self.temperature:g}, seen pixels {self.seen_pixels}): {looks}",
             device="cpu",
             precision="fp64",
             known_instructions=[],
@@ -143,8 +154,12 @@ class StochasticLookBackend(EditBackend):
         t = int(rng.integers(lo, hi + 1))
         abar = float(self.alphas_cumprod[t])
         r = np.asarray(render, dtype=np.float64)
-        noised = np.sqrt(abar) * (2.0 * r - 1.0) + np.sqrt(1.0 - abar) * rng.standard_normal(r.shape)
-        seen = (noised / np.sqrt(abar) + 1.0) / 2.0  # unbiased estimate of the render, noisier at larger t
+        if self.seen_pixels is None:  # noise on every pixel of the render
+            noised = np.sqrt(abar) * (2.0 * r - 1.0) + np.sqrt(1.0 - abar) * rng.standard_normal(r.shape)
+            seen = (noised / np.sqrt(abar) + 1.0) / 2.0  # unbiased estimate of the render, noisier at larger t
+        else:  # the channel means of that estimate over a latent of seen_pixels values: [1, 1, 3]
+            noise_sd = np.sqrt((1.0 - abar) / abar) / 2.0 / np.sqrt(self.seen_pixels)
+            seen = (r.mean(axis=(0, 1)) + noise_sd * rng.standard_normal(3))[None, None, :]
         p = self.probabilities(color_stats(seen, original))
         k = int(rng.choice(self.num_looks, p=p))
         s = t / NUM_TRAIN_TIMESTEPS
