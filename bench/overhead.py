@@ -20,7 +20,7 @@ import numpy as np
 
 from _server import BenchServer, machine, percentile
 from diffusion_server.backends.base import EditParams
-from diffusion_server.client import EditClient, StreamClient
+from diffusion_server.client import EditClient, StreamClient, original_key
 
 
 def summary(name: str, ms: list) -> str:
@@ -62,9 +62,10 @@ def main() -> None:
                     raise RuntimeError("stream did not connect")
                 time.sleep(0.01)
             steady, steady_server = [], []
+            key = original_key(original)  # once per view, as the trainer does
             for i in range(args.warmup + args.requests):
                 t0 = time.perf_counter()
-                stream.submit(0, render, original, params)
+                stream.submit(0, render, original, params, key=key)
                 results = []
                 while not results:  # poll as a training loop would, without hogging the GIL
                     results = stream.poll()

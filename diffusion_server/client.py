@@ -411,8 +411,18 @@ class StreamClient:
 
     # -- requests and results --------------------------------------------------------------------
 
-    def submit(self, view_id: int, render: np.ndarray, original: np.ndarray, params: EditParams) -> str:
+    def submit(
+        self, view_id: int, render: np.ndarray, original: np.ndarray, params: EditParams, key: Optional[str] = None
+    ) -> str:
         """Queue one edit and return its request id. Never blocks on the network.
+
+        Args:
+            view_id: the view; with originals sent once, the server keeps one original per view.
+            render: [H, W, 3] uint8 (0..255) or float16/float32 in [0, 1].
+            original: the view's captured image, same size.
+            params: edit parameters.
+            key: `original_key(original)` when the caller already has it (a training loop computes
+                it once per view); computed here otherwise (a hash of the pixels: ~0.4 ms at 512x512).
 
         Raises:
             RuntimeError: not started, closed, not connected, or max_in_flight reached (see `can_submit`).
@@ -423,7 +433,10 @@ class StreamClient:
         if self._thread is None:
             raise RuntimeError("StreamClient not started; call start() first")
         view_id = int(view_id)
-        key = original_key(original) if self._send_originals_once and self._server_caches else ""
+        if not (self._send_originals_once and self._server_caches):
+            key = ""
+        elif key is None:
+            key = original_key(original)
         with self._lock:
             with_original = not key or self._server_has.get(view_id) != key
         request = make_request("", view_id, render, original if with_original else None, params)

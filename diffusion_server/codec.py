@@ -34,13 +34,16 @@ def encode_image(image: np.ndarray) -> pb.Image:
     return pb.Image(height=h, width=w, channels=c, dtype=_PROTO_OF[dtype], data=data)
 
 
-def decode_image(msg: pb.Image, field: str, max_side: int = 2048) -> np.ndarray:
+def decode_image(msg: pb.Image, field: str, max_side: int = 2048, keep_uint8: bool = False) -> np.ndarray:
     """`Image` -> [H, W, 3] float32 in [0, 1], validated.
 
     Args:
         msg: the message.
         field: the request field it came from, named in errors ("render", "original").
         max_side: largest height or width accepted.
+        keep_uint8: a uint8 image comes back as it travelled, [H, W, 3] uint8 in 0..255: a read-only
+            view of the message's bytes, no copy, no conversion (the consumer converts where it is
+            cheapest, e.g. on its GPU). Float images are float32 either way.
     """
     if msg.height == 0 or msg.width == 0:
         raise ImageFormatError(f"{field}: height and width must be positive, got {msg.height}x{msg.width}")
@@ -59,6 +62,8 @@ def decode_image(msg: pb.Image, field: str, max_side: int = 2048) -> np.ndarray:
             f"({msg.height}x{msg.width}x{msg.channels} {pb.DType.Name(msg.dtype)})"
         )
     array = np.frombuffer(msg.data, dtype=dtype).reshape(msg.height, msg.width, msg.channels)
+    if dtype == np.uint8 and keep_uint8:
+        return array
     if dtype == np.uint8:  # one pass, same numbers as float32(x) / 255
         return np.divide(array, np.float32(255.0), dtype=np.float32)
     array = array.astype(np.float32)
@@ -67,3 +72,10 @@ def decode_image(msg: pb.Image, field: str, max_side: int = 2048) -> np.ndarray:
     if array.min() < 0.0 or array.max() > 1.0:
         raise ImageFormatError(f"{field}: float values must lie in [0, 1], got [{array.min():.4g}, {array.max():.4g}]")
     return array
+
+
+def to_float01(image: np.ndarray) -> np.ndarray:
+    """[H, W, 3] uint8 (0..255) or float in [0, 1] -> float32 in [0, 1] (uint8: x / 255, the numbers of `decode_image`)."""
+    if image.dtype == np.uint8:
+        return np.divide(image, np.float32(255.0), dtype=np.float32)
+    return np.asarray(image, dtype=np.float32)

@@ -159,8 +159,8 @@ class EditJob:
 
     request_id: str
     view_id: int
-    render: np.ndarray  # [H, W, 3] float32 in [0, 1]
-    original: np.ndarray  # [H, W, 3] float32 in [0, 1]
+    render: np.ndarray  # [H, W, 3] float32 in [0, 1]; uint8 0..255 as sent, for a backend that accepts_uint8
+    original: np.ndarray  # the same
     params: EditParams
     uint8_out: bool  # answer in uint8 because the render came as uint8
     arrival: float  # time.perf_counter() when the request arrived
@@ -253,8 +253,13 @@ def parse_request(
     if not req.HasField("original") and not req.original_key:
         raise _invalid("original is required (or original_key, for an original sent before)")
     try:
-        render = codec.decode_image(req.render, "render", max_side=limits.max_image_side)
-        original = codec.decode_image(req.original, "original", max_side=limits.max_image_side) if req.HasField("original") else None
+        keep = backend.accepts_uint8
+        render = codec.decode_image(req.render, "render", max_side=limits.max_image_side, keep_uint8=keep)
+        original = (
+            codec.decode_image(req.original, "original", max_side=limits.max_image_side, keep_uint8=keep)
+            if req.HasField("original")
+            else None
+        )
     except codec.ImageFormatError as e:
         raise _invalid(str(e)) from None
     if original is None:
@@ -306,6 +311,8 @@ def _encode_output(image: np.ndarray, shape: tuple, uint8_out: bool) -> pb.Image
     image = np.asarray(image)
     if image.shape != shape:
         raise RequestError(grpc.StatusCode.INTERNAL, f"backend returned shape {image.shape}, expected {shape}")
+    if image.dtype == np.uint8:  # from a backend that accepts_uint8: already quantized
+        return codec.encode_image(image) if uint8_out else codec.encode_image(codec.to_float01(image))
     image = image.astype(np.float32, copy=False)
     if not np.isfinite(image).all():
         raise RequestError(grpc.StatusCode.INTERNAL, "backend returned NaN or infinite values")

@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Type
+from typing import Dict, List, Literal, Optional, Tuple, Type
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from nerfstudio.viewer.viewer_elements import ViewerNumber, ViewerText
 
 from diffusion_server.backends.base import EditParams
-from diffusion_server.client import EditClient, StreamClient
+from diffusion_server.client import EditClient, StreamClient, original_key
 from nerf_trainer.datamanager import In2nDataManagerConfig
 from nerf_trainer.dataset_update import DatasetUpdateSchedule
 from nerf_trainer.model import In2nModelConfig
@@ -125,6 +125,7 @@ class In2nPipeline(VanillaPipeline):
             "Image guidance", config.image_guidance_scale, cb_hook=self._on_viewer_change
         )
         self._latency_s: Optional[float] = None  # moving average of edit round trips
+        self._wire_originals: Dict[int, Tuple[np.ndarray, str]] = {}  # view -> (original as sent, its key)
 
     def _validate_config(self) -> None:
         c = self.config
@@ -229,6 +230,14 @@ class In2nPipeline(VanillaPipeline):
             return (array * 255.0 + 0.5).astype(np.uint8)
         return array.astype(self.config.wire_dtype)
 
+    def _wire_original(self, view: int) -> Tuple[np.ndarray, str]:
+        """The original of `view` as sent, and its content key: computed once per view (originals never change)."""
+        entry = self._wire_originals.get(view)
+        if entry is None:
+            array = self._wire(self.datamanager.original_images[view])
+            entry = self._wire_originals[view] = (array, original_key(array))
+        return entry
+
     def update_dataset(self, step: int) -> None:
         """One non-blocking slice of the Iterative Dataset Update (see the module docstring)."""
         if self.schedule is None:
@@ -259,9 +268,8 @@ class In2nPipeline(VanillaPipeline):
                     self.recorder.record_after(view, rendered)
                 client = self._free_client()
                 if client is not None:
-                    request_id = client.submit(
-                        view, self._wire(rendered), self._wire(dm.original_images[view]), self._params()
-                    )
+                    original, key = self._wire_original(view)
+                    request_id = client.submit(view, self._wire(rendered), original, self._params(), key=key)
                     self._edit_number += 1
                     self.schedule.submitted(request_id, view, step)
                 else:  # the server went away while rendering: try this view again later
@@ -305,7 +313,7 @@ class In2nPipeline(VanillaPipeline):
             request_id = f"sync-{self._edit_number}"
             self.schedule.submitted(request_id, view, step)
             try:
-                reply = self._sync_client.edit(self._wire(render), self._wire(dm.original_images[view]), self._params(), view_id=view)
+                reply = self._sync_client.edit(self._wire(render), self._wire_original(view)[0], self._params(), view_id=view)
             except Exception as e:  # the server failed or went away: the view waits for the next round
                 self.schedule.failed(request_id, str(e))
                 continue

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from diffusion_server.backends.base import EditParams
+from diffusion_server.codec import to_float01
 from diffusion_server.backends.ip2p import Ip2pBackend, WeightsNotFound
 from diffusion_server.backends.tiny_ip2p import build_tiny_ip2p, save_tiny_ip2p
 
@@ -119,6 +120,20 @@ def test_matches_independent_reference(backend: Ip2pBackend, steps: int) -> None
     ref, T = _reference_edit(backend, render, original, p)
     assert res.timestep == T
     np.testing.assert_allclose(res.image, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (31, 45)])
+def test_uint8_images_are_edited_as_their_float_values(backend: Ip2pBackend, hw: tuple[int, int]) -> None:
+    """The server hands ip2p uint8 requests as they travelled (accepts_uint8); converted on the device,
+    they give the edit of x / 255, read-only arrays included (they are views of the request's bytes)."""
+    assert backend.accepts_uint8
+    render, original = (np.rint(x * 255).astype(np.uint8) for x in _images(*hw, seed=6))
+    render.flags.writeable = False
+    p = EditParams("turn the sky red", diffusion_steps=FEW, seed=2)
+    from_uint8 = backend.edit(render, original, p)
+    from_float = backend.edit(to_float01(render), to_float01(original), p)
+    assert from_uint8.timestep == from_float.timestep
+    np.testing.assert_allclose(from_uint8.image, from_float.image, atol=1e-6, rtol=0)
 
 
 def test_guidance_scales_matter(backend: Ip2pBackend) -> None:

@@ -168,7 +168,9 @@ def test_saved_pipeline_loads_through_the_registry(tmp_path, backend: Ip2pXlBack
     assert isinstance(loaded, Ip2pXlBackend) and loaded.info().model == str(folder)
     render, original = _images(seed=4)
     p = EditParams("turn it into bronze", diffusion_steps=2, seed=3)
-    np.testing.assert_allclose(loaded.edit(render, original, p).image, backend.edit(render, original, p).image, rtol=0, atol=1e-6)
+    # Same weights, same numbers up to float32 rounding: the loaded text encoders may take another
+    # attention kernel than those built from a config (1.7e-6 apart on an AMD EPYC, within 1e-6 on Intel).
+    np.testing.assert_allclose(loaded.edit(render, original, p).image, backend.edit(render, original, p).image, rtol=0, atol=1e-5)
 
 
 def test_sd15_unet_is_refused() -> None:

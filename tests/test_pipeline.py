@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_server.client import StreamResult
+from diffusion_server.client import StreamResult, original_key
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -24,15 +24,17 @@ class ScriptedClient:
 
     def __init__(self) -> None:
         self.sent = []  # (request_id, view_id, render, original, params)
+        self.keys = []  # the original_key passed with each submission
         self.replies = []
         self.in_flight = 0
 
     def can_submit(self) -> bool:
         return True
 
-    def submit(self, view_id, render, original, params) -> str:
+    def submit(self, view_id, render, original, params, key=None) -> str:
         request_id = f"r{len(self.sent)}"
         self.sent.append((request_id, view_id, render, original, params))
+        self.keys.append(key)
         return request_id
 
     def poll(self):
@@ -96,6 +98,7 @@ def test_a_submission_carries_the_render_and_the_untouched_original(pipeline):
     assert render.shape == original.shape == tuple(dm.images.shape[1:]) and render.dtype == np.uint8
     expected = (dm.original_images[view].numpy() * 255 + 0.5).astype(np.uint8)
     assert np.array_equal(original, expected)
+    assert pipeline.clients[0].keys[-1] == original_key(original)  # computed by the trainer, once per view
     assert params.instruction == "make it grayscale" and params.seed is not None
     pipeline.clients[0].replies.append(StreamResult(request_id, view, np.zeros(render.shape, np.float32)))
     pipeline.update_dataset(200)

@@ -295,6 +295,50 @@ def test_original_cache_contract(make_server) -> None:
     assert s.stub.Describe(pb.DescribeRequest(), timeout=5).caches_originals
 
 
+class DtypeRecorder(EditBackend):
+    """Edit = the render as given; records the dtypes and writability of the images it was given."""
+
+    def __init__(self, accepts_uint8: bool) -> None:
+        self.accepts_uint8 = accepts_uint8
+        self.seen: List[tuple] = []
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(model="dtypes", device="cpu", precision="fp32")
+
+    def edit(self, render: np.ndarray, original: np.ndarray, params: EditParams) -> EditResult:
+        self.seen.append((render.dtype, original.dtype, render.flags.writeable))
+        return EditResult(image=render, timestep=1)
+
+
+@pytest.mark.parametrize("accepts_uint8", [False, True])
+def test_images_reach_the_backend_as_sent_only_when_it_accepts_uint8(make_server, accepts_uint8: bool) -> None:
+    """uint8 travels to a backend with accepts_uint8 as a read-only view of the request (no copy, no
+    conversion), and back as it is; the others get float32. Either way the numbers are exact."""
+    backend = DtypeRecorder(accepts_uint8)
+    s = make_server(backend)
+    render, original = (np.rint(random_image(seed, 16, 12) * 255).astype(np.uint8) for seed in (3, 4))
+    reply = s.stub.Edit(edit_request("u8", "x", render, original), timeout=10)
+    assert reply.edited.dtype == pb.DTYPE_UINT8
+    np.testing.assert_array_equal(np.frombuffer(reply.edited.data, np.uint8).reshape(render.shape), render)
+    u8, f32 = np.dtype(np.uint8), np.dtype(np.float32)
+    assert backend.seen[-1] == ((u8, u8, False) if accepts_uint8 else (f32, f32, True))
+    floats = random_image(5, 16, 12)
+    reply = s.stub.Edit(edit_request("f32", "x", floats, floats), timeout=10)
+    assert backend.seen[-1][:2] == (f32, f32)
+    np.testing.assert_array_equal(decoded(reply), floats)
+
+
+def test_a_uint8_edit_answers_a_float_request_in_float() -> None:
+    """A backend with accepts_uint8 may return uint8; a float32 request still gets float32, x / 255."""
+    from diffusion_server.service import _encode_output
+
+    edited = np.rint(random_image(6, 5, 7) * 255).astype(np.uint8)
+    as_float = codec.decode_image(_encode_output(edited, edited.shape, uint8_out=False), "edited")
+    np.testing.assert_array_equal(as_float, edited.astype(np.float32) / np.float32(255))
+    as_sent = codec.decode_image(_encode_output(edited, edited.shape, uint8_out=True), "edited", keep_uint8=True)
+    np.testing.assert_array_equal(as_sent, edited)
+
+
 @pytest.mark.parametrize("side,expect_misses", [(64, False), (300, True)], ids=["fits", "evicted"])
 def test_stream_client_sends_originals_once_and_recovers_from_misses(make_server, side: int, expect_misses: bool) -> None:
     # 1 MiB of cache: two 64x64 float32 originals fit; one 300x300 (1.08 MB) never does, so every

@@ -44,7 +44,8 @@ class EditParams:
 @dataclass
 class EditResult:
     image: np.ndarray
-    """Edited image, [H, W, 3] float32 in [0, 1], the size of the render."""
+    """Edited image, [H, W, 3] float32 in [0, 1], the size of the render (or uint8 in 0..255, from a
+    backend with `accepts_uint8` given a uint8 render: sent as it is)."""
     timestep: int = 0
     """Noise timestep T the edit started from (0..999); 0 for backends without one."""
 
@@ -64,9 +65,9 @@ class EditItem:
     """One edit of a batch (see `EditBackend.edit_batch`)."""
 
     render: np.ndarray
-    """[H, W, 3] float32 in [0, 1]."""
+    """[H, W, 3] float32 in [0, 1] (or uint8 in 0..255 for a backend with `accepts_uint8`); read-only."""
     original: np.ndarray
-    """[H, W, 3] float32 in [0, 1], same size."""
+    """Same size as `render`, either kind (each image keeps the dtype it travelled in); read-only."""
     params: EditParams
     original_key: Optional[Hashable] = None
     """Identifies `original` when the server caches it (same key: same pixels), so a backend may cache
@@ -85,9 +86,15 @@ class EditBackend(abc.ABC):
 
     Batching is optional: a backend that can run several edits at once sets `supports_batching = True`
     and overrides `edit_batch`; the others are called one edit at a time.
+
+    Images come as float32 in [0, 1] unless the backend sets `accepts_uint8 = True`: it then gets
+    the images of a uint8 request as they travelled (uint8 in 0..255, read-only views of the request's
+    bytes, no copy) and converts them itself where that is cheapest (on its GPU: a quarter of the
+    bytes to move); `diffusion_server.codec.to_float01` gives the float32 the others get.
     """
 
     supports_batching: bool = False
+    accepts_uint8: bool = False
 
     @abc.abstractmethod
     def info(self) -> BackendInfo:
@@ -101,8 +108,9 @@ class EditBackend(abc.ABC):
         """Edit one view.
 
         Args:
-            render: [H, W, 3] float32 in [0, 1], the NeRF's render of the view.
-            original: [H, W, 3] float32 in [0, 1], the captured image of the view.
+            render: [H, W, 3] float32 in [0, 1], the NeRF's render of the view (uint8 0..255 possible
+                with `accepts_uint8`). Read-only: do not edit in place.
+            original: the captured image of the view, same size (either kind, with `accepts_uint8`).
             params: validated edit parameters.
         """
 

@@ -20,6 +20,7 @@ class IdentityBackend(EditBackend):
     """Edit = the render itself."""
 
     supports_batching = True
+    accepts_uint8 = True  # returns the render as it came: no conversion either way
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s  # fixed cost of each edit (a sleep), for load tests; 0: none

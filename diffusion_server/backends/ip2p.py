@@ -143,6 +143,7 @@ class Ip2pBackend(EditBackend):
 
     DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
     supports_batching = True
+    accepts_uint8 = True  # uint8 images go to the device as they are and are converted there
 
     def __init__(
         self,
@@ -439,7 +440,12 @@ class Ip2pBackend(EditBackend):
         return max(f, int(math.floor(H / f + 0.5)) * f), max(f, int(math.floor(W / f + 0.5)) * f)
 
     def _to_model_image(self, img: np.ndarray, h: int, w: int) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)[None]  # [1, 3, H, W]
+        """[H, W, 3] uint8 (0..255) or float in [0, 1] -> [1, 3, h, w] in [-1, 1] on the device."""
+        if img.dtype == np.uint8:  # move the bytes, convert there: x / 255 in float32, as codec.to_float01
+            x = torch.from_numpy(img.copy() if not img.flags.writeable else img).to(self.device)
+            x = x.to(torch.float32).div_(255.0).permute(2, 0, 1)[None]  # [1, 3, H, W]
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)[None].to(self.device)
         if x.shape[-2:] != (h, w):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
         return (x * 2 - 1).to(self.device, self.vae_dtype)
