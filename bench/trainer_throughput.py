@@ -6,10 +6,11 @@ against a diffusion server whose backend takes a fixed time per edit and no CPU
 edit_report/step_times.npy):
 
 - off:   no edits (the baseline);
-- async: this tool, edits streamed while training goes on (render_chunk_rays per step);
+- async: this tool, edits streamed while training goes on (render_chunk_rays per step, or as many as
+         --pipeline.render-budget allows);
 - sync:  the reference behaviour, every edit_rate steps the step renders a view and waits for its edit.
 
-    python bench/trainer_throughput.py --steps 300 --edit-ms 500 --chunk-rays 256 1024
+    python bench/trainer_throughput.py --steps 300 --edit-ms 500 --chunk-rays 256 1024 --render-budgets 0.05
 
 Prints a markdown table (for BENCHMARKS.md) and writes bench/results/trainer_throughput.json.
 This is a benchmark, not a test: nothing here asserts a time.
@@ -48,6 +49,8 @@ class BenchConfig:
     """Fixed time the server takes per edit (sleeping, no CPU)."""
     chunk_rays: List[int] = field(default_factory=lambda: [256, 1024])
     """render_chunk_rays values to measure in async mode."""
+    render_budgets: List[float] = field(default_factory=lambda: [0.05])
+    """render_budget values to measure in async mode (the chunk then adapts; starts at 1024 rays)."""
     edit_rate: int = 10
     """Reference default: an edit every 10 steps (async: an upper bound)."""
     warmup: int = 20
@@ -79,8 +82,9 @@ def start_sleep_server(delay_s: float):
     return server, port
 
 
-def run_mode(cfg: BenchConfig, load_dir: Path, scene: Path, port: int, mode: str, chunk: int, env: dict) -> np.ndarray:
-    name = f"{mode}-{chunk}"
+def run_mode(cfg: BenchConfig, load_dir: Path, scene: Path, port: int, mode: str, chunk: int, budget: float,
+             env: dict) -> tuple:  # fmt: skip
+    name = f"{mode}-{chunk}-{budget:g}"
     out = cfg.workdir / "runs"
     cmd = [NS_TRAIN, "in2n-tiny", "--load-dir", str(load_dir), "--data", str(scene), "--output-dir", str(out),
            "--experiment-name", "bench", "--timestamp", name, "--vis", "tensorboard", "--machine.device-type", "cpu",
@@ -89,14 +93,14 @@ def run_mode(cfg: BenchConfig, load_dir: Path, scene: Path, port: int, mode: str
            "--pipeline.datamanager.train-num-rays-per-batch", "512", "--pipeline.edit-server", f"127.0.0.1:{port}",
            "--pipeline.instruction", "make it sepia", "--pipeline.edit-mode", mode, "--pipeline.edit-rate",
            str(cfg.edit_rate), "--pipeline.render-chunk-rays", str(chunk), "--pipeline.max-in-flight", "2",
-           "--pipeline.log-every", "0"]  # fmt: skip
+           "--pipeline.render-budget", str(budget), "--pipeline.log-every", "0"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     report = out / "bench" / "in2n-tiny" / name / "edit_report"
     stats = json.loads((report / "edit_stats.json").read_text()) if (report / "edit_stats.json").exists() else {}
     times = np.load(report / "step_times.npy")[cfg.warmup :]
-    return times, stats.get("edits_applied", 0)
+    return times, stats.get("edits_applied", 0), stats.get("render_rays_per_step", chunk)
 
 
 def main(cfg: BenchConfig) -> None:
@@ -118,18 +122,20 @@ def main(cfg: BenchConfig) -> None:
     server, port = start_sleep_server(cfg.edit_ms / 1e3)
     rows = []
     try:
-        runs = [("off", 0)] + [("async", c) for c in cfg.chunk_rays] + [("sync", 0)]
+        runs = [("off", 0, 0.0)] + [("async", c, 0.0) for c in cfg.chunk_rays] + [("async", 1024, b) for b in cfg.render_budgets]
+        runs += [("sync", 0, 0.0)]
         results = {}
-        for mode, chunk in runs:
-            times, applied = run_mode(cfg, load_dir, scene, port, mode, chunk, env)
-            results[(mode, chunk)] = (times, applied)
-            print(f"{mode:5s} chunk={chunk:5d}: {1 / times.mean():.2f} steps/s, median {np.median(times) * 1e3:.0f} ms, "
-                  f"p99 {np.percentile(times, 99) * 1e3:.0f} ms, edits {applied}", flush=True)  # fmt: skip
-        base = 1 / results[("off", 0)][0].mean()
-        for (mode, chunk), (times, applied) in results.items():
+        for mode, chunk, budget in runs:
+            times, applied, last_chunk = run_mode(cfg, load_dir, scene, port, mode, chunk, budget, env)
+            results[(mode, chunk, budget)] = (times, applied, last_chunk)
+            print(f"{mode:5s} chunk={chunk:5d} budget={budget:g}: {1 / times.mean():.2f} steps/s, median {np.median(times) * 1e3:.0f} ms, "
+                  f"p99 {np.percentile(times, 99) * 1e3:.0f} ms, edits {applied}, last chunk {last_chunk}", flush=True)  # fmt: skip
+        base = 1 / results[("off", 0, 0.0)][0].mean()
+        for (mode, chunk, budget), (times, applied, last_chunk) in results.items():
             sps = 1 / times.mean()
             rows.append({
-                "mode": mode, "render_chunk_rays": chunk, "steps_per_s": round(sps, 3), "ratio_to_off": round(sps / base, 3),
+                "mode": mode, "render_chunk_rays": (f"budget {budget:g} (ends at {last_chunk})" if budget else chunk),
+                "steps_per_s": round(sps, 3), "ratio_to_off": round(sps / base, 3),
                 "median_ms": round(float(np.median(times)) * 1e3, 1), "p99_ms": round(float(np.percentile(times, 99)) * 1e3, 1),
                 "p99_over_median": round(float(np.percentile(times, 99) / np.median(times)), 2), "edits_applied": applied,
             })  # fmt: skip

@@ -34,7 +34,7 @@ from nerf_trainer.datamanager import In2nDataManagerConfig
 from nerf_trainer.dataset_update import DatasetUpdateSchedule
 from nerf_trainer.model import In2nModelConfig
 from nerf_trainer.report import EvolutionRecorder, to_uint8
-from nerf_trainer.view_renderer import ViewRenderer
+from nerf_trainer.view_renderer import RenderBudget, ViewRenderer
 
 
 @dataclass
@@ -90,7 +90,11 @@ class In2nPipelineConfig(VanillaPipelineConfig):
     log_every: int = 100
     """Print an edit status line (applied, in flight, failed, latency) every this many steps (0: never)."""
     render_chunk_rays: int = 4096
-    """Rays of the next view to edit rendered per training step (0: a whole view in one step)."""
+    """Rays of the next view to edit rendered per training step (0: a whole view in one step); with
+    render_budget, the first steps' chunk."""
+    render_budget: float = 0.0
+    """Share of the training time spent rendering views to edit (e.g. 0.03): the rays rendered per step
+    follow measured step and render times to keep it, on any hardware; 0: a fixed render_chunk_rays."""
     wire_dtype: Literal["uint8", "float16", "float32"] = "uint8"
     """Element type of images sent to the server (uint8: 3 bytes a pixel)."""
     server_precision_hint: Literal["fp32", "fp16", "bf16"] = "fp32"
@@ -126,6 +130,9 @@ class In2nPipeline(VanillaPipeline):
         )
         self._latency_s: Optional[float] = None  # moving average of edit round trips
         self._wire_originals: Dict[int, Tuple[np.ndarray, str]] = {}  # view -> (original as sent, its key)
+        self.budget: Optional[RenderBudget] = None  # with render_budget: sets the rays rendered per step
+        self._render_s = 0.0  # time spent rendering in the current step
+        self._steps_seen = 0  # step starts already given to the budget
 
     def _validate_config(self) -> None:
         c = self.config
@@ -133,6 +140,8 @@ class In2nPipeline(VanillaPipeline):
             raise ValueError("pipeline.instruction must not be empty")
         if not 0.0 <= c.lower_bound <= c.upper_bound <= 1.0:
             raise ValueError(f"need 0 <= pipeline.lower_bound <= pipeline.upper_bound <= 1, got {c.lower_bound}, {c.upper_bound}")
+        if not 0.0 <= c.render_budget < 1.0:
+            raise ValueError(f"pipeline.render_budget must be in [0, 1), got {c.render_budget}")
         if c.diffusion_steps < 1:
             raise ValueError(f"pipeline.diffusion_steps must be >= 1, got {c.diffusion_steps}")
         if c.model.use_lpips and c.datamanager.patch_size != c.model.patch_size:
@@ -177,6 +186,8 @@ class In2nPipeline(VanillaPipeline):
         if self._restored_schedule is not None:
             self.schedule.load_state_dict(self._restored_schedule)
         self.renderer = ViewRenderer(self.model, dm.train_ray_generator, h, w, self.config.render_chunk_rays)
+        if self.config.render_budget > 0:
+            self.budget = RenderBudget(self.config.render_budget, self.renderer.chunk_rays, max_rays=h * w)
         views = np.linspace(0, n - 1, num=min(self.config.sheet_views, n)).round().astype(int).tolist()
         self.recorder = EvolutionRecorder(views, dm.original_images, self.config.sheet_max_edits)
         for view in views:
@@ -260,9 +271,16 @@ class In2nPipeline(VanillaPipeline):
                 image = torch.from_numpy(np.ascontiguousarray(result.image, dtype=np.float32))
                 dm.swap_image(sub.view, image)
                 self.recorder.record_edit(sub.view, image)
+        self._observe_last_step()
         if self.renderer.busy:
             view = self.renderer.view
+            if self.budget is not None:
+                self.renderer.chunk_rays = self.budget.chunk()
+            started = time.perf_counter()
             rendered = self.renderer.advance()
+            self._render_s = time.perf_counter() - started
+            if self.budget is not None:
+                self.budget.observe_render(self._render_s, self.renderer.last_rays)
             if rendered is not None:
                 if view in self.recorder.views:
                     self.recorder.record_after(view, rendered)
@@ -277,6 +295,14 @@ class In2nPipeline(VanillaPipeline):
         elif self._free_client() is not None and self.schedule.may_start(step):
             self.renderer.start(self.schedule.next_view(step))
         self._log(step)
+
+    def _observe_last_step(self) -> None:
+        """Give the render budget the duration of the step that just ended, and its render time."""
+        starts = self._step_starts
+        if self.budget is not None and len(starts) >= 2 and len(starts) > self._steps_seen:
+            self.budget.observe_step(starts[-1] - starts[-2], self._render_s)
+        self._steps_seen = len(starts)
+        self._render_s = 0.0
 
     def _log(self, step: int) -> None:
         metrics = self.edit_metrics()
@@ -336,6 +362,7 @@ class In2nPipeline(VanillaPipeline):
             "edits_in_flight": len(self.schedule.in_flight),
             "views_edited": len(s.edits_per_view),
             "edit_latency_s": round(self._latency_s, 3) if self._latency_s is not None else 0.0,
+            "render_rays_per_step": self.renderer.chunk_rays if self.renderer is not None else 0,
         }
 
     def write_report(self, final: bool = True) -> None:

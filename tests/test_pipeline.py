@@ -139,3 +139,45 @@ def test_viewer_controls_change_the_next_edits(pipeline):
     pipeline.viewer_instruction.value = "   "  # ignored: an edit needs an instruction
     pipeline.viewer_instruction.cb_hook(pipeline.viewer_instruction)
     assert pipeline.config.instruction == "make it sepia"
+
+
+# -- the render budget ---------------------------------------------------------------------------
+
+
+def test_render_budget_chunk_from_step_and_ray_times():
+    from nerf_trainer.view_renderer import RenderBudget
+
+    budget = RenderBudget(0.05, initial_rays=4096, max_rays=64 * 64, min_rays=64)
+    assert budget.chunk() == 4096  # nothing measured yet
+    budget.observe_step(0.110, render_s=0.010)  # 100 ms of training
+    assert budget.chunk() == 4096  # still no render time
+    budget.observe_render(0.010, rays=1000)  # 10 us a ray
+    assert budget.chunk() == int(0.05 / 0.95 * 0.100 / 1e-5)  # 526 rays: 5.26 ms of render against 100 ms of training
+    assert RenderBudget(0.5, 100, max_rays=1024).chunk() == 100
+    slow = RenderBudget(0.05, 100, max_rays=1024, min_rays=64, smoothing=0.0)
+    slow.observe_step(0.1, 0.0)
+    slow.observe_render(1.0, rays=10)  # 0.1 s a ray: the budget allows less than one ray
+    assert slow.chunk() == 64
+    slow.observe_render(1e-9, rays=1000)  # (smoothing 0: the latest measurement alone)
+    assert slow.chunk() == 1024  # a whole view fits: never more than max_rays
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="share"):
+            RenderBudget(bad, 100, 1024)
+
+
+def test_render_budget_holds_its_share_on_a_simulated_device():
+    """Closed loop against a device whose training step takes 80 ms and whose render costs 1 ms per
+    chunk plus 20 us a ray: the share of time spent rendering settles on the budget."""
+    from nerf_trainer.view_renderer import RenderBudget
+
+    budget = RenderBudget(0.05, initial_rays=4096, max_rays=512 * 512)
+    train_s, shares = 0.080, []
+    for _ in range(200):
+        rays = budget.chunk()
+        render_s = 0.001 + 2e-5 * rays
+        budget.observe_render(render_s, rays)
+        budget.observe_step(train_s + render_s, render_s)
+        shares.append(render_s / (train_s + render_s))
+    settled = shares[-50:]
+    assert 0.048 <= min(settled) and max(settled) <= 0.0505, (min(settled), max(settled))
+    assert shares[0] > 0.5  # the first chunk (4096 rays) was far over: the loop brought it down
