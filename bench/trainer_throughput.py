@@ -50,7 +50,7 @@ class BenchConfig:
     chunk_rays: List[int] = field(default_factory=lambda: [256, 1024])
     """render_chunk_rays values to measure in async mode."""
     render_budgets: List[float] = field(default_factory=lambda: [0.05])
-    """render_budget values to measure in async mode (the chunk then adapts; starts at 1024 rays)."""
+    """render_budget values to measure in async mode (with 1024 rays a chunk)."""
     edit_rate: int = 10
     """Reference default: an edit every 10 steps (async: an upper bound)."""
     warmup: int = 20
@@ -100,7 +100,7 @@ def run_mode(cfg: BenchConfig, load_dir: Path, scene: Path, port: int, mode: str
     report = out / "bench" / "in2n-tiny" / name / "edit_report"
     stats = json.loads((report / "edit_stats.json").read_text()) if (report / "edit_stats.json").exists() else {}
     times = np.load(report / "step_times.npy")[cfg.warmup :]
-    return times, stats.get("edits_applied", 0), stats.get("render_rays_per_step", chunk)
+    return times, stats.get("edits_applied", 0), stats.get("render_share", 0.0)
 
 
 def main(cfg: BenchConfig) -> None:
@@ -126,15 +126,15 @@ def main(cfg: BenchConfig) -> None:
         runs += [("sync", 0, 0.0)]
         results = {}
         for mode, chunk, budget in runs:
-            times, applied, last_chunk = run_mode(cfg, load_dir, scene, port, mode, chunk, budget, env)
-            results[(mode, chunk, budget)] = (times, applied, last_chunk)
+            times, applied, share = run_mode(cfg, load_dir, scene, port, mode, chunk, budget, env)
+            results[(mode, chunk, budget)] = (times, applied, share)
             print(f"{mode:5s} chunk={chunk:5d} budget={budget:g}: {1 / times.mean():.2f} steps/s, median {np.median(times) * 1e3:.0f} ms, "
-                  f"p99 {np.percentile(times, 99) * 1e3:.0f} ms, edits {applied}, last chunk {last_chunk}", flush=True)  # fmt: skip
+                  f"p99 {np.percentile(times, 99) * 1e3:.0f} ms, edits {applied}, render share {share}", flush=True)  # fmt: skip
         base = 1 / results[("off", 0, 0.0)][0].mean()
-        for (mode, chunk, budget), (times, applied, last_chunk) in results.items():
+        for (mode, chunk, budget), (times, applied, share) in results.items():
             sps = 1 / times.mean()
             rows.append({
-                "mode": mode, "render_chunk_rays": (f"budget {budget:g} (ends at {last_chunk})" if budget else chunk),
+                "mode": mode, "render_chunk_rays": (f"{chunk}, budget {budget:g}" if budget else chunk), "render_share": share,
                 "steps_per_s": round(sps, 3), "ratio_to_off": round(sps / base, 3),
                 "median_ms": round(float(np.median(times)) * 1e3, 1), "p99_ms": round(float(np.percentile(times, 99)) * 1e3, 1),
                 "p99_over_median": round(float(np.percentile(times, 99) / np.median(times)), 2), "edits_applied": applied,
@@ -143,11 +143,11 @@ def main(cfg: BenchConfig) -> None:
         server.stop(grace=None)
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}; steps={cfg.steps}, "
           f"edit={cfg.edit_ms:.0f} ms (sleep), edit_rate={cfg.edit_rate}\n")  # fmt: skip
-    print("| mode | render_chunk_rays | steps/s | ratio to no editing | median step | p99 step | p99 / median | edits applied |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| mode | render_chunk_rays | steps/s | ratio to no editing | median step | p99 step | p99 / median | edits applied | render share |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['render_chunk_rays'] or '-'} | {r['steps_per_s']} | {r['ratio_to_off']} | "
-              f"{r['median_ms']} ms | {r['p99_ms']} ms | {r['p99_over_median']} | {r['edits_applied']} |")  # fmt: skip
+              f"{r['median_ms']} ms | {r['p99_ms']} ms | {r['p99_over_median']} | {r['edits_applied']} | {r['render_share']} |")  # fmt: skip
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "trainer_throughput.json").write_text(json.dumps({"config": {k: str(v) for k, v in vars(cfg).items()}, "rows": rows}, indent=2))

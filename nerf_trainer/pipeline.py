@@ -90,11 +90,10 @@ class In2nPipelineConfig(VanillaPipelineConfig):
     log_every: int = 100
     """Print an edit status line (applied, in flight, failed, latency) every this many steps (0: never)."""
     render_chunk_rays: int = 4096
-    """Rays of the next view to edit rendered per training step (0: a whole view in one step); with
-    render_budget, the first steps' chunk."""
+    """Rays of the next view to edit rendered per training step (0: a whole view in one step)."""
     render_budget: float = 0.0
-    """Share of the training time spent rendering views to edit (e.g. 0.03): the rays rendered per step
-    follow measured step and render times to keep it, on any hardware; 0: a fixed render_chunk_rays."""
+    """Share of the training time spent rendering views to edit (e.g. 0.05): steps render a chunk only
+    while measured render time stays within it, on any hardware; 0: every step may render a chunk."""
     wire_dtype: Literal["uint8", "float16", "float32"] = "uint8"
     """Element type of images sent to the server (uint8: 3 bytes a pixel)."""
     server_precision_hint: Literal["fp32", "fp16", "bf16"] = "fp32"
@@ -130,9 +129,12 @@ class In2nPipeline(VanillaPipeline):
         )
         self._latency_s: Optional[float] = None  # moving average of edit round trips
         self._wire_originals: Dict[int, Tuple[np.ndarray, str]] = {}  # view -> (original as sent, its key)
-        self.budget: Optional[RenderBudget] = None  # with render_budget: sets the rays rendered per step
+        self.budget: Optional[RenderBudget] = None  # with render_budget: which steps render
         self._render_s = 0.0  # time spent rendering in the current step
-        self._steps_seen = 0  # step starts already given to the budget
+        self._steps_seen = 0  # step starts already accounted
+        self._render_total_s = 0.0  # time spent rendering views to edit, over the accounted steps
+        self._steps_total_s = 0.0  # duration of the accounted steps
+        self._render_steps = 0  # steps that rendered a chunk of a view to edit
 
     def _validate_config(self) -> None:
         c = self.config
@@ -187,7 +189,7 @@ class In2nPipeline(VanillaPipeline):
             self.schedule.load_state_dict(self._restored_schedule)
         self.renderer = ViewRenderer(self.model, dm.train_ray_generator, h, w, self.config.render_chunk_rays)
         if self.config.render_budget > 0:
-            self.budget = RenderBudget(self.config.render_budget, self.renderer.chunk_rays, max_rays=h * w)
+            self.budget = RenderBudget(self.config.render_budget)
         views = np.linspace(0, n - 1, num=min(self.config.sheet_views, n)).round().astype(int).tolist()
         self.recorder = EvolutionRecorder(views, dm.original_images, self.config.sheet_max_edits)
         for view in views:
@@ -273,14 +275,14 @@ class In2nPipeline(VanillaPipeline):
                 self.recorder.record_edit(sub.view, image)
         self._observe_last_step()
         if self.renderer.busy:
+            if self.budget is not None and not self.budget.may_render():
+                self._log(step)
+                return  # over the render budget: this step trains only
             view = self.renderer.view
-            if self.budget is not None:
-                self.renderer.chunk_rays = self.budget.chunk()
             started = time.perf_counter()
             rendered = self.renderer.advance()
             self._render_s = time.perf_counter() - started
-            if self.budget is not None:
-                self.budget.observe_render(self._render_s, self.renderer.last_rays)
+            self._render_steps += 1
             if rendered is not None:
                 if view in self.recorder.views:
                     self.recorder.record_after(view, rendered)
@@ -297,10 +299,14 @@ class In2nPipeline(VanillaPipeline):
         self._log(step)
 
     def _observe_last_step(self) -> None:
-        """Give the render budget the duration of the step that just ended, and its render time."""
+        """Account the step that just ended: its render time against its duration (budget, render share)."""
         starts = self._step_starts
-        if self.budget is not None and len(starts) >= 2 and len(starts) > self._steps_seen:
-            self.budget.observe_step(starts[-1] - starts[-2], self._render_s)
+        if len(starts) >= 2 and len(starts) > self._steps_seen:
+            step_s = starts[-1] - starts[-2]
+            if self.budget is not None:
+                self.budget.observe_step(step_s, self._render_s)
+            self._render_total_s += self._render_s
+            self._steps_total_s += step_s
         self._steps_seen = len(starts)
         self._render_s = 0.0
 
@@ -362,7 +368,8 @@ class In2nPipeline(VanillaPipeline):
             "edits_in_flight": len(self.schedule.in_flight),
             "views_edited": len(s.edits_per_view),
             "edit_latency_s": round(self._latency_s, 3) if self._latency_s is not None else 0.0,
-            "render_rays_per_step": self.renderer.chunk_rays if self.renderer is not None else 0,
+            "render_steps": self._render_steps,
+            "render_share": round(self._render_total_s / self._steps_total_s, 4) if self._steps_total_s > 0 else 0.0,
         }
 
     def write_report(self, final: bool = True) -> None:

@@ -7,8 +7,9 @@ ceil(H * W / chunk_rays) steps. Rays come from the training ray generator
 with the camera optimizer's pose correction applied, exactly as the training
 rays of that view are made.
 
-`RenderBudget` sets `chunk_rays` from measurements instead: the rays that fit
-in a given share of the training time, whatever the hardware.
+`RenderBudget` decides, from measured times, which steps render a chunk at
+all, so that rendering takes a given share of the training time whatever the
+hardware.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ class ViewRenderer:
         self._pixels: Optional[torch.Tensor] = None  # [H*W, 2] (y, x)
         self._rgb: Optional[torch.Tensor] = None  # [H*W, 3]
         self._done = 0
-        self.last_rays = 0  # rays rendered by the latest advance()
 
     @property
     def busy(self) -> bool:
@@ -58,7 +58,6 @@ class ViewRenderer:
         pixels = self._pixels[self._done : end]
         indices = torch.cat([torch.full((len(pixels), 1), self.view, dtype=torch.long), pixels], dim=-1)  # [R, 3]
         self._rgb[self._done : end] = self.render_rays(indices)
-        self.last_rays = end - self._done
         self._done = end
         if self._done < self._pixels.shape[0]:
             return None
@@ -99,44 +98,46 @@ class ViewRenderer:
 
 
 class RenderBudget:
-    """How many rays to render per training step so that rendering takes `share` of the training time.
+    """Which training steps render a chunk, so that rendering takes `share` of the training time.
 
-    It keeps two moving averages, measured as training goes: the time of a training step without
-    its render (s) and the render time per ray (s); the chunk is then
-    share / (1 - share) * step_s / ray_s rays, within [min_rays, max_rays]. Until both are
-    measured it answers `initial_rays`. The per-ray time is measured at the chunk in use (each
-    chunk's fixed cost included), so the loop settles where rendering takes the share; a device
-    too slow for even min_rays a step takes more (a view must finish some day).
+    A token bucket of seconds: every step earns an allowance of share / (1 - share) times the
+    (moving average) time of a training step without its render, and a step that renders pays
+    what its chunk took. A step renders only while the balance is positive; steps without render
+    bank one allowance at most, so idle steps save nothing up. Over a run, render time / (training
+    + render time) = share, whatever a chunk costs on this hardware: a chunk that costs three
+    allowances is followed by two steps without render. The chunk size (`render_chunk_rays`)
+    stays what it is, so rendering keeps its efficiency (a fixed cost per chunk is not multiplied)
+    and the slowest steps are a training step plus one chunk.
     """
 
-    def __init__(self, share: float, initial_rays: int, max_rays: int, min_rays: int = 64, smoothing: float = 0.9) -> None:
+    def __init__(self, share: float, smoothing: float = 0.9) -> None:
         if not 0.0 < share < 1.0:
             raise ValueError(f"share must be in (0, 1), got {share}")
-        if not 1 <= min_rays <= max_rays:
-            raise ValueError(f"need 1 <= min_rays <= max_rays, got {min_rays}, {max_rays}")
         self.share = share
-        self.min_rays, self.max_rays = min_rays, max_rays
-        self.initial_rays = min(max(initial_rays, min_rays), max_rays)
         self.smoothing = smoothing
-        self.step_s: Optional[float] = None  # training step without its render
-        self.ray_s: Optional[float] = None  # render time per ray
+        self.step_s: Optional[float] = None  # moving average of a training step without its render
+        self.balance = 0.0  # seconds of render time available
+        self.steps = 0  # steps observed
+        self.render_steps = 0  # steps that rendered
 
-    def _average(self, old: Optional[float], new: float) -> float:
-        return new if old is None else self.smoothing * old + (1.0 - self.smoothing) * new
+    @property
+    def allowance(self) -> float:
+        """Render seconds one step earns."""
+        return 0.0 if self.step_s is None else self.share / (1.0 - self.share) * self.step_s
+
+    def may_render(self) -> bool:
+        """Whether this step may render a chunk (always, until a step has been measured)."""
+        return self.step_s is None or self.balance > 0.0
 
     def observe_step(self, step_s: float, render_s: float) -> None:
-        """A whole training step took step_s seconds, render_s of them rendering."""
-        if step_s > 0 and math.isfinite(step_s):
-            self.step_s = self._average(self.step_s, max(step_s - render_s, 0.0))
-
-    def observe_render(self, render_s: float, rays: int) -> None:
-        """Rendering `rays` rays took render_s seconds."""
-        if rays > 0 and render_s > 0 and math.isfinite(render_s):
-            self.ray_s = self._average(self.ray_s, render_s / rays)
-
-    def chunk(self) -> int:
-        """Rays to render this step."""
-        if self.step_s is None or self.ray_s is None:
-            return self.initial_rays
-        rays = self.share / (1.0 - self.share) * self.step_s / self.ray_s
-        return int(min(max(rays, self.min_rays), self.max_rays))
+        """A whole training step took step_s seconds, render_s of them rendering (0: it did not render)."""
+        if not (step_s > 0 and math.isfinite(step_s) and math.isfinite(render_s)):
+            return
+        train_s = max(step_s - render_s, 0.0)
+        self.step_s = train_s if self.step_s is None else self.smoothing * self.step_s + (1.0 - self.smoothing) * train_s
+        if render_s > 0:
+            self.balance += self.allowance - render_s
+        else:  # a step without render banks at most one allowance
+            self.balance = min(self.balance + self.allowance, self.allowance)
+        self.steps += 1
+        self.render_steps += int(render_s > 0)
