@@ -50,7 +50,11 @@ class BenchConfig:
     chunk_rays: List[int] = field(default_factory=lambda: [256, 1024])
     """render_chunk_rays values to measure in async mode."""
     render_budgets: List[float] = field(default_factory=lambda: [0.05])
-    """render_budget values to measure in async mode (with 1024 rays a chunk)."""
+    """render_budget values to measure in async mode (with budget_chunk_rays a chunk)."""
+    budget_chunk_rays: int = 1024
+    """render_chunk_rays of the render_budget runs."""
+    sync: bool = True
+    """Also measure the synchronous mode."""
     edit_rate: int = 10
     """Reference default: an edit every 10 steps (async: an upper bound)."""
     warmup: int = 20
@@ -122,8 +126,8 @@ def main(cfg: BenchConfig) -> None:
     server, port = start_sleep_server(cfg.edit_ms / 1e3)
     rows = []
     try:
-        runs = [("off", 0, 0.0)] + [("async", c, 0.0) for c in cfg.chunk_rays] + [("async", 1024, b) for b in cfg.render_budgets]
-        runs += [("sync", 0, 0.0)]
+        runs = [("off", 0, 0.0)] + [("async", c, 0.0) for c in cfg.chunk_rays] + [("async", cfg.budget_chunk_rays, b) for b in cfg.render_budgets]
+        runs += [("sync", 0, 0.0)] if cfg.sync else []
         results = {}
         for mode, chunk, budget in runs:
             times, applied, share = run_mode(cfg, load_dir, scene, port, mode, chunk, budget, env)
