@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench._server import cpu_model  # noqa: E402
 from diffusion_server.backends.stochastic import StochasticLookBackend, color_stats  # noqa: E402
 
 MODES = {
@@ -182,15 +183,7 @@ def run_dir_of(out: Path, name: str) -> Path:
 
 
 def machine() -> Dict[str, object]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    return {"nproc": os.cpu_count(), "cpu": cpu_model(), "python": platform.python_version(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
 def table(results: Dict[str, Dict[str, Dict[str, object]]]) -> str:
