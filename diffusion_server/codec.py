@@ -62,10 +62,8 @@ def decode_image(msg: pb.Image, field: str, max_side: int = 2048, keep_uint8: bo
             f"({msg.height}x{msg.width}x{msg.channels} {pb.DType.Name(msg.dtype)})"
         )
     array = np.frombuffer(msg.data, dtype=dtype).reshape(msg.height, msg.width, msg.channels)
-    if dtype == np.uint8 and keep_uint8:
-        return array
-    if dtype == np.uint8:  # one pass, same numbers as float32(x) / 255
-        return np.divide(array, np.float32(255.0), dtype=np.float32)
+    if dtype == np.uint8:
+        return array if keep_uint8 else to_float01(array)
     array = array.astype(np.float32)
     if not np.isfinite(array).all():
         raise ImageFormatError(f"{field}: contains NaN or infinite values")
@@ -75,7 +73,7 @@ def decode_image(msg: pb.Image, field: str, max_side: int = 2048, keep_uint8: bo
 
 
 def to_float01(image: np.ndarray) -> np.ndarray:
-    """[H, W, 3] uint8 (0..255) or float in [0, 1] -> float32 in [0, 1] (uint8: x / 255, the numbers of `decode_image`)."""
-    if image.dtype == np.uint8:
+    """[H, W, 3] uint8 (0..255) or float in [0, 1] -> float32 in [0, 1] (uint8: x / 255)."""
+    if image.dtype == np.uint8:  # one pass, same numbers as float32(x) / 255
         return np.divide(image, np.float32(255.0), dtype=np.float32)
     return np.asarray(image, dtype=np.float32)
