@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from diffusion_server.backends.base import EditParams
 from diffusion_server.codec import to_float01
@@ -78,48 +79,75 @@ def test_unseeded_edits_differ(backend: Ip2pBackend) -> None:
 
 
 def _reference_edit(b: Ip2pBackend, render: np.ndarray, original: np.ndarray, p: EditParams) -> tuple[np.ndarray, int]:
-    """The method.md procedure written out with the raw components and plain DDIM algebra."""
+    """The published Instruct-NeRF2NeRF edit, step by step, from the raw components (docs/method.md).
+
+    Randomness as the reference run draws it after `torch.manual_seed(seed)`: T, then the
+    posterior sample, then the noise, from one CPU generator.
+    """
     g = torch.Generator().manual_seed(p.seed)
-    T = int(torch.randint(int(p.lower_bound * 1000), int(p.upper_bound * 1000) + 1, (1,), generator=g))
-    n = p.diffusion_steps
-    abar = b.scheduler.alphas_cumprod  # [1000], the SD schedule
+    # 1. T, inclusive, from int(1000 * lower) to int(1000 * upper).
+    T = int(torch.randint(int(1000 * p.lower_bound), int(1000 * p.upper_bound) + 1, (1,), generator=g))
+    # 2. The schedule: DDIM with the 1000-step noise schedule, spaced as if it had T training steps.
+    sched = DDIMScheduler.from_config(b.scheduler.config)
+    sched.register_to_config(num_train_timesteps=T)
+    sched.set_timesteps(p.diffusion_steps)
+    n, stride = p.diffusion_steps, T // p.diffusion_steps
+    assert sched.timesteps.tolist() == [k * stride + 1 for k in reversed(range(n))]
 
     def to_t(img: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(img).permute(2, 0, 1)[None] * 2 - 1  # [1, 3, H, W]
+        return torch.from_numpy(img).permute(2, 0, 1)[None] * 2 - 1  # [1, 3, H, W] in [-1, 1]
 
     def embed(text: str) -> torch.Tensor:
         ids = b.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         return b.text_encoder(ids)[0]  # [1, 77, 32]
 
     with torch.no_grad():
+        # 3. The render's latents (a posterior sample, scaled), noised at the schedule's first timestep.
         z0 = b.vae.encode(to_t(render)).latent_dist.sample(g) * 0.18215  # [1, 4, h, w]
         noise = torch.randn(z0.shape, generator=g)
-        z = abar[T].sqrt() * z0 + (1 - abar[T]).sqrt() * noise
+        t0 = sched.timesteps[0]
+        abar = sched.alphas_cumprod  # [1000]
+        z = abar[t0].sqrt() * z0 + (1 - abar[t0]).sqrt() * noise
+        # 4. The image conditioning: the original's latent mode, unscaled; three rows.
         c = b.vae.encode(to_t(original)).latent_dist.mode()  # [1, 4, h, w]
         cond = torch.cat([c, c, torch.zeros_like(c)])  # [3, 4, h, w]
         text = torch.cat([embed(p.instruction), embed(""), embed("")])  # [3, 77, 32]
-        stride = T // n
-        for k in reversed(range(n)):
-            t = k * stride + 1
+        # 5. The DDIM steps, with 3-way guidance.
+        for t in sched.timesteps:
             eps3 = b.unet(torch.cat([z.repeat(3, 1, 1, 1), cond], 1), t, encoder_hidden_states=text).sample
-            e_ti, e_i, e_u = eps3[0:1], eps3[1:2], eps3[2:3]
+            e_ti, e_i, e_u = eps3.chunk(3)
             eps = e_u + p.guidance_scale * (e_ti - e_i) + p.image_guidance_scale * (e_i - e_u)
-            a_t = abar[t]
-            a_prev = abar[t - stride] if t - stride >= 0 else abar[0]
-            x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-            z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+            z = sched.step(eps, t, z).prev_sample
+        # 6. Decode, map to [0, 1], clamp.
         out = (b.vae.decode(z / 0.18215).sample / 2 + 0.5).clamp(0, 1)  # [1, 3, H, W]
     return out[0].permute(1, 2, 0).numpy(), T
 
 
-@pytest.mark.parametrize("steps", [20, 7])
-def test_matches_independent_reference(backend: Ip2pBackend, steps: int) -> None:
-    render, original = _images(32, 32, seed=5)
-    p = EditParams("turn the sky red", guidance_scale=7.5, image_guidance_scale=1.5, diffusion_steps=steps, seed=11)
+@pytest.mark.parametrize("steps,seed,hw", [(20, 11, (32, 32)), (7, 3, (32, 32)), (20, 4, (24, 40))])
+def test_matches_independent_reference(backend: Ip2pBackend, steps: int, seed: int, hw: tuple[int, int]) -> None:
+    render, original = _images(*hw, seed=5)
+    p = EditParams("turn the sky red", guidance_scale=7.5, image_guidance_scale=1.5, diffusion_steps=steps, seed=seed)
     res = backend.edit(render, original, p)
     ref, T = _reference_edit(backend, render, original, p)
     assert res.timestep == T
     np.testing.assert_allclose(res.image, ref, atol=1e-5, rtol=0)
+
+
+def test_batched_edits_match_the_reference(backend: Ip2pBackend) -> None:
+    """In a batch, each edit keeps its own T, noise and schedule: each equals the reference run alone."""
+    from diffusion_server.backends.base import EditItem
+
+    items, refs = [], []
+    for seed in (21, 22, 23):
+        render, original = _images(32, 32, seed=seed)
+        p = EditParams("turn the sky red", diffusion_steps=FEW, seed=seed, lower_bound=0.2, upper_bound=0.9)
+        items.append(EditItem(render, original, p))
+        refs.append(_reference_edit(backend, render, original, p))
+    results = backend.edit_batch(items)
+    assert len({T for _, T in refs}) > 1  # the batch mixes timestep schedules
+    for res, (ref, T) in zip(results, refs):
+        assert res.timestep == T
+        np.testing.assert_allclose(res.image, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("hw", [(32, 32), (31, 45)])

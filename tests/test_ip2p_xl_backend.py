@@ -88,7 +88,7 @@ def _images(h: int = 32, w: int = 32, seed: int = 0) -> tuple:
 
 
 def _reference_edit(b: Ip2pXlBackend, render: np.ndarray, original: np.ndarray, p: EditParams) -> tuple:
-    """method.md's edit with SDXL conditioning, written out with the raw components and DDIM algebra."""
+    """docs/method.md's edit with SDXL conditioning, written out with the raw components and plain DDIM algebra."""
     g = torch.Generator().manual_seed(p.seed)
     T = int(torch.randint(int(p.lower_bound * 1000), int(p.upper_bound * 1000) + 1, (1,), generator=g))
     n = p.diffusion_steps
@@ -112,7 +112,8 @@ def _reference_edit(b: Ip2pXlBackend, render: np.ndarray, original: np.ndarray, 
     with torch.no_grad():
         z0 = b.vae.encode(to_t(render)).latent_dist.sample(g) * sf
         noise = torch.randn(z0.shape, generator=g)
-        z = abar[T].sqrt() * z0 + (1 - abar[T]).sqrt() * noise
+        t0 = (n - 1) * (T // n) + 1  # the schedule's first timestep: the noise level the UNet is first told
+        z = abar[t0].sqrt() * z0 + (1 - abar[t0]).sqrt() * noise
         c = b.vae.encode(to_t(original)).latent_dist.mode()
         cond = torch.cat([c, c, torch.zeros_like(c)])
         text, pooled = embed(p.instruction)

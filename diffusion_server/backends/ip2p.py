@@ -6,21 +6,23 @@ channels, AutoencoderKL, CLIP text encoder and tokenizer) and a DDIM scheduler.
 
 1. T ~ uniform integer in [int(lower_bound * 1000), int(upper_bound * 1000)], kept in
    [1, 999] (an index of the noise schedule); at most T steps are run.
-2. z = VAE(render).sample * scaling_factor, noised to timestep T itself (as
-   method.md says; the reference noises at the first DDIM timestep of step 4,
-   which is T // n - 1 + T % n lower: about one stride).
-3. c = VAE(original).mode, the image conditioning (unscaled, as IP2P does).
-4. `diffusion_steps` DDIM steps over [0, T): the scheduler's 1000-step noise
-   schedule is kept, and its "leading" spacing is applied to T instead of 1000
-   (config num_train_timesteps := T on a per-call copy, as the reference does),
-   giving timesteps k * (T // n) + steps_offset, k = n-1 .. 0, all below T.
-   Each step runs the UNet on 3 copies: (text, c), (empty, c), (empty, 0) and
-   combines uncond + g * (text_image - image) + g_img * (image - uncond).
-5. Decode z / scaling_factor, map [-1, 1] -> [0, 1], clamp.
+2. The DDIM schedule over [0, T): the scheduler's 1000-step noise schedule is
+   kept, and its "leading" spacing is applied to T instead of 1000 (config
+   num_train_timesteps := T on a per-call copy, as the reference does), giving
+   timesteps k * (T // n) + steps_offset, k = n-1 .. 0; the first, t0, is at most T.
+3. z = VAE(render).sample * scaling_factor, noised to t0, the schedule's first
+   timestep, so the noise level of the start latents is the one the UNet is
+   first told (as the reference does).
+4. c = VAE(original).mode, the image conditioning (unscaled, as IP2P does).
+5. The `diffusion_steps` DDIM steps of that schedule. Each step runs the UNet
+   on 3 copies: (text, c), (empty, c), (empty, 0) and combines
+   uncond + g * (text_image - image) + g_img * (image - uncond).
+6. Decode z / scaling_factor, map [-1, 1] -> [0, 1], clamp.
 
 Randomness, all from one CPU torch.Generator (seeded by `params.seed` when
-given, so a seed draws the same numbers on any device), in this order:
-T (torch.randint), the VAE posterior sample, the noise added at T.
+given, so a seed draws the same numbers on any device, the numbers
+`torch.manual_seed(seed)` gives), in this order: T (torch.randint), the VAE
+posterior sample, the noise added at t0.
 
 Batching (`edit_batch`): edits with the same latent size and the same number of
 steps run as one UNet call per step (3 x batch rows), each with its own
@@ -340,9 +342,10 @@ class Ip2pBackend(EditBackend):
             lat = ((mean + std * sample) * self.scaling_factor).to(self.dtype)  # [1, 4, h, w]
             noise = torch.randn(lat.shape, generator=gen, dtype=torch.float32).to(self.device, self.dtype)
             scheduler = copy.deepcopy(self.scheduler)
-            latents.append(scheduler.add_noise(lat, noise, torch.tensor([p.T])))
             scheduler.register_to_config(num_train_timesteps=p.T, timestep_spacing="leading")
-            scheduler.set_timesteps(steps)
+            scheduler.set_timesteps(steps)  # timesteps k * (T // steps) + offset, k = steps-1 .. 0
+            # Noise at the schedule's first timestep, the one the UNet is first told (not at T).
+            latents.append(scheduler.add_noise(lat, noise, scheduler.timesteps[:1]))
             schedulers.append(scheduler)
 
         image_latents = self._conditioning(preps, h8, w8).to(self.dtype)  # [B, 4, h, w]
