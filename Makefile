@@ -20,7 +20,7 @@ UV_VERSION := 0.13.8
 UV := $(UV_VENV)/bin/uv
 # uv reads no pip configuration: hand it the find-links and extra indexes pip is configured with (local mirrors
 # on some machines), so that both find the same files; unsafe-best-match picks versions across indexes as pip does.
-UV_INDEX = $(foreach x,$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null) $(PIP_FIND_LINKS),--find-links $(x)) \
+UV_INDEX = $(foreach x,$(sort $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null) $(PIP_FIND_LINKS)),--find-links $(x)) \
   $(foreach x,$(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null) $(PIP_EXTRA_INDEX_URL),--extra-index-url $(x)) \
   --index-strategy unsafe-best-match
 PROTO_VENV ?= .venv-protos

@@ -306,7 +306,16 @@ def app_builder(args: Dict[str, Any]) -> Any:
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    config = RayServeConfig(**args)
+    defaults = RayServeConfig()
+    typed = {}
+    for name, value in args.items():  # `serve run module:app_builder replicas=2` passes text
+        default = getattr(defaults, name)
+        if isinstance(value, str) and isinstance(default, bool):
+            value = value.lower() in ("1", "true", "yes")
+        elif isinstance(value, str) and isinstance(default, (int, float)):
+            value = type(default)(value)
+        typed[name] = value
+    config = RayServeConfig(**typed)
     config.validate()
     return build_app(config)
 
