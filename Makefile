@@ -113,13 +113,15 @@ serve-ray: setup-server
 lock: setup-trainer
 	$(UV) pip freeze --python $(PY) --exclude-editable | grep -vE '^(pip|setuptools|wheel)==' | { echo "# Exact versions installed by \`make setup\` (pip freeze, Python 3.11, x86_64). Regenerate: make lock."; cat; } > requirements.lock
 
-# Re-pin requirements-server.lock: the server, ray and test extras resolved by uv, every package the trainer's
-# environment also has kept at the trainer's version, except protobuf, numpy and the grpcio helpers (current ones here).
+# Re-pin requirements-server.lock: the server, ray and test extras resolved by uv afresh (current index data, no
+# preference for the old lock: the same indexes give the same lock), every package the trainer's environment also
+# has kept at the trainer's version, except protobuf, numpy and the grpcio helpers (current ones here).
 lock-server: $(UV_VENV)/.setup-done
 	mkdir -p build && grep -vE '^(protobuf|numpy|grpcio-health-checking|grpcio-reflection)==' requirements.lock > build/trainer-pins.txt
 	$(UV) pip compile -q pyproject.toml --extra server --extra ray --extra test --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 -c build/trainer-pins.txt $(UV_INDEX) \
-	  --custom-compile-command "make lock-server" -o requirements-server.lock
+	  --refresh --custom-compile-command "make lock-server" -o build/requirements-server.lock
+	mv build/requirements-server.lock requirements-server.lock
 
 clean:
 	rm -rf $(VENV) $(SERVER_VENV) $(UV_VENV) $(PROTO_VENV) .pytest_cache .hypothesis
