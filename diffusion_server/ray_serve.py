@@ -175,7 +175,9 @@ class EditReplica:
 
     def __init__(self, config: ServerConfig):
         from diffusion_server.backends import create_backend
-        from diffusion_server.server import resolve_token
+        from diffusion_server.server import configure_logging, resolve_token
+
+        configure_logging(config.log_level, config.log_format)  # on the replica's stderr (Ray's worker log)
         from diffusion_server.service import EditServicer, ServiceLimits
 
         backend = create_backend(
@@ -256,6 +258,7 @@ class EditReplica:
             finally:
                 inbox.put(_END)
 
+        log.info("StreamEdit opened on replica pid %d", os.getpid())
         pumping = asyncio.ensure_future(pump())
         responses = self._servicer.StreamEdit(iter(inbox.get, _END), context)
         pending: Optional[asyncio.Future] = None
@@ -273,6 +276,7 @@ class EditReplica:
                 await asyncio.shield(pending)
             await loop.run_in_executor(self._pool, responses.close)
             pumping.cancel()
+            log.info("StreamEdit closed on replica pid %d", os.getpid())
 
 
 # -- the application -----------------------------------------------------------------------------------
@@ -341,14 +345,11 @@ def run(config: RayServeConfig) -> None:
     from ray.serve.config import HTTPOptions
 
     config.validate()
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.set())
     if config.ray_address:
         ray.init(address=config.ray_address, namespace="serve", log_to_driver=False)
     else:
-        ray.init(num_cpus=config.num_cpus, namespace="serve", runtime_env=_runtime_env(), include_dashboard=False,
-                 log_to_driver=False)
+        # The replicas' log lines come out here too, each prefixed with its process.
+        ray.init(num_cpus=config.num_cpus, namespace="serve", runtime_env=_runtime_env(), include_dashboard=False)
     serve.start(http_options=HTTPOptions(host="0.0.0.0", port=config.http_port), grpc_options=grpc_options(config.port))
     serve.run(build_app(config), name=APP_NAME)
     if config.port_file is not None:
@@ -360,6 +361,9 @@ def run(config: RayServeConfig) -> None:
           f"{config.gpus_per_replica:g} GPU and {config.cpus_per_replica:g} CPU each, device {config.device}", flush=True)
     if config.detach:
         return
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
+        signal.signal(sig, lambda signum, frame: stop.set())
     stop.wait()
     print("diffusion_server.ray_serve: stopping", flush=True)
     serve.shutdown()

@@ -2,15 +2,18 @@
 
 The server side runs in the server's environment (.venv-server: Ray Serve, a current protobuf, numpy 2;
 `make setup-server`), the trainer and these tests in the trainer's (.venv: nerfstudio, protobuf 3.20.3).
-One Ray instance (started by `python -m diffusion_server.ray_serve`, two palette replicas) serves the whole
-module. The trainer run edits every view through Ray's gRPC proxy while one replica is killed (SIGKILL)
-mid-run: the stream it held ends with INTERNAL, the client re-sends what had no answer, no edit is lost.
+One Ray instance (started by `python -m diffusion_server.ray_serve`, two replicas of the identity backend
+at a second per edit, so that edits are in flight when a replica dies) serves the whole module. The trainer
+run edits every view through Ray's gRPC proxy while the replica holding its stream is killed (SIGKILL)
+mid-run: the stream ends with INTERNAL, the client re-sends what had no answer, no edit is lost. The last
+tests check the client's side of that on a plain gRPC server whose streams end with INTERNAL (no Ray needed).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,6 +30,7 @@ from conftest import NS_TRAIN, QUIET, REPO_ROOT, subprocess_env
 SERVER_PY = REPO_ROOT / ".venv-server" / "bin" / "python"
 RAY_STARTUP_TIMEOUT_S = 300.0  # Ray's own start: ~50 s on a loaded 2-core machine
 REPLICA_TITLE = "ray::ServeReplica:in2n:EditService"
+STREAM_EVENT = re.compile(r"StreamEdit (opened|closed) on replica pid (\d+)")
 
 needs_server_env = pytest.mark.skipif(
     not SERVER_PY.exists(), reason="the server's environment is missing: make setup-server (make setup builds it)"
@@ -78,9 +82,10 @@ class RayServeProcess:
         self.log_path = workdir / "ray_serve.log"
         cmd = [str(SERVER_PY), "-m", "diffusion_server.ray_serve", "--port", str(self.port), "--http-port",
                str(_free_port()), "--port-file", str(self.port_file), *args]  # fmt: skip
+        env = dict(subprocess_env(), RAY_DEDUP_LOGS="0")  # every replica's log lines, as they come
         with open(self.log_path, "wb") as log:
             # Its own session: Ray's processes (gcs, raylet, workers) are this process's group, killed with it.
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO_ROOT,
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
                                          start_new_session=True)  # fmt: skip
 
     @property
@@ -97,6 +102,21 @@ class RayServeProcess:
                 raise RuntimeError(f"ray_serve exited with {self.proc.returncode}:\n{self.output()[-5000:]}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"ray_serve not serving within {timeout_s} s:\n{self.output()[-5000:]}")
+            time.sleep(0.1)
+
+    def stream_replica(self, timeout_s: float = 60.0) -> int:
+        """Pid of the replica holding the one open stream, from the replicas' log lines (forwarded by Ray)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            open_on: List[int] = []
+            for event, pid in STREAM_EVENT.findall(self.output()):
+                if event == "opened":
+                    open_on.append(int(pid))
+                elif int(pid) in open_on:
+                    open_on.remove(int(pid))
+            if len(open_on) == 1:
+                return open_on[0]
+            assert time.monotonic() < deadline, f"streams open on {open_on}:\n{self.output()[-3000:]}"
             time.sleep(0.1)
 
     def replicas(self) -> list:
@@ -128,10 +148,11 @@ class RayServeProcess:
 
 @pytest.fixture(scope="module")
 def ray_server(tmp_path_factory) -> Iterator[RayServeProcess]:
-    """Two palette replicas behind Ray Serve's gRPC proxy on a local Ray instance (one start for the module)."""
+    """Two identity replicas (a second per edit) behind Ray Serve's gRPC proxy on a local Ray instance (one start
+    for the module)."""
     if not SERVER_PY.exists():
         pytest.skip("the server's environment is missing: make setup-server (make setup builds it)")
-    args = ["--backend", "palette", "--device", "cpu", "--replicas", "2", "--num-cpus", "4"]
+    args = ["--backend", "identity", "--delay-ms", "1000", "--device", "cpu", "--replicas", "2", "--num-cpus", "4"]
     server = RayServeProcess(tmp_path_factory.mktemp("ray_serve"), args)
     try:
         try:
@@ -153,7 +174,6 @@ def test_contract_through_the_ray_proxy(ray_server):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from diffusion_server.backends.base import EditParams
-    from diffusion_server.backends import create_backend
     from diffusion_server.client import EditClient, EditFailed, StreamClient
 
     with grpc.insecure_channel(ray_server.address) as channel:
@@ -169,17 +189,19 @@ def test_contract_through_the_ray_proxy(ray_server):
     render = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)  # [H, W, 3]
     original = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
     params = EditParams(instruction="make it sepia")
-    expected = create_backend("palette", "", "cpu", "auto", 0).edit(render / 255.0, original / 255.0, params).image
+    expected = render / 255.0  # the identity backend answers the render
+    bad_params = EditParams(instruction="make it sepia", diffusion_steps=0)
     with EditClient(ray_server.address, timeout_s=60) as client:
         client.wait_ready(timeout_s=60)
         info = client.describe()
-        assert (info.backend, info.device, info.caches_originals) == ("palette", "cpu", True)
+        assert (info.backend, info.device, info.caches_originals) == ("identity", "cpu", True)
         reply = client.edit(render, original, params, view_id=5)
         assert reply.view_id == 5 and reply.image.shape == (24, 40, 3)
-        assert np.abs(reply.image - expected).max() <= 1 / 255 + 1e-6
+        assert np.abs(reply.image - expected).max() <= 1e-6
+        assert reply.timings["compute_ms"] >= 1000  # computed by the replica's backend (--delay-ms 1000)
         with pytest.raises(EditFailed) as bad:
-            client.edit(render, original, EditParams(instruction="make it purple"))
-        assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT and "unknown instruction" in bad.value.message
+            client.edit(render, original, bad_params)
+        assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT and "diffusion_steps" in bad.value.message
         with pytest.raises(EditFailed) as bad:
             client.edit(render, original[:8], params)
         assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT and "original: size" in bad.value.message
@@ -190,7 +212,7 @@ def test_contract_through_the_ray_proxy(ray_server):
             assert time.monotonic() < deadline, "stream not connected through the proxy"
             time.sleep(0.02)
         ids = {stream.submit(view, render, original, params): view for view in range(3)}
-        bad_id = stream.submit(9, render, original, EditParams(instruction="make it purple"))
+        bad_id = stream.submit(9, render, original, bad_params)
         results = {}
         while len(results) < 4 and time.monotonic() < deadline:
             results.update({r.request_id: r for r in stream.poll()})
@@ -198,7 +220,7 @@ def test_contract_through_the_ray_proxy(ray_server):
     assert set(results) == set(ids) | {bad_id}
     for request_id, view in ids.items():
         assert results[request_id].ok and results[request_id].view_id == view
-        assert np.abs(results[request_id].image - expected).max() <= 1 / 255 + 1e-6
+        assert np.abs(results[request_id].image - expected).max() <= 1e-6
     assert results[bad_id].error_code == grpc.StatusCode.INVALID_ARGUMENT  # and the stream carried on
 
 
@@ -213,23 +235,24 @@ def test_trainer_edits_every_view_through_ray_and_loses_nothing_when_a_replica_d
 
     out = tmp_path / "out"
     cmd = [NS_TRAIN, "in2n-tiny", "--load-dir", str(pretrained), "--output-dir", str(out), "--experiment-name", "tiny",
-           "--timestamp", "ray", "--max-num-iterations", "1200", "--pipeline.edit-server", ray_server.address,
+           "--timestamp", "ray", "--max-num-iterations", "600", "--pipeline.edit-server", ray_server.address,
            "--pipeline.datamanager.train-num-rays-per-batch", "256", "--pipeline.edit-rate", "1",
-           "--pipeline.instruction", "make it grayscale", "--pipeline.log-every", "10",
+           "--pipeline.instruction", "make it grayscale", "--pipeline.log-every", "10", "--pipeline.max-in-flight", "2",
            "--pipeline.require-server", "True", *QUIET]  # fmt: skip
     trainer = subprocess.Popen(cmd, env=trainer_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = LogWatcher(trainer)
     try:
         replicas = ray_server.replicas()
         assert len(replicas) == 2, ray_server.output()[-3000:]
-        line = log.wait_for(lambda line: applied_in(line) >= 2)
-        # The trainer's one stream is pinned to one replica: the one whose CPU time grows while edits arrive.
-        before = {p.pid: sum(p.cpu_times()[:2]) for p in replicas}
-        log.wait_for(lambda line, n=applied_in(line): applied_in(line) >= n + 6)
-        busy = max(replicas, key=lambda p: sum(p.cpu_times()[:2]) - before[p.pid])
+        log.wait_for(lambda line: applied_in(line) >= 3)
+        log.wait_for(lambda line: "edits in flight 2" in line)  # each takes a second: both still there at the kill
+        # The trainer's one stream is pinned to one replica: kill that one.
+        holder = ray_server.stream_replica()
+        busy = next(p for p in replicas if p.pid == holder)
         busy.send_signal(signal.SIGKILL)
         # The stream ends with INTERNAL; the client keeps what was in flight and re-sends it on a new stream.
-        log.wait_for(lambda line: "broke (INTERNAL" in line and "kept to re-send" in line)
+        broke = log.wait_for(lambda line: "broke (INTERNAL" in line)
+        assert "kept to re-send" in broke and " 0 request(s) in flight handed back" in broke, broke
         assert trainer.wait(timeout=600) == 0, "".join(log.seen[-40:])
     finally:
         if trainer.poll() is None:
@@ -240,6 +263,95 @@ def test_trainer_edits_every_view_through_ray_and_loses_nothing_when_a_replica_d
     assert stats["edits_applied"] > 0
     snapshot = np.load(report / "training_images.npz")
     assert (snapshot["edits_per_view"] >= 1).all(), "every view edited through the proxy"
-    images = snapshot["images"]
-    assert (images[..., 0] == images[..., 1]).all(), "grayscale edits applied, nothing corrupted"
     assert not psutil.pid_exists(busy.pid) or busy.status() == psutil.STATUS_ZOMBIE
+
+
+# -- the client's side of a replica's death, on a plain gRPC server (no Ray needed) ------------------------
+
+
+def _server_whose_streams_die(after: int, times: int):
+    """A real gRPC server (palette, no health service) whose first `times` streams read `after` requests, answer
+    none and end with INTERNAL, as a Ray Serve stream does when its replica dies."""
+    from concurrent import futures
+
+    from diffusion_server.backends import create_backend
+    from diffusion_server.service import EditServicer, ServiceLimits, add_edit_service
+
+    class DyingStreams(EditServicer):
+        def __init__(self) -> None:
+            super().__init__(create_backend("palette", "", "cpu", "auto", 0), "palette", ServiceLimits())
+            self.streams = 0
+
+        def StreamEdit(self, request_iterator, context):
+            self.streams += 1
+            if self.streams <= times:
+                for _ in range(after):
+                    next(request_iterator)
+                context.abort(grpc.StatusCode.INTERNAL, "replica died")
+            yield from super().StreamEdit(request_iterator, context)
+
+    servicer = DyingStreams()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    add_edit_service(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, servicer, f"127.0.0.1:{port}"
+
+
+def _collect(client, count: int, timeout_s: float = 60.0) -> list:
+    deadline = time.monotonic() + timeout_s
+    results = []
+    while len(results) < count:
+        assert time.monotonic() < deadline, f"{len(results)} of {count} results"
+        results += client.poll()
+        time.sleep(0.01)
+    return results
+
+
+def _connected(client, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not client.can_submit():
+        assert time.monotonic() < deadline, "not connected"
+        time.sleep(0.01)
+
+
+def test_stream_client_resends_what_a_stream_ended_by_internal_had_no_answer_for():
+    from diffusion_server.backends.base import EditParams
+    from diffusion_server.client import StreamClient
+
+    server, servicer, address = _server_whose_streams_die(after=2, times=1)
+    rng = np.random.default_rng(1)
+    originals = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(3)]
+    try:
+        with StreamClient(address, max_in_flight=4) as client:
+            _connected(client)  # readiness from Describe: this server has no health service
+            for view, original in enumerate(originals):
+                client.submit(view, original, original, EditParams(instruction="make it sepia"))
+            results = _collect(client, 3)
+            assert client.resent >= 2 and client.failed == 0 and servicer.streams == 2
+            assert sorted(r.view_id for r in results) == [0, 1, 2] and all(r.ok for r in results)
+    finally:
+        server.stop(None)
+
+
+def test_stream_client_hands_a_request_back_after_two_resends():
+    import grpc as grpc_module
+
+    from diffusion_server.backends.base import EditParams
+    from diffusion_server.client import MAX_RESENDS, StreamClient
+
+    server, servicer, address = _server_whose_streams_die(after=1, times=MAX_RESENDS + 1)
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    try:
+        with StreamClient(address, max_in_flight=1) as client:
+            _connected(client)
+            client.submit(0, image, image, EditParams(instruction="make it sepia"))
+            (result,) = _collect(client, 1)
+            assert result.error_code == grpc_module.StatusCode.UNAVAILABLE and "INTERNAL" in result.error_message
+            assert client.resent == MAX_RESENDS and servicer.streams >= MAX_RESENDS + 1
+            _connected(client)  # and the next stream serves
+            client.submit(1, image, image, EditParams(instruction="make it sepia"))
+            (result,) = _collect(client, 1)
+            assert result.ok and result.view_id == 1
+    finally:
+        server.stop(None)
