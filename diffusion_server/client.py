@@ -568,7 +568,8 @@ class StreamClient:
                 self._on_response(response, conn)
         except grpc.RpcError as e:
             code = e.code()
-            reason = f"{code.name}: {e.details()}"
+            details = " ".join((e.details() or "").split())  # one line (Ray's details span several)
+            reason = f"{code.name}: {details[:200] + '...' if len(details) > 200 else details}"
         finally:
             with self._lock:
                 self._conn = None

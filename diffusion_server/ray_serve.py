@@ -300,7 +300,10 @@ def build_app(config: RayServeConfig) -> Any:
         }
     else:
         options["num_replicas"] = config.replicas
-    return serve.deployment(EditReplica).options(**options).bind(server_config_of(config))
+    # By its module path, also under `python -m` (where this file is __main__): replicas import it, not unpickle a copy.
+    from diffusion_server.ray_serve import EditReplica as replica_class
+
+    return serve.deployment(replica_class).options(**options).bind(server_config_of(config))
 
 
 def app_builder(args: Dict[str, Any]) -> Any:
