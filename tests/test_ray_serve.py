@@ -235,7 +235,7 @@ def test_trainer_edits_every_view_through_ray_and_loses_nothing_when_a_replica_d
 
     out = tmp_path / "out"
     cmd = [NS_TRAIN, "in2n-tiny", "--load-dir", str(pretrained), "--output-dir", str(out), "--experiment-name", "tiny",
-           "--timestamp", "ray", "--max-num-iterations", "600", "--pipeline.edit-server", ray_server.address,
+           "--timestamp", "ray", "--max-num-iterations", "400", "--pipeline.edit-server", ray_server.address,
            "--pipeline.datamanager.train-num-rays-per-batch", "256", "--pipeline.edit-rate", "1",
            "--pipeline.instruction", "make it grayscale", "--pipeline.log-every", "10", "--pipeline.max-in-flight", "2",
            "--pipeline.require-server", "True", *QUIET]  # fmt: skip
