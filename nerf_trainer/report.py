@@ -1,7 +1,8 @@
 """What a user looks at after an edit: before/after renders and the dataset-evolution sheet.
 
 The evolution sheet has one row per tracked view:
-original | the edits it received, oldest to newest (the latest `max_edits`) | render now.
+original | the edits it received, oldest to newest (the latest `max_edits`) | render now,
+under a header that names the columns ("original", "edits over time ->", "current render").
 Written as PNGs into `<run>/edit_report/`.
 """
 
@@ -13,7 +14,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -29,10 +30,14 @@ def save_png(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def grid(rows: List[List[Optional[np.ndarray]]], pad: int = 2, min_side: int = 128) -> np.ndarray:
+def grid(
+    rows: List[List[Optional[np.ndarray]]], pad: int = 2, min_side: int = 128, header: Optional[List[Optional[str]]] = None
+) -> np.ndarray:
     """Tile images ([H, W, 3] uint8, all one size; None = blank) into one sheet.
 
     Small images are enlarged (nearest neighbour, by a whole factor) to at least `min_side`.
+    `header`: a label per column (None: none), written in a band above the first row; a label
+    may run on over the columns to its right.
     """
     cells = [c for row in rows for c in row if c is not None]
     factor = max(1, -(-min_side // max(cells[0].shape[:2])))
@@ -41,13 +46,26 @@ def grid(rows: List[List[Optional[np.ndarray]]], pad: int = 2, min_side: int = 1
         cells = [c for row in rows for c in row if c is not None]
     h, w, _ = cells[0].shape
     ncols = max(len(r) for r in rows)
-    sheet = np.full((len(rows) * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    top = HEADER_HEIGHT if header else 0
+    sheet = np.full((top + len(rows) * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for i, row in enumerate(rows):
         for j, cell in enumerate(row):
             if cell is not None:
-                y, x = pad + i * (h + pad), pad + j * (w + pad)
+                y, x = top + pad + i * (h + pad), pad + j * (w + pad)
                 sheet[y : y + h, x : x + w] = cell
+    if header:
+        image = Image.fromarray(sheet)
+        draw = ImageDraw.Draw(image)
+        font = ImageFont.load_default()
+        for j, label in enumerate(header[:ncols]):
+            if label:
+                draw.text((pad + j * (w + pad) + 2, 4), label, fill=(0, 0, 0), font=font)
+        sheet = np.asarray(image).copy()
     return sheet
+
+
+HEADER_HEIGHT = 20
+"""Pixels of the label band above a sheet's first row."""
 
 
 class EvolutionRecorder:
@@ -78,7 +96,8 @@ class EvolutionRecorder:
         for v in self.views:
             edits: List[Optional[np.ndarray]] = list(self.edits[v]) + [None] * (ncols - len(self.edits[v]))
             rows.append([self.originals[v]] + edits + [self.after.get(v)])
-        return grid(rows)
+        header = ["original"] + (["edits over time ->"] + [None] * (ncols - 1) if ncols else []) + ["current render"]
+        return grid(rows, header=header)
 
     def write(self, folder: Path) -> None:
         folder = Path(folder)
@@ -90,4 +109,4 @@ class EvolutionRecorder:
                 save_png(self.after[v], folder / f"view_{v:04d}_after.png")
         pairs = [[self.before.get(v), self.after.get(v)] for v in self.views if v in self.before or v in self.after]
         if pairs:
-            save_png(grid(pairs), folder / "before_after.png")
+            save_png(grid(pairs, header=["before", "after"]), folder / "before_after.png")

@@ -126,3 +126,23 @@ def test_max_edits_per_view_still_retries_a_failed_view():
     schedule.submitted("a", first, 0)
     schedule.failed("a", "UNAVAILABLE")
     assert schedule.may_start(1) and schedule.next_view(1) == first
+
+
+def test_evolution_sheet_labels_its_columns() -> None:
+    """The sheet's header band names the columns: text (dark pixels) above the original, the edits and the render."""
+    import torch
+
+    from nerf_trainer.report import HEADER_HEIGHT, EvolutionRecorder
+
+    originals = torch.full((3, 16, 16, 3), 0.5)
+    rec = EvolutionRecorder(views=[0, 2], originals=originals)
+    for v in (0, 2):
+        rec.record_edit(v, torch.full((16, 16, 3), 0.2))
+        rec.record_edit(v, torch.full((16, 16, 3), 0.8))
+        rec.record_after(v, torch.full((16, 16, 3), 0.7))
+    sheet = rec.evolution_sheet()  # [header + rows, 4 columns of 128 px + padding, 3]
+    cell = (sheet.shape[1] - 2) // 4
+    band = sheet[:HEADER_HEIGHT]
+    for col in (0, 1, 3):  # original | edits over time -> (over columns 1-2) | current render
+        assert (band[:, 2 + col * cell : (col + 1) * cell] < 128).any(), f"no label above column {col}"
+    assert (sheet[HEADER_HEIGHT + 2 : HEADER_HEIGHT + 10, 2:20] == 128).all()  # the original's pixels start below it
