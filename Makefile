@@ -9,8 +9,8 @@ SHELL := /bin/bash
 # This machine's pip config names local mirrors that do not hold every package; pip warns once per package.
 QUIET_PIP := 2>&1 | { grep -v "^WARNING: Location" || true; }
 PYTHON ?= python3
-# Two environments: the trainer's (nerfstudio, protobuf 3.20.3, numpy 1) and the server's (no nerfstudio;
-# Ray Serve, a current protobuf, numpy 2). Both are installed by uv from one package cache (README: "Installation").
+# Two environments: the trainer's (nerfstudio, protobuf 3.20.3, numpy 1; installed by pip) and the server's
+# (no nerfstudio; Ray Serve, a current protobuf, numpy 2; installed and locked by uv). README: "Installation".
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SERVER_VENV ?= .venv-server
@@ -55,12 +55,14 @@ $(UV_VENV)/.setup-done:
 	$(UV_VENV)/bin/pip install -q --disable-pip-version-check uv==$(UV_VERSION) $(QUIET_PIP)
 	touch $@
 
-# --seed: pip and setuptools in the venv, as `python -m venv` gives (pip freeze leaves them out of the lock).
-$(VENV)/.setup-done: requirements.lock pyproject.toml $(UV_VENV)/.setup-done
+# pip, not uv: where a release's files are spread over several indexes (local mirrors holding some of them),
+# uv takes them from the first index that has the release and may install the wrong wheel (multiprocess's py310
+# build on Python 3.11, which breaks nerfstudio's data loader); pip weighs them all.
+$(VENV)/.setup-done: requirements.lock pyproject.toml
 	@echo "== setting up $(VENV), the trainer's environment (pinned: requirements.lock) =="
-	$(UV) venv -q --seed --allow-existing --python $(PYTHON) $(VENV)
-	$(UV) pip install -q --python $(PY) $(UV_INDEX) -r requirements.lock
-	$(UV) pip install -q --python $(PY) --no-deps -e .
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.lock $(QUIET_PIP)
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . $(QUIET_PIP)
 	touch $@
 
 $(SERVER_VENV)/.setup-done: requirements-server.lock pyproject.toml $(UV_VENV)/.setup-done
@@ -111,7 +113,7 @@ serve-ray: setup-server
 
 # Re-pin requirements.lock from the current environment.
 lock: setup-trainer
-	$(UV) pip freeze --python $(PY) --exclude-editable | grep -vE '^(pip|setuptools|wheel)==' | { echo "# Exact versions installed by \`make setup\` (pip freeze, Python 3.11, x86_64). Regenerate: make lock."; cat; } > requirements.lock
+	$(VENV)/bin/pip freeze --exclude-editable | { echo "# Exact versions installed by \`make setup\` (pip freeze, Python 3.11, x86_64). Regenerate: make lock."; cat; } > requirements.lock
 
 # Re-pin requirements-server.lock: the server, ray and test extras resolved by uv afresh (current index data, no
 # preference for the old lock: the same indexes give the same lock), every package the trainer's environment also
