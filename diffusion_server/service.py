@@ -790,7 +790,9 @@ class EditServicer(pb_grpc.EditServiceServicer):
 
     async def StreamEdit(
         self, request_iterator: AsyncIterator[pb.StreamEditRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.StreamEditResponse]:
+    ) -> None:
+        """Coroutine handler (writes with `context.write`): a write that fails because the client went away
+        ends the call quietly, where a generator handler would have grpc log a traceback."""
         limits = self._limits
         stream = _Stream(asyncio.get_running_loop(), limits.max_stream_backlog)
         with self._streams_lock:
@@ -830,7 +832,13 @@ class EditServicer(pb_grpc.EditServiceServicer):
                 if isinstance(item, _EndOfInput):
                     expected = item.count
                     continue
-                yield item
+                try:
+                    await context.write(item)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the client cancelled or the connection broke mid-write
+                    log.debug("StreamEdit write failed: %s", e)
+                    raise asyncio.CancelledError() from e
                 sent += 1
                 stream.sent()
             else:
