@@ -712,9 +712,11 @@ class EditServicer(pb_grpc.EditServiceServicer):
     async def _parse(self, req: pb.EditRequest, arrival: float) -> EditJob:
         """`parse_request` on the request threads (decoding and hashing images would stall the loop)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._requests, parse_request, req, self._limits, self._backend, arrival, self._originals
-        )
+        try:
+            pending = loop.run_in_executor(self._requests, parse_request, req, self._limits, self._backend, arrival, self._originals)
+        except RuntimeError:  # the pool is shut down: close() was called
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another server or later") from None
+        return await pending
 
     # -- Describe --------------------------------------------------------------------------------
 
