@@ -51,7 +51,7 @@ class ServerConfig:
     stream_idle_timeout_s: float = 600.0
     """A stream with no request from its client and nothing of its own in flight for this many seconds is closed (UNAVAILABLE, "stream idle ..."); 0: never."""
     max_stream_backlog: int = 32
-    """Most edits of one stream accepted and not yet handed to the client (in flight, or answered and waiting for the client to read); at this bound the server stops reading that stream's requests until the client reads (back-pressure)."""
+    """Most responses one stream may owe its client (requests read whose answer is not yet sent: edits in flight, answers the client has not taken); at this bound the server stops reading that stream's requests until the client reads (back-pressure)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Logging level of the server's log on stderr."""
     log_format: Literal["text", "json"] = "text"

@@ -675,6 +675,8 @@ class EditServicer(pb_grpc.EditServiceServicer):
         self._requests = concurrent.futures.ThreadPoolExecutor(limits.request_threads, thread_name_prefix="request")
         self._streams_lock = threading.Lock()
         self._streams: Set[_Stream] = set()
+        self._refusals = 0  # streams refused since the last log line about it (on the loop)
+        self._refusal_logged = -math.inf  # time.monotonic() of that line
 
     @property
     def worker(self) -> EditWorker:
@@ -803,8 +805,12 @@ class EditServicer(pb_grpc.EditServiceServicer):
                 self._streams.add(stream)
                 open_now = len(self._streams)
         if refused:
-            log.info("StreamEdit refused: %d streams open (--max-streams)", limits.max_streams,
-                     extra={"event": "stream_refused", "code": "RESOURCE_EXHAUSTED"})
+            self._refusals += 1
+            now = time.monotonic()
+            if now - self._refusal_logged >= 10.0:  # one line per 10 s at most: a flood of streams must not flood the log
+                log.info("StreamEdit refused: %d streams open (--max-streams); %d refused since the last such line",
+                         limits.max_streams, self._refusals, extra={"event": "stream_refused", "code": "RESOURCE_EXHAUSTED"})
+                self._refusal_logged, self._refusals = now, 0
             if self._metrics is not None:
                 self._metrics.streams_refused.inc()  # type: ignore[attr-defined]
             self._count("StreamEdit", grpc.StatusCode.RESOURCE_EXHAUSTED)

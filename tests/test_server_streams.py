@@ -39,7 +39,7 @@ from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 
 from test_client import collect, free_port, wait_until
 from test_palette import random_image
-from test_server import decoded, edit_request
+from test_server import assert_one_line_error, decoded, edit_request, run_server_cli
 from test_server_ops import GateBackend, InProcessServer
 
 IDLE_STREAMS = 300
@@ -282,3 +282,22 @@ def test_client_id_is_never_written_in_clear(edit_server_factory) -> None:
     from diffusion_server.service import client_tag
 
     assert client_tag(secret) in details  # a short hash prefix instead: enough to tell clients apart in a log
+
+
+# -- the options ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (["--max-streams", "0"], "--max-streams"),
+        (["--stream-idle-timeout-s", "-1"], "--stream-idle-timeout-s"),
+        (["--stream-idle-timeout-s", "nan"], "--stream-idle-timeout-s"),
+        (["--max-stream-backlog", "0"], "--max-stream-backlog"),
+        (["--rpc-threads", "0"], "--rpc-threads"),
+    ],
+    ids=["zero-streams", "negative-idle", "nan-idle", "zero-backlog", "zero-threads"],
+)
+def test_stream_limit_errors_are_one_line(child_env: dict, args: List[str], flag: str) -> None:
+    result = run_server_cli(["--backend", "palette", "--device", "cpu", "--port", "0", *args], child_env)
+    assert_one_line_error(result, flag)
