@@ -33,7 +33,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Deque, Dict, Hashable, List, Optional, Set, Tuple
+from typing import AsyncIterator, Callable, Deque, Hashable, List, Optional, Set, Tuple
 
 import grpc
 import numpy as np

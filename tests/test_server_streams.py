@@ -19,10 +19,8 @@ from __future__ import annotations
 import asyncio
 import queue
 import re
-import threading
-import time
 import urllib.request
-from typing import Callable, Iterator, List, Optional
+from typing import Iterator, List, Optional
 
 import grpc
 import numpy as np
@@ -31,7 +29,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import EditServerProcess
-from diffusion_server import codec
 from diffusion_server.backends.base import EditParams
 from diffusion_server.client import StreamClient, original_key
 from protos.in2n.v1 import edit_service_pb2 as pb
@@ -199,6 +196,26 @@ def test_a_client_that_never_reads_cannot_grow_server_memory(edit_server_factory
         reply = list(stub.StreamEdit(iter([pb.StreamEditRequest(edit=_small_edit("after"))]), timeout=RPC_TIMEOUT_S))
         assert [r.request_id for r in reply] == ["after"]
     assert "Traceback" not in server.output()
+
+
+def test_back_pressure_loses_nothing() -> None:
+    """A stream held back (the server stopped reading it) gets every answer once its client reads."""
+    server = InProcessServer(GateBackend(), max_stream_backlog=4)
+    try:
+        render = random_image(7, FLOOD_SIDE, FLOOD_SIDE)  # answers of 786 KiB: the client's receive window fills
+        requests: "queue.Queue[Optional[pb.StreamEditRequest]]" = queue.Queue()
+        for i in range(30):
+            requests.put(pb.StreamEditRequest(edit=edit_request(f"b{i}", "x", render, render)))
+        requests.put(None)
+        call = server.stub.StreamEdit(iter(requests.get, None), timeout=120)
+        paused = lambda: server.metrics.registry.get_sample_value("in2n_streams_paused") == 1  # noqa: E731
+        wait_until(paused, "the server stops reading the stream")
+        responses = list(call)  # now read: the server reads on, and answers everything
+        assert sorted(r.request_id for r in responses) == sorted(f"b{i}" for i in range(30))
+        assert all(r.WhichOneof("outcome") == "edited" for r in responses)
+        assert server.metrics.registry.get_sample_value("in2n_streams_paused") == 0
+    finally:
+        server.close()
 
 
 # -- item 5: originals cache ---------------------------------------------------------------------------
