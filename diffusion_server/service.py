@@ -19,7 +19,9 @@ holds is dropped when it ends.
 Before computing, the worker drops what nobody waits for any more: an edit whose
 deadline has passed fails with DEADLINE_EXCEEDED, one whose client cancelled or
 went away is cancelled. Originals a client sends with `client_id` and
-`original_key` are cached (`OriginalCache`), so later requests may carry only the render.
+`original_key` are cached (`OriginalCache`), so later requests may carry only the render;
+the key must be the original's (`wire_original_key`, checked), and the client id, a
+secret, is shown only as a short hash (`client_tag`).
 """
 
 from __future__ import annotations
