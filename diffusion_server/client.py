@@ -91,8 +91,15 @@ def auth_metadata(token: Optional[str]) -> Optional[Tuple[Tuple[str, str], ...]]
 
 
 def original_key(original: np.ndarray) -> str:
-    """Key of an original's content (shape, dtype and pixels): the same key means the same image."""
-    array = np.ascontiguousarray(original)
+    """Key of an original's content as it travels (shape, dtype and pixels): the same key means the same image.
+
+    The server computes it again from the image it receives and refuses a request whose key does not match
+    (INVALID_ARGUMENT naming original_key); so float64 is keyed as the float32 it is sent as, in little-endian order.
+    """
+    array = np.asarray(original)
+    if array.dtype == np.float64:  # sent as float32 (see _wire_image)
+        array = array.astype(np.float32)
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
     digest = hashlib.sha256(f"{array.shape}|{array.dtype.str}|".encode())  # sha256: hardware-accelerated on most CPUs
     digest.update(memoryview(array).cast("B"))
     return digest.hexdigest()[:32]
