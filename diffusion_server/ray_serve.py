@@ -20,12 +20,10 @@ Start it with `make serve-ray` / `python -m diffusion_server.ray_serve --help`, 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import hmac
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
@@ -126,43 +124,43 @@ class _Aborted(Exception):
 
 
 class _ReplicaContext:
-    """What `EditServicer` uses of a grpc.ServicerContext, for a call that reached a Ray Serve replica.
+    """What `EditServicer` (a grpc.aio servicer) uses of a call's context, for a call that reached a Ray Serve
+    replica: abort, write (a stream's responses go to the replica's generator), time_remaining, add_done_callback.
 
     Ray does not pass the call's deadline to the replica (time_remaining is None; `timeout_ms` in the request
-    still bounds an edit); the call is active until the replica's side of it ends (`terminate`).
+    still bounds an edit); the call is over when `finish` runs (answered, failed, or the client went away).
     """
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._callbacks: List[Callable[[], None]] = []
-        self._active = True
+    def __init__(self, write: Optional[Callable[[Any], Any]] = None) -> None:
+        self._write = write
+        self._callbacks: List[Callable[[Any], None]] = []
+        self._done = False
 
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise _Aborted(code, details)
+
+    async def write(self, message: Any) -> None:
+        assert self._write is not None, "write on a unary call"
+        await self._write(message)
 
     def time_remaining(self) -> Optional[float]:
         return None
 
-    def is_active(self) -> bool:
-        return self._active
-
-    def add_callback(self, callback: Callable[[], None]) -> bool:
-        with self._lock:
-            if not self._active:
-                return False
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        if self._done:
+            callback(self)
+        else:
             self._callbacks.append(callback)
-            return True
 
-    def terminate(self) -> None:
-        """The call is over (answered, cancelled or the client went away): run the callbacks once."""
-        with self._lock:
-            if not self._active:
-                return
-            self._active = False
-            callbacks, self._callbacks = self._callbacks, []
+    def finish(self) -> None:
+        """The call is over: run the callbacks once."""
+        if self._done:
+            return
+        self._done = True
+        callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             try:
-                callback()
+                callback(self)
             except Exception:  # noqa: BLE001 - a callback must not break the others
                 log.exception("call-end callback failed")
 
@@ -170,34 +168,42 @@ class _ReplicaContext:
 _END = object()
 
 
+def service_limits(config: ServerConfig) -> Any:
+    """The ServiceLimits of `config`, as diffusion_server.server.build_server makes them."""
+    from diffusion_server.service import ServiceLimits
+
+    return ServiceLimits(
+        max_image_side=config.max_image_side,
+        max_diffusion_steps=config.max_diffusion_steps,
+        max_queued=config.max_queued,
+        max_batch=config.max_batch,
+        max_delay_s=config.max_delay_ms / 1e3,
+        original_cache_bytes=config.original_cache_mb << 20,
+        max_streams=config.max_streams,
+        stream_idle_timeout_s=config.stream_idle_timeout_s,
+        max_stream_backlog=config.max_stream_backlog,
+        request_threads=config.rpc_threads,
+    )
+
+
 class EditReplica:
-    """One Ray Serve replica: a backend and an `EditServicer` over it. Its methods are named like the RPCs."""
+    """One Ray Serve replica: a backend and an `EditServicer` over it. Its methods are named like the RPCs and
+    run the servicer's coroutines on the replica's event loop."""
 
     def __init__(self, config: ServerConfig):
         from diffusion_server.backends import create_backend
         from diffusion_server.server import configure_logging, resolve_token
+        from diffusion_server.service import EditServicer
 
         configure_logging(config.log_level, config.log_format)  # on the replica's stderr (Ray's worker log)
-        from diffusion_server.service import EditServicer, ServiceLimits
-
         backend = create_backend(
             config.backend, config.model, config.device, config.precision, config.seed,
             channels_last=config.channels_last, compile=config.compile, cpu_offload=config.cpu_offload,
             delay_ms=config.delay_ms,
         )  # fmt: skip
-        limits = ServiceLimits(
-            max_image_side=config.max_image_side,
-            max_diffusion_steps=config.max_diffusion_steps,
-            max_queued=config.max_queued,
-            max_batch=config.max_batch,
-            max_delay_s=config.max_delay_ms / 1e3,
-            original_cache_bytes=config.original_cache_mb << 20,
-        )
-        self._servicer = EditServicer(backend, config.backend, limits)
+        self._servicer = EditServicer(backend, config.backend, service_limits(config))
         token = resolve_token(config)
         self._expected = f"Bearer {token}".encode() if token else None
-        # Each open stream holds two threads (its response loop here and the servicer's reader); unary calls one.
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2 * config.rpc_threads + 4, thread_name_prefix="replica-rpc")
         log.info("replica ready: %s on %s (pid %d)", config.backend, config.device, os.getpid())
 
     def _check_token(self, grpc_context: Any) -> None:
@@ -224,58 +230,50 @@ class EditReplica:
     async def Describe(self, request: Any, grpc_context: Any = None) -> Any:
         try:
             self._check_token(grpc_context)
-            return self._servicer.Describe(request, _ReplicaContext())
+            return await self._servicer.Describe(request, _ReplicaContext())
         except _Aborted as e:
             self._fail(grpc_context, e)
 
     async def Edit(self, request: Any, grpc_context: Any = None) -> Any:
         context = _ReplicaContext()
-        loop = asyncio.get_running_loop()
         try:
             self._check_token(grpc_context)
-            return await loop.run_in_executor(self._pool, self._servicer.Edit, request, context)
+            return await self._servicer.Edit(request, context)
         except _Aborted as e:
             self._fail(grpc_context, e)
         finally:
-            context.terminate()  # the client gone (asyncio cancelled us): drop the edit if it has not started
+            context.finish()  # the client gone (Ray cancelled us): drop the edit if it has not started
 
     async def StreamEdit(self, request_stream: AsyncIterator[Any], grpc_context: Any = None) -> AsyncIterator[Any]:
-        """Bridge Ray's async request stream to `EditServicer.StreamEdit` (a blocking generator over an iterator)."""
+        """Run `EditServicer.StreamEdit` (a coroutine that writes its responses) and yield what it writes."""
         try:
             self._check_token(grpc_context)
         except _Aborted as e:
             self._fail(grpc_context, e)
-        loop = asyncio.get_running_loop()
-        context = _ReplicaContext()
-        inbox: "queue.Queue[object]" = queue.Queue()
-
-        async def pump() -> None:
-            try:
-                async for message in request_stream:
-                    inbox.put(message)
-            except Exception as e:  # noqa: BLE001 - the client went away: the servicer sees the end of input
-                log.debug("StreamEdit input ended: %s", e)
-            finally:
-                inbox.put(_END)
-
+        out: "asyncio.Queue[object]" = asyncio.Queue(maxsize=1)  # a write waits until its response is taken
+        context = _ReplicaContext(write=out.put)
         log.info("StreamEdit opened on replica pid %d", os.getpid())
-        pumping = asyncio.ensure_future(pump())
-        responses = self._servicer.StreamEdit(iter(inbox.get, _END), context)
-        pending: Optional[asyncio.Future] = None
+
+        async def serve() -> None:
+            try:
+                await self._servicer.StreamEdit(request_stream, context)
+            finally:
+                await out.put(_END)
+
+        serving = asyncio.ensure_future(serve())
         try:
             while True:
-                pending = loop.run_in_executor(self._pool, next, responses, _END)
-                item = await pending
-                pending = None
+                item = await out.get()
                 if item is _END:
-                    return
+                    break
                 yield item
+            await serving  # raises _Aborted (e.g. RESOURCE_EXHAUSTED: too many streams) or what failed
+        except _Aborted as e:
+            self._fail(grpc_context, e)
         finally:
-            context.terminate()  # ends the servicer's loop (it stops waiting for responses) and cancels queued edits
-            if pending is not None:
-                await asyncio.shield(pending)
-            await loop.run_in_executor(self._pool, responses.close)
-            pumping.cancel()
+            context.finish()
+            if not serving.done():
+                serving.cancel()  # the client went away: the servicer ends the stream and cancels its edits
             log.info("StreamEdit closed on replica pid %d", os.getpid())
 
 

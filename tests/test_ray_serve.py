@@ -6,7 +6,7 @@ One Ray instance (started by `python -m diffusion_server.ray_serve`, two replica
 at a second per edit, so that edits are in flight when a replica dies) serves the whole module. The trainer
 run edits every view through Ray's gRPC proxy while the replica holding its stream is killed (SIGKILL)
 mid-run: the stream ends with INTERNAL, the client re-sends what had no answer, no edit is lost. The last
-tests check the client's side of that on a plain gRPC server whose streams end with INTERNAL (no Ray needed).
+tests check the client's side of that on a small gRPC server whose streams end with INTERNAL (no Ray needed).
 """
 
 from __future__ import annotations
@@ -266,21 +266,24 @@ def test_trainer_edits_every_view_through_ray_and_loses_nothing_when_a_replica_d
     assert not psutil.pid_exists(busy.pid) or busy.status() == psutil.STATUS_ZOMBIE
 
 
-# -- the client's side of a replica's death, on a plain gRPC server (no Ray needed) ------------------------
+# -- the client's side of a replica's death, on a small gRPC server (no Ray needed) ------------------------
 
 
 def _server_whose_streams_die(after: int, times: int):
-    """A real gRPC server (palette, no health service) whose first `times` streams read `after` requests, answer
-    none and end with INTERNAL, as a Ray Serve stream does when its replica dies."""
+    """A real gRPC server of the contract (no health service) that answers each edit with its render, except that
+    its first `times` streams read `after` requests, answer none and end with INTERNAL, as a Ray Serve stream does
+    when its replica dies."""
     from concurrent import futures
 
-    from diffusion_server.backends import create_backend
-    from diffusion_server.service import EditServicer, ServiceLimits, add_edit_service
+    from protos.in2n.v1 import edit_service_pb2 as pb
+    from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 
-    class DyingStreams(EditServicer):
+    class DyingStreams(pb_grpc.EditServiceServicer):
         def __init__(self) -> None:
-            super().__init__(create_backend("palette", "", "cpu", "auto", 0), "palette", ServiceLimits())
             self.streams = 0
+
+        def Describe(self, request, context):
+            return pb.DescribeResponse(backend="echo", caches_originals=False)
 
         def StreamEdit(self, request_iterator, context):
             self.streams += 1
@@ -288,11 +291,15 @@ def _server_whose_streams_die(after: int, times: int):
                 for _ in range(after):
                     next(request_iterator)
                 context.abort(grpc.StatusCode.INTERNAL, "replica died")
-            yield from super().StreamEdit(request_iterator, context)
+            for request in request_iterator:
+                edit = request.edit
+                yield pb.StreamEditResponse(request_id=edit.request_id, view_id=edit.view_id,
+                                            edited=pb.EditResponse(request_id=edit.request_id, view_id=edit.view_id,
+                                                                   edited=edit.render))  # fmt: skip
 
     servicer = DyingStreams()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    add_edit_service(servicer, server)
+    pb_grpc.add_EditServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, servicer, f"127.0.0.1:{port}"
@@ -330,6 +337,8 @@ def test_stream_client_resends_what_a_stream_ended_by_internal_had_no_answer_for
             results = _collect(client, 3)
             assert client.resent >= 2 and client.failed == 0 and servicer.streams == 2
             assert sorted(r.view_id for r in results) == [0, 1, 2] and all(r.ok for r in results)
+            for r in results:  # each answer is its own request's
+                assert np.array_equal(np.rint(r.image * 255).astype(np.uint8), originals[r.view_id])
     finally:
         server.stop(None)
 
