@@ -285,7 +285,7 @@ def damage(path: Path, error: BaseException) -> str:
     size = path.stat().st_size if path.exists() else 0
     if size == 0:
         return "empty file"
-    if isinstance(error, OSError) and not isinstance(error, EOFError):
+    if isinstance(error, OSError):
         return f"unreadable: {error.strerror or error}"
     return f"damaged or truncated ({size} bytes, not a complete torch file)"
 

@@ -8,6 +8,7 @@ for a few steps against a dead server, then reads what the resumed run saved.
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 import socket
 import subprocess
@@ -166,6 +167,18 @@ def test_a_pretrained_nerfacto_checkpoint_needs_no_edits(pretrained, trainer_env
     proc = resume(copy, tmp_path, trainer_env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Done loading Nerfstudio checkpoint" in proc.stdout and "WITHOUT" not in proc.stdout
+
+
+def test_export_skips_a_damaged_latest_edits_file(finished_run, tmp_path, capsys):
+    from nerf_trainer.export import ExportConfig, export_edited_dataset
+
+    run = copy_run(finished_run, tmp_path)
+    latest, previous = ckpt_steps(run)[-1], ckpt_steps(run)[-2]
+    garbage(run / "in2n_edits" / f"step-{latest:09d}.pt")
+    transforms = export_edited_dataset(ExportConfig(run=run, output=tmp_path / "edited"))
+    assert f"using step-{previous:09d}.pt; skipped newer: step-{latest:09d}.pt" in capsys.readouterr().err
+    meta = json.loads(transforms.read_text())
+    assert meta["in2n"]["edited_views"] == len(edits_of(run, previous)["views"])
 
 
 # -- a full disk while saving -------------------------------------------------------------------------------
