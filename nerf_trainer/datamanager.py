@@ -40,12 +40,13 @@ class SceneError(ValueError):
     """A scene nerfstudio cannot train on; the message names the file and the problem, in one line."""
 
 
-def check_scene(data: Path) -> Tuple[int, Tuple[int, int]]:
+def check_scene(data: Path, images: bool = True) -> Tuple[int, Optional[Tuple[int, int]]]:
     """Check a nerfstudio scene (a folder with transforms.json, or the .json itself) before it is parsed.
 
-    Returns (number of frames, (width, height) of the images). Raises SceneError, naming the file, when
-    transforms.json is missing or malformed or lists no frames, or an image is missing, unreadable or of
-    another size than the first (in2n trains on one buffer of equally sized images).
+    Returns (number of frames, (width, height) of the images, None when `images` is False). Raises
+    SceneError, naming the file, when transforms.json is missing or malformed or lists no frames, or (with
+    `images`) an image is missing, unreadable or of another size than the first (in2n trains on one buffer
+    of equally sized images).
     """
     data = Path(data)
     meta_path, base = (data, data.parent) if data.suffix == ".json" else (data / "transforms.json", data)
@@ -65,6 +66,8 @@ def check_scene(data: Path) -> Tuple[int, Tuple[int, int]]:
         if not isinstance(frame, dict) or not isinstance(frame.get("file_path"), str) or "transform_matrix" not in frame:
             raise SceneError(f"{meta_path}: frame {k} needs a \"file_path\" and a \"transform_matrix\"")
         image = base / frame["file_path"]
+        if not images:
+            continue
         if not image.is_file():
             raise SceneError(f"{image}: image missing (frame {k} of {meta_path})")
         try:
@@ -80,8 +83,7 @@ def check_scene(data: Path) -> Tuple[int, Tuple[int, int]]:
                 f"{image}: {size[0]}x{size[1]} pixels, but {first[0].name} is {first[1][0]}x{first[1][1]}; "
                 "in2n needs all images at one size"
             )
-    assert first is not None
-    return len(frames), first[1]
+    return len(frames), first[1] if first is not None else None
 
 
 class In2nDataManager(VanillaDataManager):
@@ -89,12 +91,12 @@ class In2nDataManager(VanillaDataManager):
 
     config: In2nDataManagerConfig
 
-    def __init__(self, config: In2nDataManagerConfig, *args, **kwargs) -> None:
+    def __init__(self, config: In2nDataManagerConfig, device="cpu", test_mode="val", world_size=1, local_rank=0, **kwargs):
         data = config.data if config.data is not None else config.dataparser.data
         if data is None or not Path(data).exists():
             raise SceneError(f"{data}: no such scene folder (--data)")
-        check_scene(Path(data))
-        super().__init__(config, *args, **kwargs)
+        check_scene(Path(data), images=test_mode != "inference")  # inference (ns-render, ...) opens no image
+        super().__init__(config, device, test_mode, world_size, local_rank, **kwargs)
 
     def setup_train(self) -> None:
         super().setup_train()

@@ -85,6 +85,15 @@ def test_a_good_scene_passes(tiny_scene):
     assert check_scene(tiny_scene / "transforms.json") == (16, (32, 32))
 
 
+def test_without_images_only_transforms_json_is_checked(tiny_scene, tmp_path):
+    """Inference (ns-render, ns-viewer of a run) opens no image: nor does the check then."""
+    scene, _, _ = broken_copy(tiny_scene, tmp_path, "missing image")
+    assert check_scene(scene, images=False) == (16, None)
+    with pytest.raises(SceneError, match="no frames"):
+        no_frames(scene)
+        check_scene(scene, images=False)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_broken_scene_is_one_error_naming_the_file(tiny_scene, tmp_path, case):
     scene, culprit, words = broken_copy(tiny_scene, tmp_path, case)
