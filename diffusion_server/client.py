@@ -289,6 +289,7 @@ class StreamResult:
     error_message: str = ""
     timestep: int = 0
     timings: Dict[str, float] = field(default_factory=dict)
+    malformed: bool = False  # the server answered, but its image was refused when decoded (NaN, range, size)
 
     @property
     def ok(self) -> bool:
@@ -672,7 +673,9 @@ class StreamClient:
                     timings=timings_dict(response.edited.timings),
                 )
             except codec.ImageFormatError as e:
-                result = StreamResult(response.request_id, response.view_id, None, grpc.StatusCode.INTERNAL, f"bad response: {e}")
+                result = StreamResult(
+                    response.request_id, response.view_id, None, grpc.StatusCode.INTERNAL, f"bad response: {e}", malformed=True
+                )
         elif outcome == "error":
             result = StreamResult(
                 response.request_id, response.view_id, None, status_code(response.error.code), response.error.message

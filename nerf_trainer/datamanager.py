@@ -6,14 +6,21 @@ batch is taken once, sorted so that buffer row i holds camera i, and kept as
 `original_images`: they are the image conditioning of every edit. Rays are
 sampled from the current buffer at every step, so supervision mixes edited
 and not yet edited views.
+
+Before nerfstudio reads the scene, `check_scene` looks at it: transforms.json
+readable and with frames, every image present, readable and of one size. A
+problem is a `SceneError` naming the file, which `ns-train` prints as one line.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Dict, Tuple, Type
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Type
 
 import torch
+from PIL import Image
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
@@ -29,10 +36,67 @@ class In2nDataManagerConfig(VanillaDataManagerConfig):
     """Reads the scene (nerfstudio format: transforms.json and images)."""
 
 
+class SceneError(ValueError):
+    """A scene nerfstudio cannot train on; the message names the file and the problem, in one line."""
+
+
+def check_scene(data: Path, images: bool = True) -> Tuple[int, Optional[Tuple[int, int]]]:
+    """Check a nerfstudio scene (a folder with transforms.json, or the .json itself) before it is parsed.
+
+    Returns (number of frames, (width, height) of the images, None when `images` is False). Raises
+    SceneError, naming the file, when transforms.json is missing or malformed or lists no frames, or (with
+    `images`) an image is missing, unreadable or of another size than the first (in2n trains on one buffer
+    of equally sized images).
+    """
+    data = Path(data)
+    meta_path, base = (data, data.parent) if data.suffix == ".json" else (data / "transforms.json", data)
+    if not meta_path.is_file():
+        raise SceneError(f"{meta_path}: no such file (a nerfstudio scene needs transforms.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SceneError(f"{meta_path}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SceneError(f"{meta_path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    frames = meta.get("frames") if isinstance(meta, dict) else None
+    if not isinstance(frames, list) or not frames:
+        raise SceneError(f"{meta_path}: no frames (\"frames\" must be a non-empty list)")
+    first: Optional[Tuple[Path, Tuple[int, int]]] = None
+    for k, frame in enumerate(frames):
+        if not isinstance(frame, dict) or not isinstance(frame.get("file_path"), str) or "transform_matrix" not in frame:
+            raise SceneError(f"{meta_path}: frame {k} needs a \"file_path\" and a \"transform_matrix\"")
+        image = base / frame["file_path"]
+        if not images:
+            continue
+        if not image.is_file():
+            raise SceneError(f"{image}: image missing (frame {k} of {meta_path})")
+        try:
+            with Image.open(image) as im:
+                im.load()  # decodes it all: a truncated file fails here, not in the middle of training
+                size = im.size
+        except Exception as e:  # PIL raises several kinds for files it cannot decode
+            raise SceneError(f"{image}: unreadable image ({e})") from None
+        if first is None:
+            first = (image, size)
+        elif size != first[1]:
+            raise SceneError(
+                f"{image}: {size[0]}x{size[1]} pixels, but {first[0].name} is {first[1][0]}x{first[1][1]}; "
+                "in2n needs all images at one size"
+            )
+    return len(frames), first[1] if first is not None else None
+
+
 class In2nDataManager(VanillaDataManager):
     """Samples rays from a buffer of training images that edits replace, view by view."""
 
     config: In2nDataManagerConfig
+
+    def __init__(self, config: In2nDataManagerConfig, device="cpu", test_mode="val", world_size=1, local_rank=0, **kwargs):
+        data = config.data if config.data is not None else config.dataparser.data
+        if data is None or not Path(data).exists():
+            raise SceneError(f"{data}: no such scene folder (--data)")
+        check_scene(Path(data), images=test_mode != "inference")  # inference (ns-render, ...) opens no image
+        super().__init__(config, device, test_mode, world_size, local_rank, **kwargs)
 
     def setup_train(self) -> None:
         super().setup_train()

@@ -7,7 +7,8 @@ This is the bookkeeping of the method, with no training code in it:
   a slot is free, and at most `edit_count` views are started every `edit_rate`
   steps (upper bounds: the servers' pace decides the real rate);
 - a result is checked (size, finite, range) before it may touch the dataset; a
-  bad one is rejected, logged and its view re-queued first;
+  bad one (or one the client could not decode: `reject`) is rejected, counted
+  as rejected, logged and its view re-queued first;
 - a result for a view that a newer edit has already replaced is dropped;
 - failed requests (server gone, error status) put their view back first in line.
 """
@@ -183,6 +184,19 @@ class DatasetUpdateSchedule:
         logger.warning("edit of view %d failed (%s); view re-queued", sub.view, reason)
         self.requeue(sub.view)
 
+    def reject(self, request_id: str, reason: str) -> None:
+        """A result came back that could not even be decoded (NaN, out of range, no pixels...): reject it."""
+        sub = self._finish(request_id)
+        if sub is None:
+            logger.warning("bad result for unknown request %s ignored: %s", request_id, reason)
+            return
+        self._reject(sub, reason)
+
+    def _reject(self, sub: Submission, problem: str) -> None:
+        self.stats.rejected += 1
+        logger.warning("edit of view %d rejected: %s; view re-queued", sub.view, problem)
+        self.requeue(sub.view)
+
     def accept(
         self, request_id: str, view_id: int, image: Optional[np.ndarray], expected_shape: Tuple[int, int, int]
     ) -> Optional[Submission]:
@@ -208,9 +222,7 @@ class DatasetUpdateSchedule:
         elif image.min() < 0.0 or image.max() > 1.0:
             problem = f"its values span [{image.min():.3g}, {image.max():.3g}], outside [0, 1]"
         if problem is not None:
-            self.stats.rejected += 1
-            logger.warning("edit of view %d rejected: %s; view re-queued", sub.view, problem)
-            self.requeue(sub.view)
+            self._reject(sub, problem)
             return None
         if self._latest_applied.get(sub.view, 0) > sub.seq:
             self.stats.stale += 1

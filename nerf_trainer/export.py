@@ -2,7 +2,7 @@
 
     python -m nerf_trainer.export --run outputs/edits/demo/in2n-tiny/<time> --output data/demo-edited
 
-Reads the run's latest saved edits (`<run>/in2n_edits/step-*.pt`) and its
+Reads the run's latest saved edits that load (`<run>/in2n_edits/step-*.pt`) and its
 scene's transforms.json, and writes `<output>/transforms.json` and
 `<output>/images/`: the training views, each with its current (edited) image;
 views never edited keep their original. Intrinsics are rescaled when the run
@@ -13,6 +13,7 @@ trained on downscaled images. Any nerfstudio method can train on the result
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,7 +23,7 @@ import torch
 import yaml
 from PIL import Image
 
-from nerf_trainer.trainer import EDITS_FOLDER
+from nerf_trainer.trainer import EDITS_FOLDER, damage
 
 _INTRINSICS = ("fl_x", "fl_y", "cx", "cy")
 
@@ -49,7 +50,17 @@ def export_edited_dataset(config: ExportConfig) -> Path:
         saved = [p for p in saved if p.name == f"step-{config.step:09d}.pt"]
     if not saved:
         raise SystemExit(f"export: no saved edits in {run / EDITS_FOLDER} (is {run} an in2n run with a checkpoint?)")
-    state = torch.load(saved[-1], map_location="cpu", weights_only=True)
+    state, skipped = None, []
+    for path in reversed(saved):  # the newest edits file that loads (a damaged newer one is skipped, and said so)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            break
+        except Exception as e:  # torch raises many kinds (zip, pickle, EOF) for a damaged file
+            skipped.append(f"{path.name} ({damage(path, e)})")
+    if state is None:
+        raise SystemExit(f"export: no loadable edits in {run / EDITS_FOLDER}: " + "; ".join(skipped))
+    if skipped:
+        print(f"export: using {path.name}; skipped newer: " + "; ".join(skipped), file=sys.stderr)
     trainer_config = yaml.load((run / "config.yml").read_text(), Loader=yaml.Loader)
     data = Path(trainer_config.pipeline.datamanager.data)
     meta = json.loads((data / "transforms.json").read_text())

@@ -30,6 +30,7 @@ from nerfstudio.viewer.viewer_elements import ViewerNumber, ViewerText
 
 from diffusion_server.backends.base import EditParams
 from diffusion_server.client import EditClient, StreamClient, original_key
+from diffusion_server.codec import ImageFormatError
 from nerf_trainer.datamanager import In2nDataManagerConfig
 from nerf_trainer.dataset_update import DatasetUpdateSchedule
 from nerf_trainer.model import In2nModelConfig
@@ -265,6 +266,9 @@ class In2nPipeline(VanillaPipeline):
             if sent is not None:
                 elapsed = time.monotonic() - sent.sent_at
                 self._latency_s = elapsed if self._latency_s is None else 0.8 * self._latency_s + 0.2 * elapsed
+            if result.malformed:  # an answer, but not an image we may use: rejected, like any bad edit
+                self.schedule.reject(result.request_id, result.error_message)
+                continue
             if result.error_code is not None:
                 self.schedule.failed(result.request_id, f"{result.error_code.name}: {result.error_message}")
                 continue
@@ -346,6 +350,9 @@ class In2nPipeline(VanillaPipeline):
             self.schedule.submitted(request_id, view, step)
             try:
                 reply = self._sync_client.edit(self._wire(render), self._wire_original(view)[0], self._params(), view_id=view)
+            except ImageFormatError as e:  # an answer whose image could not be decoded: rejected
+                self.schedule.reject(request_id, f"bad response: {e}")
+                continue
             except Exception as e:  # the server failed or went away: the view waits for the next round
                 self.schedule.failed(request_id, str(e))
                 continue
@@ -410,16 +417,37 @@ class In2nPipeline(VanillaPipeline):
             "schedule": self.schedule.state_dict(),
         }
 
-    def load_edit_state(self, state: dict) -> int:
-        """Restore `edit_state()`: the edited images go back into the buffer. Returns how many views."""
+    def check_edit_state(self, state: object) -> None:
+        """Raise ValueError (a few words) unless `state` is an `edit_state()` that fits this dataset."""
         dm = self.datamanager
-        if state.get("version") != 1:
-            raise ValueError(f"unknown in2n edit state version {state.get('version')!r}")
+        keys = ("version", "num_views", "image_shape", "views", "images", "schedule")
+        if not isinstance(state, dict) or any(key not in state for key in keys):
+            raise ValueError("not an in2n edits file (keys missing)")
+        if state["version"] != 1:
+            raise ValueError(f"unknown in2n edit state version {state['version']!r}")
         if state["num_views"] != dm.num_views or list(state["image_shape"]) != list(dm.images.shape[1:]):
             raise ValueError(
                 f"saved edits are for {state['num_views']} views of {state['image_shape']}, "
                 f"this dataset has {dm.num_views} of {list(dm.images.shape[1:])}"
             )
+        views, images = state["views"], state["images"]
+        if not (isinstance(views, torch.Tensor) and isinstance(images, torch.Tensor)):
+            raise ValueError("views or images are not tensors")
+        if tuple(images.shape) != (len(views), *dm.images.shape[1:]) or (len(views) and not 0 <= int(views.min()) <= int(views.max()) < dm.num_views):
+            raise ValueError(f"{tuple(images.shape)} images for views {views.tolist()[:8]}... do not fit this dataset")
+        if not torch.isfinite(images).all():
+            raise ValueError("saved images hold NaN or infinite values")
+        schedule = state["schedule"]
+        fields = ("order", "cursor", "retry", "seq", "edits_per_view", "applied")
+        if not isinstance(schedule, dict) or any(key not in schedule for key in fields):
+            raise ValueError("its edit schedule is incomplete")
+        if sorted(schedule["order"]) != list(range(dm.num_views)):
+            raise ValueError(f"its edit order is for {len(schedule['order'])} views, this dataset has {dm.num_views}")
+
+    def load_edit_state(self, state: dict) -> int:
+        """Restore `edit_state()`: the edited images go back into the buffer. Returns how many views."""
+        self.check_edit_state(state)
+        dm = self.datamanager
         views = state["views"]
         if len(views):
             dm.images[views] = state["images"].to(dm.images.dtype)

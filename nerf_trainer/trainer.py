@@ -10,6 +10,12 @@ Two things nerfstudio 1.1.5 does not do for us:
 - Edits must survive a restart: the edited images, per-view edit counts and
   the edit order are saved beside every checkpoint (`<run>/in2n_edits/`,
   written atomically) and restored when `--load-dir` points into an in2n run.
+  Resuming takes the newest checkpoint whose model and edits both load (a
+  truncated or damaged newer one is skipped, and said so in one line); an in2n
+  checkpoint without loadable edits stops the run unless
+  `--resume-without-edits True`. Stray files in `nerfstudio_models/` are ignored.
+- A full disk while saving ends the run with one line saying so and where;
+  the partial file is removed and the previous checkpoint is kept.
 - torch >= 2.6 loads checkpoints with `weights_only=True`, which rejects the
   numpy scalars nerfstudio checkpoints hold. Loading allow-lists exactly those
   numpy types for the duration of the load; nothing else is trusted.
@@ -18,10 +24,14 @@ Two things nerfstudio 1.1.5 does not do for us:
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io
 import os
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Type
+from typing import Callable, List, Literal, Optional, Tuple, Type
 
 import numpy as np
 import torch
@@ -37,6 +47,21 @@ from nerf_trainer.progress import start_run_progress
 _NOT_INHERITED = {"_target", "eval_num_rays_per_chunk", "prompt"}
 # Beside nerfstudio_models/: the edited dataset at each checkpoint's step.
 EDITS_FOLDER = "in2n_edits"
+# The checkpoint names nerfstudio writes; anything else in nerfstudio_models/ is ignored.
+CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.ckpt$")
+_CHECKPOINT_KEYS = ("step", "pipeline", "optimizers", "scalers")
+
+
+class ResumeError(RuntimeError):
+    """No checkpoint (with its edits) could be resumed from; the message is one line for the user."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint or edits file could not be written (e.g. a full disk); the message is one line."""
+
+    def __init__(self, errno_: Optional[int], message: str):
+        super().__init__(message)
+        self.errno = errno_
 
 
 def checkpoint_safe_globals() -> list:
@@ -89,6 +114,9 @@ class In2nTrainerConfig(TrainerConfig):
     """Target class to instantiate."""
     inherit_pretrained_model: bool = True
     """Copy the model settings (and the data path, if --data is unset) of the run that --load-dir points into."""
+    resume_without_edits: bool = False
+    """Resume an in2n run whose saved edits are all missing or damaged from its newest loadable checkpoint, training
+    on the original images (every edit is lost). Off: such a resume stops with a message."""
 
 
 class In2nTrainer(Trainer):
@@ -113,25 +141,92 @@ class In2nTrainer(Trainer):
         super().__init__(config, local_rank, world_size)
 
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
-        super().setup(test_mode=test_mode)
+        """nerfstudio's setup; a bad scene or a checkpoint that cannot be resumed ends the run with one line."""
+        from nerf_trainer.datamanager import SceneError
+
+        try:
+            super().setup(test_mode)
+        except (SceneError, ResumeError) as e:
+            raise SystemExit(f"in2n: {e}") from None
         start_run_progress(self._start_step, self.config.max_num_iterations)  # the table counts this run's steps
 
     def _load_checkpoint(self) -> None:
-        with torch.serialization.safe_globals(checkpoint_safe_globals()):
-            super()._load_checkpoint()
+        """Load the newest checkpoint whose model (and, for an in2n run, edits) load; see the module docstring."""
         if self.config.load_dir is None and self.config.load_checkpoint is None:
+            CONSOLE.print("No Nerfstudio checkpoint to load, so training from scratch.")
             return
-        # Resuming an in2n run: put its edited images back (a nerfacto run has none).
-        run = Path(self.config.load_dir).parent if self.config.load_dir else Path(self.config.load_checkpoint).parent.parent
-        step = self._start_step - 1
-        saved = sorted(p for p in (run / EDITS_FOLDER).glob("step-*.pt") if int(p.stem.split("-")[1]) <= step)
-        if not saved:
+        if self.config.load_checkpoint is not None:
+            path = Path(self.config.load_checkpoint)
+            candidates, where = [path], path
+        else:
+            where = Path(self.config.load_dir)
+            candidates = list_checkpoints(where)
+            if self.config.load_step is not None:
+                candidates = [p for p in candidates if checkpoint_step(p) == self.config.load_step]
+            if not candidates:
+                wanted = f"step-{self.config.load_step:09d}.ckpt" if self.config.load_step is not None else "step-*.ckpt"
+                raise ResumeError(f"no checkpoint ({wanted}) in {where}")
+        run = candidates[0].parent.parent
+        with_edits = expects_edits(run)
+        skipped: List[str] = []  # "name (why)" of each newer checkpoint passed over
+        without_edits: Optional[Tuple[Path, dict]] = None  # newest checkpoint whose model loads
+        for path in candidates:
+            try:
+                loaded = read_checkpoint(path)
+            except ValueError as e:
+                skipped.append(f"{path.name} ({e})")
+                continue
+            if not with_edits:
+                self._restore(path, loaded)
+                if skipped:
+                    CONSOLE.print(f"in2n: resumed from {path.name}; skipped newer: " + "; ".join(skipped), soft_wrap=True)
+                return
+            edits = run / EDITS_FOLDER / f"step-{checkpoint_step(path):09d}.pt"
+            try:
+                state = self._read_edits(edits)
+            except ValueError as e:
+                skipped.append(f"{path.name} (its edits {EDITS_FOLDER}/{edits.name}: {e})")
+                without_edits = without_edits or (path, loaded)
+                continue
+            self._restore(path, loaded)
+            restored = self.pipeline.load_edit_state(state)
+            line = f"in2n: resumed from {path.name}: restored {restored} edited views from {edits}"
+            CONSOLE.print(line + ("; skipped newer: " + "; ".join(skipped) if skipped else ""), soft_wrap=True)
             return
-        edits = saved[-1]
-        if edits.name != f"step-{step:09d}.pt":
-            CONSOLE.print(f"[bold yellow]in2n: no edits saved at step {step} (interrupted save?); using {edits.name}")
-        restored = self.pipeline.load_edit_state(torch.load(edits, map_location="cpu", weights_only=True))
-        CONSOLE.print(f"in2n: restored {restored} edited views from {edits}")
+        if without_edits is None:
+            raise ResumeError(f"no checkpoint in {where} can be loaded: " + "; ".join(skipped))
+        if not self.config.resume_without_edits:
+            raise ResumeError(
+                f"no loadable edits for any checkpoint of the in2n run {run} (" + "; ".join(skipped) + "): resuming "
+                "would train on the original images and lose every edit; pass --resume-without-edits True to do so"
+            )
+        path, loaded = without_edits
+        self._restore(path, loaded)
+        CONSOLE.print(
+            f"[bold yellow]in2n: resumed from {path.name} WITHOUT its edits (--resume-without-edits): training on "
+            "the original images; " + "; ".join(skipped), soft_wrap=True,
+        )
+
+    def _restore(self, path: Path, loaded: dict) -> None:
+        """Put a read checkpoint into the pipeline, optimizers and grad scaler (as nerfstudio does)."""
+        self._start_step = int(loaded["step"]) + 1
+        self.pipeline.load_pipeline(loaded["pipeline"], loaded["step"])
+        self.optimizers.load_optimizers(loaded["optimizers"])
+        if "schedulers" in loaded and self.config.load_scheduler:
+            self.optimizers.load_schedulers(loaded["schedulers"])
+        self.grad_scaler.load_state_dict(loaded["scalers"])
+        CONSOLE.print(f"Done loading Nerfstudio checkpoint from {path}")
+
+    def _read_edits(self, path: Path) -> dict:
+        """An edits file, read and checked against this dataset; ValueError (one line) when missing or damaged."""
+        if not path.exists():
+            raise ValueError("missing")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many kinds (zip, pickle, EOF) for a damaged file
+            raise ValueError(damage(path, e)) from None
+        self.pipeline.check_edit_state(state)
+        return state
 
     @check_main_thread
     def save_checkpoint(self, step: int) -> None:
@@ -141,6 +236,13 @@ class In2nTrainer(Trainer):
         renamed, so a process killed mid-save leaves the previous checkpoint intact.
         Older files go only once the new ones are complete.
         """
+        try:
+            self._save_checkpoint(step)
+        except CheckpointWriteError as e:
+            raise SystemExit(f"in2n: {e}") from None
+        self.pipeline.write_report(final=False)
+
+    def _save_checkpoint(self, step: int) -> None:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         ckpt = self.checkpoint_dir / f"step-{step:09d}.ckpt"
         atomic_torch_save(
@@ -165,11 +267,94 @@ class In2nTrainer(Trainer):
             for old in [*self.checkpoint_dir.glob("step-*.ckpt"), *(self.base_dir / EDITS_FOLDER).glob("step-*.pt")]:
                 if old not in keep:
                     old.unlink()
-        self.pipeline.write_report(final=False)
 
 
-def atomic_torch_save(obj, path: Path, scratch: Path) -> None:
-    """torch.save to a temporary file in `scratch` (same file system, outside the checkpoint folder), then rename."""
+def list_checkpoints(folder: Path) -> List[Path]:
+    """The `step-XXXXXXXXX.ckpt` files of `folder`, newest first; other files are ignored."""
+    found = [p for p in Path(folder).iterdir() if CHECKPOINT_NAME.match(p.name) and p.is_file()] if Path(folder).is_dir() else []
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step in a checkpoint's name (step-000000250.ckpt -> 250)."""
+    match = CHECKPOINT_NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not named step-<number>.ckpt")
+    return int(match.group(1))
+
+
+def damage(path: Path, error: BaseException) -> str:
+    """What is wrong with a file torch could not load, in a few words (torch's own messages mislead here)."""
+    size = path.stat().st_size if path.exists() else 0
+    if size == 0:
+        return "empty file"
+    if isinstance(error, OSError):
+        return f"unreadable: {error.strerror or error}"
+    return f"damaged or truncated ({size} bytes, not a complete torch file)"
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A nerfstudio checkpoint, loaded and checked; ValueError (a few words) when it is missing or damaged."""
+    if not path.exists():
+        raise ValueError("missing")
+    try:
+        loaded = load_checkpoint_file(path)
+    except Exception as e:  # torch raises many kinds (zip, pickle, EOF) for a damaged file
+        raise ValueError(damage(path, e)) from None
+    if not isinstance(loaded, dict) or any(key not in loaded for key in _CHECKPOINT_KEYS):
+        raise ValueError("not a nerfstudio checkpoint (keys missing)")
+    return loaded
+
+
+def expects_edits(run: Path) -> bool:
+    """Whether checkpoints of `run` come with saved edits: an in2n run (its in2n_edits/ folder or its config.yml).
+
+    A pretrained nerfacto run (the usual start of an edit) has neither, nor has an in2n run with edit_mode "off".
+    """
+    if (run / EDITS_FOLDER).is_dir():
+        return True
+    config = run / "config.yml"
+    if not config.is_file():
+        return False
+    try:
+        saved = yaml.load(config.read_text(), Loader=yaml.Loader)
+    except Exception:  # an unreadable config says nothing either way; the edits folder is the evidence
+        return False
+    from nerf_trainer.pipeline import In2nPipelineConfig
+
+    pipeline = getattr(saved, "pipeline", None)
+    return isinstance(pipeline, In2nPipelineConfig) and pipeline.edit_mode != "off"
+
+
+def write_file(path: Path, data: memoryview) -> None:
+    """Write `data` to `path` and flush it to the disk (errors such as a full disk surface here, as OSError)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_torch_save(obj, path: Path, scratch: Path, write: Callable[[Path, memoryview], None] = write_file) -> None:
+    """torch.save to a temporary file in `scratch` (same file system, outside the checkpoint folder), then rename.
+
+    The object is serialised in memory and written by `write` (replaceable in tests), so that a write error
+    arrives with its errno: a full disk raises CheckpointWriteError saying so and where; the partial file is
+    removed either way, and `path`, if it exists, is left as it was.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     tmp = Path(scratch) / f".{path.name}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp, buffer.getbuffer())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        size_mb = buffer.getbuffer().nbytes / 1e6
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free_mb = shutil.disk_usage(scratch).free / 1e6
+            raise CheckpointWriteError(
+                e.errno,
+                f"disk full: could not write {path.name} ({size_mb:.1f} MB) to {Path(scratch).resolve()} "
+                f"({free_mb:.1f} MB free); the partial file was removed, older checkpoints are kept",
+            ) from None
+        raise CheckpointWriteError(e.errno, f"could not write {path} ({size_mb:.1f} MB): {e.strerror or e}") from None

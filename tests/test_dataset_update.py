@@ -67,6 +67,17 @@ def test_bad_results_are_rejected_and_their_view_requeued_first(image, why, capl
     assert schedule.next_view(1) == view  # re-queued ahead of the order
 
 
+def test_an_undecodable_result_counts_as_rejected_not_failed(caplog):
+    """A result the client refused when decoding it (NaN, out of range, no pixels) is a rejected edit."""
+    schedule = DatasetUpdateSchedule(num_views=5, edit_rate=1, edit_count=1, max_in_flight=2, seed=0)
+    view = schedule.next_view(0)
+    schedule.submitted("bad", view, 0)
+    schedule.reject("bad", "bad response: edited: contains NaN or infinite values")
+    assert (schedule.stats.rejected, schedule.stats.failed, schedule.stats.applied) == (1, 0, 0)
+    assert "rejected" in caplog.text and "NaN" in caplog.text
+    assert not schedule.in_flight and schedule.next_view(1) == view  # slot freed, view re-queued first
+
+
 def test_result_naming_another_view_is_rejected():
     schedule = DatasetUpdateSchedule(num_views=5, edit_rate=1, edit_count=1, max_in_flight=2, seed=0)
     view = schedule.next_view(0)

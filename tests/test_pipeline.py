@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -128,6 +129,73 @@ def test_a_bad_edit_is_rejected_without_touching_the_dataset_and_its_view_requeu
     # leave nothing in flight for the next test
     pipeline.clients[0].replies.append(StreamResult(pipeline.clients[0].sent[-1][0], next_view, None, error_code=None))
     pipeline.update_dataset(500)
+
+
+def lying_edit_service():
+    """An EditService whose stream answers every request with a bad image, cycling NaN, out of range, no pixels."""
+    from protos.in2n.v1 import edit_service_pb2 as pb
+    from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
+
+    class LyingEditService(pb_grpc.EditServiceServicer):
+        answered = 0
+
+        def StreamEdit(self, requests, context):
+            for request in requests:
+                h, w = request.edit.render.height, request.edit.render.width
+                kind = self.answered % 3
+                if kind == 0:
+                    pixels = np.full((h, w, 3), np.nan, np.float32)
+                elif kind == 1:
+                    pixels = np.full((h, w, 3), 2.0, np.float32)
+                else:
+                    pixels = np.zeros((0, 0, 3), np.float32)
+                image = pb.Image(height=pixels.shape[0], width=pixels.shape[1], channels=3, dtype=pb.DTYPE_FLOAT32,
+                                 data=pixels.tobytes())  # fmt: skip
+                self.answered += 1
+                yield pb.StreamEditResponse(
+                    request_id=request.edit.request_id, view_id=request.edit.view_id, edited=pb.EditResponse(edited=image)
+                )
+
+    return LyingEditService()
+
+
+def test_nan_out_of_range_and_empty_answers_count_as_rejected_edits(pipeline):
+    """A real StreamClient against a real (in-process) gRPC server that answers NaN, out-of-range and zero-size
+    images: the client refuses them when decoding; the pipeline counts each as rejected (README's word), not
+    failed, and the training images stay untouched."""
+    from concurrent import futures
+
+    import grpc
+
+    from diffusion_server.client import StreamClient
+    from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
+
+    service = lying_edit_service()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_EditServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    scripted = pipeline.clients
+    client = StreamClient(f"127.0.0.1:{port}", max_in_flight=2).start()
+    dm, stats = pipeline.datamanager, pipeline.schedule.stats
+    before, rejected, failed = dm.images.clone(), stats.rejected, stats.failed
+    try:
+        pipeline.clients = [client]
+        deadline, step = time.monotonic() + 120, 1000
+        while stats.rejected < rejected + 3 and time.monotonic() < deadline:
+            pipeline.update_dataset(step)  # a training step's slice: render, send, take in what came back
+            step += 1
+        failed_meanwhile = stats.failed - failed
+    finally:
+        client.close()
+        server.stop(None)
+        pipeline.clients = scripted
+        for request_id in list(pipeline.schedule.in_flight):  # leave nothing in flight for the next test
+            pipeline.schedule.failed(request_id, "test over")
+    assert service.answered >= 3
+    assert stats.rejected >= rejected + 3 and failed_meanwhile == 0, (stats.rejected - rejected, failed_meanwhile)
+    assert pipeline.edit_metrics()["edits_rejected"] == stats.rejected
+    assert torch.equal(dm.images, before)
 
 
 def test_viewer_controls_change_the_next_edits(pipeline):
