@@ -127,6 +127,11 @@ def _read_pem(flag: str, path: Path) -> bytes:
     return data
 
 
+def resolve_max_batch(config: ServerConfig, backend: EditBackend) -> int:
+    """--max-batch, or the backend's default_max_batch when not given."""
+    return config.max_batch if config.max_batch is not None else int(getattr(backend, "default_max_batch", 1))
+
+
 def build_server(
     config: ServerConfig, backend: EditBackend, metrics: Optional[ServerMetrics] = None
 ) -> Tuple[grpc.Server, int, EditServicer, health.HealthServicer]:
@@ -139,7 +144,7 @@ def build_server(
         max_image_side=config.max_image_side,
         max_diffusion_steps=config.max_diffusion_steps,
         max_queued=config.max_queued,
-        max_batch=config.max_batch,
+        max_batch=resolve_max_batch(config, backend),
         max_delay_s=config.max_delay_ms / 1e3,
         original_cache_bytes=config.original_cache_mb << 20,
     )
@@ -263,7 +268,7 @@ def serve(config: ServerConfig) -> None:
         f"diffusion_server: serving {config.backend} (model={info.model or '-'}, device={info.device}, "
         f"precision={info.precision}) on {config.host}:{port}"
     )
-    extras = f" [{security}; max batch {config.max_batch}" + (f"; metrics on :{metrics_port}" if metrics_port else "") + "]"
+    extras = f" [{security}; max batch {resolve_max_batch(config, backend)}" + (f"; metrics on :{metrics_port}" if metrics_port else "") + "]"
     if config.log_format == "json":
         print(json.dumps({"event": "serving", "msg": banner + extras, "backend": config.backend, "model": info.model,
                           "device": info.device, "precision": info.precision, "host": config.host, "port": port,
