@@ -3,7 +3,7 @@
 An independent statement of docs/method.md, "One edit (the IP2P call)", written
 from the published procedure and sharing no code with `Ip2pBackend`: the tests
 check the backend against it (tests/test_ip2p_backend.py) and the GPU benchmark
-times it as the anchor (bench/gpu/bench.py). One edit, no batching, no caches:
+times it as the anchor (bench/gpu/gpu_bench.py). One edit, no batching, no caches:
 
 1. T ~ uniform integer in [int(1000 * lower), int(1000 * upper)] (inclusive);
 2. a DDIM scheduler with the 1000-step noise schedule, its spacing applied as if it
