@@ -254,7 +254,7 @@ def editor_sections(rep: Report, args: argparse.Namespace) -> None:
             rep.save()
 
     add_points("plain", args.batches)
-    mid = [b for b in args.batches if b in (1, 8)] or args.batches[:2]
+    mid = sorted({min(args.batches), max([b for b in args.batches if b <= 8] or [min(args.batches)])})  # 1 and 8 by default
     backend.unet.to(memory_format=torch.channels_last)
     backend.vae.to(memory_format=torch.channels_last)
     add_points("channels_last", mid)

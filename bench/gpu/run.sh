@@ -10,13 +10,14 @@ cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 LIMIT_S=${LIMIT_S:-470}  # the whole run, set-up included, stays inside one 8-minute call
 SITE=${SITE:-/tmp/in2n-bench-site}
+WHEELS=${WHEELS:-.whl}  # or a folder of the same wheels for another Python (a dry run on 3.11)
 if ! "$PYTHON" -c "import diffusers, tyro, grpc_health, prometheus_client" 2>/dev/null; then
-  if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "bench/gpu/run.sh: diffusers & co. are not installed and .whl/ holds no wheels; run bench/gpu/fetch_wheels.sh first" >&2
+  if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    echo "bench/gpu/run.sh: diffusers & co. are not installed and $WHEELS holds no wheels; run bench/gpu/fetch_wheels.sh first" >&2
     exit 2
   fi
-  echo "bench/gpu/run.sh: installing $(ls .whl/*.whl | wc -l) wheels from .whl/ into $SITE" >&2
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl 2>&1 | grep -v "^WARNING" >&2
+  echo "bench/gpu/run.sh: installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $SITE" >&2
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl 2>&1 | grep -v "^WARNING" >&2
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
