@@ -68,6 +68,8 @@ class BenchConfig:
     """Interleaved rounds (every mode once per round, in the same order); ratios are per round, then the median."""
     workdir: Path = Path(tempfile.gettempdir()) / "in2n_bench_trainer"
     """Scratch folder (scene, pretrained model, runs)."""
+    output: Path = REPO / "bench" / "results" / "trainer_throughput.json"
+    """Where the JSON of the figures goes."""
 
 
 class SleepBackend(EditBackend):
@@ -183,9 +185,8 @@ def main(cfg: BenchConfig) -> None:
     for r in rows:
         print(f"| {r['mode']} | {r['render_chunk_rays'] or '-'} | {r['steps_per_s']} | {r['ratio_to_off']} ({r['ratio_min']}-{r['ratio_max']}) | "
               f"{r['median_ms']} ms | {r['p99_ms']} ms | {r['p99_over_median']} | {r['edits_applied']} | {r['render_share']} |")  # fmt: skip
-    out = REPO / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "trainer_throughput.json").write_text(json.dumps({"config": {k: str(v) for k, v in vars(cfg).items()}, "rows": rows}, indent=2))
+    cfg.output.parent.mkdir(parents=True, exist_ok=True)
+    cfg.output.write_text(json.dumps({"config": {k: str(v) for k, v in vars(cfg).items()}, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

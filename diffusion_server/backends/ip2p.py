@@ -27,7 +27,9 @@ posterior sample, the noise added at t0.
 Batching (`edit_batch`): edits with the same latent size and the same number of
 steps run as one UNet call per step (3 x batch rows), each with its own
 generator, timestep schedule (its own T), text embedding and guidance scales;
-the scheduler steps each edit on its own. An edit gives the same numbers
+one DDIM update moves all of them per step (per-row coefficients from each
+edit's own timesteps, as diffusers' DDIMScheduler.step computes them), with no
+Python loop over the edits. An edit gives the same numbers
 batched or alone (up to float rounding of the batched kernels). `edit` is a
 batch of one. The conditioning latents of an original the server caches
 (`EditItem.original_key`) are computed once and kept in a bounded LRU.
