@@ -67,6 +67,11 @@ def test_editor_levers(report: dict) -> None:
     for p in ed["levers"]:
         _speed(p, f"{p['lever']}@{p['batch']}")
     assert set(ed["precision_memory"]) == {"fp16", "fp32"}
+    assert [r["batch"] for r in ed["vae"]] == [1, 2]
+    for r in ed["vae"]:
+        _positive(r["encode_2b_ms"], "vae.encode_2b_ms")
+        _positive(r["decode_ms"], "vae.decode_ms")
+        _positive(r["share_of_batch"], "vae.share_of_batch")
     compiled = ed["compile"]
     assert "skipped" not in compiled, compiled
     assert [p["batch"] for p in compiled["points"]] == [1, 2]

@@ -54,6 +54,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=0, help="timed edits (or batches) per point (default 5, tiny 2)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile lever")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile lever (eager: fast, for the smoke test)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode of the compile lever (e.g. max-autotune: CUDA graphs; slow to compile)")
     p.add_argument("--no-server", action="store_true", help="skip the gRPC server section")
     p.add_argument("--no-trainer", action="store_true", help="skip the trainer section (not in this script: recorded as skipped either way)")
     a = p.parse_args(argv)
@@ -271,6 +272,32 @@ def editor_sections(rep: Report, args: argparse.Namespace) -> None:
 
     rep.section(ed, "precision_memory", precision_memory)
 
+    def vae_cost() -> List[Dict]:
+        """The VAE's share: encode (render and original) and decode of B images, against the batch's edit time."""
+        rows = []
+        for b in mid:
+            x = torch.rand(b, 3, args.side, args.side, device=device, dtype=backend.vae_dtype) * 2 - 1
+            with torch.inference_mode():
+                enc = timed(lambda: backend.vae.encode(torch.cat([x, x])).latent_dist.mode(), device, args.repeats)
+                z = backend.vae.encode(x).latent_dist.mode()
+                dec = timed(lambda: backend.vae.decode(z).sample, device, args.repeats)
+            batch_ms = next((p["ms_per_batch"] for p in levers if p.get("lever") == "plain" and p.get("batch") == b), None)
+            total = (statistics.median(enc) + statistics.median(dec)) * 1e3
+            rows.append({"batch": b, "encode_2b_ms": round(statistics.median(enc) * 1e3, 2), "decode_ms": round(statistics.median(dec) * 1e3, 2),
+                         "share_of_batch": round(total / batch_ms, 4) if batch_ms else None})  # fmt: skip
+        return rows
+
+    rep.section(ed, "vae", vae_cost)
+
+    # The server runs before compile: compile's time is the least certain (minutes), and the
+    # JSON keeps whatever finished if the run is cut short.
+    folder = os.path.join(tempfile.gettempdir(), "in2n-gpu-bench", "model-full" if full else "model-tiny")
+    save_components(parts, folder, backend.dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if not args.no_server:
+        rep.section(ed, "server", lambda: server_section(rep, args, folder))
+
     if not args.no_compile:
         def compile_lever() -> Dict:
             import torch._dynamo as dynamo
@@ -278,7 +305,7 @@ def editor_sections(rep: Report, args: argparse.Namespace) -> None:
 
             dynamo.reset()
             t0 = time.monotonic()
-            backend.optimize(compile=True, warmup_side=args.side, compile_backend=args.compile_backend)
+            backend.optimize(compile=True, warmup_side=args.side, compile_backend=args.compile_backend, compile_mode=args.compile_mode)
             compile_s = time.monotonic() - t0
             points = []
             for b in mid:  # each batch size compiles once, in its untimed warm-up call
@@ -289,18 +316,10 @@ def editor_sections(rep: Report, args: argparse.Namespace) -> None:
             again = batch_point(mid[0], "compile")  # a size seen before, new seeds and timesteps: no compile
             recompiles = int(counters["frames"]["ok"]) - before
             backend.unet = getattr(backend.unet, "_orig_mod", backend.unet)
-            return {"compile_s": round(compile_s, 1), "backend": args.compile_backend, "points": points,
+            return {"compile_s": round(compile_s, 1), "backend": args.compile_backend, "mode": args.compile_mode, "points": points,
                     "again": again, "recompiles_at_a_seen_size": recompiles}  # fmt: skip
 
         rep.section(ed, "compile", compile_lever)
-
-    folder = os.path.join(tempfile.gettempdir(), "in2n-gpu-bench", "model-full" if full else "model-tiny")
-    save_components(parts, folder, backend.dtype)
-    del backend, parts
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    if not args.no_server:
-        rep.section(ed, "server", lambda: server_section(rep, args, folder))
 
 
 def server_section(rep: Report, args: argparse.Namespace, folder: str) -> List[Dict]:
@@ -322,12 +341,14 @@ def server_section(rep: Report, args: argparse.Namespace, folder: str) -> List[D
                    "--max-batch", str(batch), "--max-delay-ms", "0", "--max-queued", "64", "--host", "127.0.0.1",
                    "--port", "0", "--port-file", str(port_file), "--log-level", "warning"]  # fmt: skip
             t_start = time.monotonic()
-            proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            log = open(Path(tmp) / "server.log", "w+")  # a file, not a pipe: a chatty server never blocks on it
+            proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, text=True)
             try:
                 deadline = time.monotonic() + 180
                 while not port_file.exists():
                     if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"server did not start: {(proc.stderr.read() if proc.poll() is not None else '')[-1000:]}")
+                        log.seek(0)
+                        raise RuntimeError(f"server did not start: {log.read()[-1000:]}")
                     time.sleep(0.05)
                 start_s = time.monotonic() - t_start
                 address = f"127.0.0.1:{int(port_file.read_text())}"
@@ -382,6 +403,7 @@ def server_section(rep: Report, args: argparse.Namespace, folder: str) -> List[D
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+                log.close()
         rep.save()
     return rows
 
