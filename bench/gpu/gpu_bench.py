@@ -47,7 +47,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny random components and a small scene (CPU smoke test)")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     p.add_argument("--out", default="", help="JSON path (default: $OUT/gpu_bench.json, else bench/results/gpu_bench[_tiny].json)")
-    p.add_argument("--budget-s", type=float, default=420.0, help="stop starting optional sections after this many seconds")
+    p.add_argument("--budget-s", type=float, default=400.0, help="stop starting optional sections after this many seconds")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes, in-process and --max-batch (default 1 4 8 16, tiny 1 2)")
     p.add_argument("--steps", type=int, default=0, help="diffusion steps per edit (default 20, tiny 4)")
     p.add_argument("--side", type=int, default=0, help="image side in pixels (default 512, tiny 32)")
