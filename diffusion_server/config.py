@@ -56,8 +56,8 @@ class ServerConfig:
     """Logging level of the server's log on stderr."""
     log_format: Literal["text", "json"] = "text"
     """Log lines on stderr: human text, or one JSON object per line (ts, level, logger, msg, ...)."""
-    max_batch: int = 1
-    """Most queued edits run as one backend call (backends that batch: ip2p, tiny-ip2p); 1: no batching."""
+    max_batch: Optional[int] = None
+    """Most queued edits run as one backend call (backends that batch: ip2p, tiny-ip2p); 1: no batching; default: the backend's own (8 for ip2p, with --max-delay-ms 0: what is queued runs together, nothing waits)."""
     max_delay_ms: float = 0.0
     """Longest wait for more edits to fill a batch, in milliseconds (0: take only what is already queued)."""
     original_cache_mb: int = 1024
@@ -106,7 +106,7 @@ class ServerConfig:
             raise ValueError(f"--max-stream-backlog must be >= 1, got {self.max_stream_backlog}")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
-        if not 1 <= self.max_batch <= 256:
+        if self.max_batch is not None and not 1 <= self.max_batch <= 256:
             raise ValueError(f"--max-batch must be in [1, 256], got {self.max_batch}")
         if not (0.0 <= self.max_delay_ms <= 10_000.0):
             raise ValueError(f"--max-delay-ms must be in [0, 10000], got {self.max_delay_ms}")

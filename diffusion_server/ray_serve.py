@@ -168,31 +168,13 @@ class _ReplicaContext:
 _END = object()
 
 
-def service_limits(config: ServerConfig) -> Any:
-    """The ServiceLimits of `config`, as diffusion_server.server.build_server makes them."""
-    from diffusion_server.service import ServiceLimits
-
-    return ServiceLimits(
-        max_image_side=config.max_image_side,
-        max_diffusion_steps=config.max_diffusion_steps,
-        max_queued=config.max_queued,
-        max_batch=config.max_batch,
-        max_delay_s=config.max_delay_ms / 1e3,
-        original_cache_bytes=config.original_cache_mb << 20,
-        max_streams=config.max_streams,
-        stream_idle_timeout_s=config.stream_idle_timeout_s,
-        max_stream_backlog=config.max_stream_backlog,
-        request_threads=config.rpc_threads,
-    )
-
-
 class EditReplica:
     """One Ray Serve replica: a backend and an `EditServicer` over it. Its methods are named like the RPCs and
     run the servicer's coroutines on the replica's event loop."""
 
     def __init__(self, config: ServerConfig):
         from diffusion_server.backends import create_backend
-        from diffusion_server.server import configure_logging, resolve_token
+        from diffusion_server.server import configure_logging, resolve_token, service_limits
         from diffusion_server.service import EditServicer
 
         configure_logging(config.log_level, config.log_format)  # on the replica's stderr (Ray's worker log)
@@ -201,7 +183,7 @@ class EditReplica:
             channels_last=config.channels_last, compile=config.compile, cpu_offload=config.cpu_offload,
             delay_ms=config.delay_ms,
         )  # fmt: skip
-        self._servicer = EditServicer(backend, config.backend, service_limits(config))
+        self._servicer = EditServicer(backend, config.backend, service_limits(config, backend))
         token = resolve_token(config)
         self._expected = f"Bearer {token}".encode() if token else None
         log.info("replica ready: %s on %s (pid %d)", config.backend, config.device, os.getpid())

@@ -208,6 +208,27 @@ class AioServer:
         return self._stopped.wait(timeout)
 
 
+def resolve_max_batch(config: ServerConfig, backend: EditBackend) -> int:
+    """--max-batch, or the backend's default_max_batch when not given."""
+    return config.max_batch if config.max_batch is not None else int(getattr(backend, "default_max_batch", 1))
+
+
+def service_limits(config: ServerConfig, backend: EditBackend) -> ServiceLimits:
+    """The limits `config` sets on the service of `backend` (the standalone server and each Ray replica)."""
+    return ServiceLimits(
+        max_image_side=config.max_image_side,
+        max_diffusion_steps=config.max_diffusion_steps,
+        max_queued=config.max_queued,
+        max_batch=resolve_max_batch(config, backend),
+        max_delay_s=config.max_delay_ms / 1e3,
+        original_cache_bytes=config.original_cache_mb << 20,
+        max_streams=config.max_streams,
+        stream_idle_timeout_s=config.stream_idle_timeout_s,
+        max_stream_backlog=config.max_stream_backlog,
+        request_threads=config.rpc_threads,
+    )
+
+
 def build_server(
     config: ServerConfig, backend: EditBackend, metrics: Optional[ServerMetrics] = None
 ) -> Tuple[AioServer, int, EditServicer, health.aio.HealthServicer]:
@@ -216,18 +237,7 @@ def build_server(
     TLS when config.tls_cert/tls_key are set; a bearer token when `resolve_token(config)` gives one.
     Returns (server, actual port, servicer, health servicer).
     """
-    limits = ServiceLimits(
-        max_image_side=config.max_image_side,
-        max_diffusion_steps=config.max_diffusion_steps,
-        max_queued=config.max_queued,
-        max_batch=config.max_batch,
-        max_delay_s=config.max_delay_ms / 1e3,
-        original_cache_bytes=config.original_cache_mb << 20,
-        max_streams=config.max_streams,
-        stream_idle_timeout_s=config.stream_idle_timeout_s,
-        max_stream_backlog=config.max_stream_backlog,
-        request_threads=config.rpc_threads,
-    )
+    limits = service_limits(config, backend)
     token = resolve_token(config)
     interceptors = []
     if token is not None:
@@ -349,7 +359,7 @@ def serve(config: ServerConfig) -> None:
         f"diffusion_server: serving {config.backend} (model={info.model or '-'}, device={info.device}, "
         f"precision={info.precision}) on {config.host}:{port}"
     )
-    extras = f" [{security}; max batch {config.max_batch}" + (f"; metrics on :{metrics_port}" if metrics_port else "") + "]"
+    extras = f" [{security}; max batch {resolve_max_batch(config, backend)}" + (f"; metrics on :{metrics_port}" if metrics_port else "") + "]"
     if config.log_format == "json":
         print(json.dumps({"event": "serving", "msg": banner + extras, "backend": config.backend, "model": info.model,
                           "device": info.device, "precision": info.precision, "host": config.host, "port": port,

@@ -14,6 +14,7 @@ from diffusers import DDIMScheduler
 from diffusion_server.backends.base import EditParams
 from diffusion_server.codec import to_float01
 from diffusion_server.backends.ip2p import Ip2pBackend, WeightsNotFound
+from diffusion_server.backends.ip2p_reference import reference_edit
 from diffusion_server.backends.tiny_ip2p import build_tiny_ip2p, save_tiny_ip2p
 
 FEW = 4  # diffusion steps where the count does not matter
@@ -79,48 +80,13 @@ def test_unseeded_edits_differ(backend: Ip2pBackend) -> None:
 
 
 def _reference_edit(b: Ip2pBackend, render: np.ndarray, original: np.ndarray, p: EditParams) -> tuple[np.ndarray, int]:
-    """The published Instruct-NeRF2NeRF edit, step by step, from the raw components (docs/method.md).
-
-    Randomness as the reference run draws it after `torch.manual_seed(seed)`: T, then the
-    posterior sample, then the noise, from one CPU generator.
-    """
-    g = torch.Generator().manual_seed(p.seed)
-    # 1. T, inclusive, from int(1000 * lower) to int(1000 * upper).
-    T = int(torch.randint(int(1000 * p.lower_bound), int(1000 * p.upper_bound) + 1, (1,), generator=g))
-    # 2. The schedule: DDIM with the 1000-step noise schedule, spaced as if it had T training steps.
-    sched = DDIMScheduler.from_config(b.scheduler.config)
-    sched.register_to_config(num_train_timesteps=T)
-    sched.set_timesteps(p.diffusion_steps)
-    n, stride = p.diffusion_steps, T // p.diffusion_steps
+    """The published procedure (diffusion_server/backends/ip2p_reference.py, the GPU benchmark's anchor too)."""
+    ref, T = reference_edit(b, render, original, p)
+    n, stride = p.diffusion_steps, T // p.diffusion_steps  # the schedule the reference ran: leading spacing over T
+    sched = DDIMScheduler.from_config(b.scheduler.config, num_train_timesteps=T)
+    sched.set_timesteps(n)
     assert sched.timesteps.tolist() == [k * stride + 1 for k in reversed(range(n))]
-
-    def to_t(img: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(img).permute(2, 0, 1)[None] * 2 - 1  # [1, 3, H, W] in [-1, 1]
-
-    def embed(text: str) -> torch.Tensor:
-        ids = b.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        return b.text_encoder(ids)[0]  # [1, 77, 32]
-
-    with torch.no_grad():
-        # 3. The render's latents (a posterior sample, scaled), noised at the schedule's first timestep.
-        z0 = b.vae.encode(to_t(render)).latent_dist.sample(g) * 0.18215  # [1, 4, h, w]
-        noise = torch.randn(z0.shape, generator=g)
-        t0 = sched.timesteps[0]
-        abar = sched.alphas_cumprod  # [1000]
-        z = abar[t0].sqrt() * z0 + (1 - abar[t0]).sqrt() * noise
-        # 4. The image conditioning: the original's latent mode, unscaled; three rows.
-        c = b.vae.encode(to_t(original)).latent_dist.mode()  # [1, 4, h, w]
-        cond = torch.cat([c, c, torch.zeros_like(c)])  # [3, 4, h, w]
-        text = torch.cat([embed(p.instruction), embed(""), embed("")])  # [3, 77, 32]
-        # 5. The DDIM steps, with 3-way guidance.
-        for t in sched.timesteps:
-            eps3 = b.unet(torch.cat([z.repeat(3, 1, 1, 1), cond], 1), t, encoder_hidden_states=text).sample
-            e_ti, e_i, e_u = eps3.chunk(3)
-            eps = e_u + p.guidance_scale * (e_ti - e_i) + p.image_guidance_scale * (e_i - e_u)
-            z = sched.step(eps, t, z).prev_sample
-        # 6. Decode, map to [0, 1], clamp.
-        out = (b.vae.decode(z / 0.18215).sample / 2 + 0.5).clamp(0, 1)  # [1, 3, H, W]
-    return out[0].permute(1, 2, 0).numpy(), T
+    return ref, T
 
 
 @pytest.mark.parametrize("steps,seed,hw", [(20, 11, (32, 32)), (7, 3, (32, 32)), (20, 4, (24, 40))])

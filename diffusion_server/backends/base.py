@@ -94,6 +94,8 @@ class EditBackend(abc.ABC):
     """
 
     supports_batching: bool = False
+    default_max_batch: int = 1
+    """The server's --max-batch when none is given (backends that batch set more)."""
     accepts_uint8: bool = False
 
     @abc.abstractmethod

@@ -27,7 +27,9 @@ posterior sample, the noise added at t0.
 Batching (`edit_batch`): edits with the same latent size and the same number of
 steps run as one UNet call per step (3 x batch rows), each with its own
 generator, timestep schedule (its own T), text embedding and guidance scales;
-the scheduler steps each edit on its own. An edit gives the same numbers
+one DDIM update moves all of them per step (per-row coefficients from each
+edit's own timesteps, as diffusers' DDIMScheduler.step computes them), with no
+Python loop over the edits. An edit gives the same numbers
 batched or alone (up to float rounding of the batched kernels). `edit` is a
 batch of one. The conditioning latents of an original the server caches
 (`EditItem.original_key`) are computed once and kept in a bounded LRU.
@@ -145,6 +147,7 @@ class Ip2pBackend(EditBackend):
 
     DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
     supports_batching = True
+    default_max_batch = 8  # --max-batch when not given: what is queued, up to 8 edits, runs as one batch
     accepts_uint8 = True  # uint8 images go to the device as they are and are converted there
 
     def __init__(
@@ -163,6 +166,12 @@ class Ip2pBackend(EditBackend):
         self.dtype = PRECISIONS[self.precision]
         if not isinstance(scheduler, DDIMScheduler):  # e.g. the Euler scheduler IP2P ships with
             scheduler = ddim_from_config(scheduler.config)
+        cfg = scheduler.config
+        if cfg.get("prediction_type", "epsilon") != "epsilon" or cfg.get("thresholding", False) or cfg.get("clip_sample", False):
+            raise ValueError(
+                "scheduler: the batched DDIM update needs prediction_type='epsilon', no thresholding and no clip_sample "
+                f"(got {cfg.get('prediction_type')!r}, {cfg.get('thresholding')!r}, {cfg.get('clip_sample')!r})"
+            )
         if self.precision == "fp16" and self.device.type == "cpu":
             logger.warning("precision fp16 on the CPU is very slow; use fp32 or bf16 there")
         in_ch = unet.config.in_channels
@@ -335,7 +344,8 @@ class Ip2pBackend(EditBackend):
         renders = torch.cat([self._to_model_image(p.item.render, h8, w8) for p in preps])  # [B, 3, h8, w8] in [-1, 1]
         posterior = self.vae.encode(renders).latent_dist
         latents: List[torch.Tensor] = []
-        schedulers = []
+        timesteps = []  # per edit, [steps]
+        strides = []
         for i, (p, gen) in enumerate(zip(preps, gens)):
             mean, std = posterior.mean[i : i + 1], posterior.std[i : i + 1]
             sample = randn_tensor(mean.shape, generator=gen, device=posterior.parameters.device, dtype=posterior.parameters.dtype)
@@ -346,7 +356,13 @@ class Ip2pBackend(EditBackend):
             scheduler.set_timesteps(steps)  # timesteps k * (T // steps) + offset, k = steps-1 .. 0
             # Noise at the schedule's first timestep, the one the UNet is first told (not at T).
             latents.append(scheduler.add_noise(lat, noise, scheduler.timesteps[:1]))
-            schedulers.append(scheduler)
+            timesteps.append(scheduler.timesteps)
+            strides.append(p.T // steps)  # DDIM's step back: t -> t - T // steps
+        lat = torch.cat(latents)  # [B, 4, h, w]
+        coef = self._ddim_coefficients(torch.stack(timesteps), torch.tensor(strides))  # [steps, 4, B, 1, 1, 1]
+        t_rows = torch.stack(timesteps).T.repeat(1, 3).to(self.device)  # [steps, 3B], on the device once
+        g_text = torch.tensor([p.item.params.guidance_scale for p in preps]).view(B, 1, 1, 1).to(self.device, self.dtype)
+        g_image = torch.tensor([p.item.params.image_guidance_scale for p in preps]).view(B, 1, 1, 1).to(self.device, self.dtype)
 
         image_latents = self._conditioning(preps, h8, w8).to(self.dtype)  # [B, 4, h, w]
         image_cond = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # [3B, 4, h, w]
@@ -356,17 +372,13 @@ class Ip2pBackend(EditBackend):
             if all(p.item.is_active is not None and not p.item.is_active() for p in preps):
                 raise EditCancelled(f"nobody waits for {'this edit' if B == 1 else f'these {B} edits'}; stopped after {k} of {steps} steps")
             self.unet_steps_run += 1
-            lat = torch.cat(latents)  # [B, 4, h, w]
-            model_in = torch.cat([torch.cat([lat] * 3), image_cond], dim=1)  # [3B, 8, h, w]
-            t = torch.stack([s.timesteps[k] for s in schedulers])  # [B]
-            eps = self.unet(model_in, torch.cat([t] * 3).to(self.device), encoder_hidden_states=text_cond, **unet_kwargs).sample
+            model_in = torch.cat([lat.repeat(3, 1, 1, 1), image_cond], dim=1)  # [3B, 8, h, w]
+            eps = self.unet(model_in, t_rows[k], encoder_hidden_states=text_cond, **unet_kwargs).sample
             eps_text_image, eps_image, eps_uncond = eps.chunk(3)  # [B, 4, h, w] each
-            for i, p in enumerate(preps):
-                e_ti, e_i, e_u = eps_text_image[i : i + 1], eps_image[i : i + 1], eps_uncond[i : i + 1]
-                guided = e_u + p.item.params.guidance_scale * (e_ti - e_i) + p.item.params.image_guidance_scale * (e_i - e_u)
-                latents[i] = schedulers[i].step(guided, schedulers[i].timesteps[k], latents[i]).prev_sample
+            guided = eps_uncond + g_text * (eps_text_image - eps_image) + g_image * (eps_image - eps_uncond)
+            lat = self._ddim_step(guided, lat, coef, k)
 
-        out = self.vae.decode((torch.cat(latents) / self.scaling_factor).to(self.vae_dtype)).sample  # [B, 3, h8, w8] in ~[-1, 1]
+        out = self.vae.decode((lat / self.scaling_factor).to(self.vae_dtype)).sample  # [B, 3, h8, w8] in ~[-1, 1]
         out = (out.float() / 2 + 0.5).clamp(0, 1)
         results: List[EditResult] = []
         for i, p in enumerate(preps):
@@ -378,6 +390,29 @@ class Ip2pBackend(EditBackend):
             image = o[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)  # [H, W, 3]
             results.append(EditResult(image=np.ascontiguousarray(image), timestep=p.T))
         return results
+
+    def _ddim_coefficients(self, timesteps: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
+        """DDIM (eta 0) coefficients of every step of every edit, from the 1000-step noise schedule.
+
+        timesteps [B, steps] (each edit's own schedule), strides [B] (T // steps). Returns
+        [steps, 4, B, 1, 1, 1] in the latents' dtype on the device: sqrt(1 - abar_t), sqrt(abar_t),
+        sqrt(abar_prev), sqrt(1 - abar_prev), computed in float32 as diffusers' DDIMScheduler.step
+        does; abar_prev is that of t - stride, or final_alpha_cumprod when t - stride < 0.
+        """
+        abar = self.scheduler.alphas_cumprod.to(torch.float32)  # [1000]
+        final = torch.as_tensor(self.scheduler.final_alpha_cumprod, dtype=torch.float32)
+        prev = timesteps - strides[:, None]  # [B, steps]
+        a_t = abar[timesteps]  # [B, steps]
+        a_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], final)  # [B, steps]
+        coef = torch.stack([(1 - a_t) ** 0.5, a_t**0.5, a_prev**0.5, (1 - a_prev) ** 0.5])  # [4, B, steps]
+        return coef.permute(2, 0, 1)[..., None, None, None].to(self.device, self.dtype)  # [steps, 4, B, 1, 1, 1]
+
+    @staticmethod
+    def _ddim_step(eps: torch.Tensor, lat: torch.Tensor, coef: torch.Tensor, k: int) -> torch.Tensor:
+        """Step k of DDIM (eta 0, epsilon prediction, no clipping) for all edits at once: [B, 4, h, w]."""
+        sqrt_beta_t, sqrt_a_t, sqrt_a_prev, sqrt_beta_prev = coef[k]  # [B, 1, 1, 1] each
+        x0 = (lat - sqrt_beta_t * eps) / sqrt_a_t  # predicted original latents
+        return sqrt_a_prev * x0 + sqrt_beta_prev * eps
 
     def _unet_conditioning(self, preps: Sequence[_Prepared], h8: int, w8: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """Text conditioning of the 3B UNet rows (text, empty, empty) and any other UNet arguments."""
@@ -410,8 +445,25 @@ class Ip2pBackend(EditBackend):
                         self._cond_cache.popitem(last=False)
         return torch.cat(found)  # type: ignore[arg-type]
 
-    def optimize(self, channels_last: bool = False, compile: bool = False, cpu_offload: bool = False) -> None:
-        """Speed and memory options (all off by default); raises RuntimeError/ImportError when unusable."""
+    def optimize(
+        self,
+        channels_last: bool = False,
+        compile: bool = False,
+        cpu_offload: bool = False,
+        compile_mode: Optional[str] = None,
+        warmup_side: Optional[int] = None,
+        compile_backend: str = "inductor",
+    ) -> None:
+        """Speed and memory options (all off by default); raises RuntimeError/ImportError when unusable.
+
+        compile: torch.compile the UNet with static shapes (dynamic=False): one graph per
+        (batch size, latent size), never a dynamic-shape one; the timestep goes in as a device
+        tensor, so new timesteps, seeds, instructions and guidance scales never recompile. One
+        warm-up edit at `warmup_side` pixels (default: the UNet's native size, sample_size x the
+        VAE factor: 512 for Stable Diffusion 1.5) compiles batch 1 at start-up; each other batch
+        size compiles once, on its first use. compile_mode: torch.compile's mode (None: default;
+        "max-autotune" adds CUDA graphs); compile_backend: torch.compile's backend (tests use "eager").
+        """
         if cpu_offload:
             if self.device.type != "cuda":
                 raise RuntimeError(f"--cpu-offload needs a CUDA device, not {self.device}")
@@ -423,10 +475,16 @@ class Ip2pBackend(EditBackend):
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
         if compile:
-            self.unet = torch.compile(self.unet)
+            import torch._dynamo as dynamo
+
+            for name in ("recompile_limit", "cache_size_limit"):  # one graph per batch size: allow many
+                if hasattr(dynamo.config, name):
+                    setattr(dynamo.config, name, max(64, getattr(dynamo.config, name)))
+            self.unet = torch.compile(self.unet, dynamic=False, mode=compile_mode, backend=compile_backend)
+            side = int(warmup_side or int(getattr(self.unet.config, "sample_size", 8) or 8) * self.vae_factor)
             rng = np.random.default_rng(0)
-            probe = rng.random((8 * self.vae_factor, 8 * self.vae_factor, 3), dtype=np.float32)
-            self.edit(probe, probe, EditParams(instruction="warm-up", diffusion_steps=1, seed=0))  # compiles now, fails now
+            probe = rng.random((side, side, 3), dtype=np.float32)
+            self.edit(probe, probe, EditParams(instruction="warm-up", diffusion_steps=2, seed=0))  # compiles now, fails now
         self.options = {"channels_last": channels_last, "compile": compile, "cpu_offload": cpu_offload}
 
     # ------------------------------------------------------------------ helpers

@@ -1,0 +1,95 @@
+"""Smoke test of bench/gpu/run.sh: the GPU benchmark's every step, with tiny components on the CPU.
+
+It checks the JSON's structure and that each figure is a positive finite number (GPU memory:
+null on the CPU); not the figures themselves (they are a tiny model's on a shared CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _positive(value: object, what: str) -> None:
+    assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{what}: {value!r} is not a number"
+    assert math.isfinite(value) and value > 0, f"{what}: {value!r} is not positive and finite"
+
+
+def _speed(point: dict, what: str) -> None:
+    assert "skipped" not in point, f"{what}: {point}"
+    _positive(point["edits_per_s"], f"{what}.edits_per_s")
+    _positive(point["achieved_tflops"], f"{what}.achieved_tflops")
+    assert point["peak_gpu_bytes"] is None  # the CPU has no GPU memory to report
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("gpu-bench") / "gpu_bench.json"
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", LIMIT_S="880")
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        ["bash", "bench/gpu/run.sh", "--tiny", "--device", "cpu", "--compile-backend", "eager", "--no-trainer", "--out", str(out),
+         "--budget-s", "100000"],  # every section, however loaded the machine
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_machine_and_config(report: dict) -> None:
+    assert report["machine"]["device"] == "cpu" and report["machine"]["torch"]
+    assert report["config"]["tiny"] is True and report["config"]["batches"] == [1, 2]
+    _positive(report["elapsed_s"], "elapsed_s")
+
+
+def test_editor_reference_backend_and_floor(report: dict) -> None:
+    ed = report["editor"]
+    assert "error" not in ed, ed.get("traceback")
+    _positive(ed["floor"]["tflop_per_edit"], "floor.tflop_per_edit")
+    for name in ("reference", "backend"):
+        _speed(ed[name], name)
+        _positive(ed[name]["ms_per_edit"], f"{name}.ms_per_edit")
+    assert ed["backend"]["same_timestep_as_reference"] is True
+    assert ed["backend"]["max_abs_diff_vs_reference"] <= 1e-5  # fp32 on the CPU: the same edit
+
+
+def test_editor_levers(report: dict) -> None:
+    ed = report["editor"]
+    seen = {(p["lever"], p["batch"]) for p in ed["levers"]}
+    assert {("plain", 1), ("plain", 2), ("channels_last", 1), ("channels_last", 2)} <= seen
+    for p in ed["levers"]:
+        _speed(p, f"{p['lever']}@{p['batch']}")
+    assert set(ed["precision_memory"]) == {"fp16", "fp32"}
+    assert [r["batch"] for r in ed["vae"]] == [1, 2]
+    for r in ed["vae"]:
+        _positive(r["encode_2b_ms"], "vae.encode_2b_ms")
+        _positive(r["decode_ms"], "vae.decode_ms")
+        _positive(r["share_of_batch"], "vae.share_of_batch")
+    compiled = ed["compile"]
+    assert "skipped" not in compiled, compiled
+    assert [p["batch"] for p in compiled["points"]] == [1, 2]
+    for p in compiled["points"] + [compiled["again"]]:
+        _speed(p, "compile")
+    assert compiled["recompiles_at_a_seen_size"] == 0
+
+
+def test_server_rows(report: dict) -> None:
+    rows = report["editor"]["server"]
+    assert [r["max_batch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert "skipped" not in r, r
+        for key in ("edits_per_s", "p50_latency_ms", "start_s", "peak_rss_bytes"):
+            _positive(r[key], f"server@{r['max_batch']}.{key}")
+        assert r["peak_gpu_bytes"] is None
+
+
+def test_trainer_skip_is_recorded(report: dict) -> None:
+    assert report["trainer"] == {"skipped": "--no-trainer"}
