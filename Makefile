@@ -14,6 +14,7 @@ PROTO_VENV ?= .venv-protos
 PROTO := protos/in2n/v1/edit_service.proto
 
 # make run parameters (README: "make run parameters")
+METHOD ?= in2n-tiny
 SCENE ?=
 INSTRUCTION ?=
 BACKEND ?= auto
@@ -64,11 +65,12 @@ test-all: setup check-protos
 run: setup
 	$(PY) -m nerf_trainer.run --scene "$(SCENE)" --instruction "$(INSTRUCTION)" --backend $(BACKEND) \
 	  --model "$(MODEL)" --steps $(STEPS) --pretrain-steps $(PRETRAIN_STEPS) --train-device $(TRAIN_DEVICE) \
-	  --edit-device $(EDIT_DEVICE) --port $(PORT)
+	  --edit-device $(EDIT_DEVICE) --port $(PORT) --method $(METHOD)
 
+# The diffusion server(s) of make run alone, in the foreground: one per EDIT_DEVICE, METHOD's precision.
 serve: setup
-	$(PY) -m diffusion_server --backend $(if $(filter auto,$(BACKEND)),palette,$(BACKEND)) --model "$(MODEL)" \
-	  --device $(EDIT_DEVICE) --port $(PORT)
+	$(PY) -m nerf_trainer.run --serve-only --backend $(BACKEND) --model "$(MODEL)" --edit-device $(EDIT_DEVICE) \
+	  --port $(PORT) --method $(METHOD)
 
 # Re-pin requirements.lock from the current environment.
 lock: setup
