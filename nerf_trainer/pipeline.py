@@ -46,7 +46,7 @@ def precision_mismatch(expected: str, address: str, reported: str) -> Optional[s
         return None
     return (
         f"in2n: the server at {address} runs IP2P in {reported}, this variant is defined with {expected} "
-        f"(pipeline.server_precision_hint; start the server with --precision {expected}); editing goes on"
+        f"(start the server with --precision {expected}); editing goes on"
     )
 
 
@@ -152,6 +152,7 @@ class In2nPipeline(VanillaPipeline):
         self._server_edits: Dict[str, Dict[str, int]] = {}  # address -> {"edits_applied": n, "edits_failed": n}
         self._server_info: Dict[str, Dict[str, str]] = {}  # address -> backend, device, precision (its first Describe)
         self._peak_in_flight = 0  # most edits outstanding at once, over all servers
+        self._submitted_to: Dict[int, int] = {}  # id(client) -> edits sent to it
 
     def _validate_config(self) -> None:
         c = self.config
@@ -236,9 +237,10 @@ class In2nPipeline(VanillaPipeline):
         }
 
     def _free_client(self) -> Optional[StreamClient]:
-        """The connected client with the most free slots (servers that went away are routed around)."""
+        """The connected client with the fewest edits in flight, the one sent the fewest so far among equals (so
+        every server gets work even when one could keep up alone); servers that went away are routed around."""
         free = [c for c in self.clients if c.can_submit()]
-        return min(free, key=lambda c: c.in_flight) if free else None
+        return min(free, key=lambda c: (c.in_flight, self._submitted_to.get(id(c), 0))) if free else None
 
     def _params(self) -> EditParams:
         c = self.config
@@ -311,6 +313,7 @@ class In2nPipeline(VanillaPipeline):
                 if client is not None:
                     original, key = self._wire_original(view)
                     request_id = client.submit(view, self._wire(rendered), original, self._params(), key=key)
+                    self._submitted_to[id(client)] = self._submitted_to.get(id(client), 0) + 1
                     self._edit_number += 1
                     self.schedule.submitted(request_id, view, step)
                     self._peak_in_flight = max(self._peak_in_flight, len(self.schedule.in_flight))
@@ -329,7 +332,7 @@ class In2nPipeline(VanillaPipeline):
             self._server_info[address] = {"backend": info.backend, "device": info.device, "precision": info.precision}
             note = precision_mismatch(self.config.server_precision_hint, address, info.precision)
             if note is not None:
-                CONSOLE.print(note)
+                CONSOLE.print(note, soft_wrap=True)  # one line, whatever the terminal's width
 
     def _observe_last_step(self) -> None:
         """Account the step that just ended: its render time against its duration (budget, render share)."""
@@ -413,12 +416,13 @@ class In2nPipeline(VanillaPipeline):
 
     def server_metrics(self) -> List[dict]:
         """Per server: address, the backend, device and precision its Describe reported ("" before it answered),
-        edits applied and failed."""
+        edits sent to it (by this run's clients), applied and failed."""
         rows = []
+        sent = {a: self._submitted_to.get(id(c), 0) for a, c in zip(self.servers, self.clients)}
         for address in self.servers:
             info = self._server_info.get(address, {"backend": "", "device": "", "precision": ""})
             counts = self._server_edits.get(address, {"edits_applied": 0, "edits_failed": 0})
-            rows.append({"address": address, **info, **counts})
+            rows.append({"address": address, **info, "edits_sent": sent.get(address, 0), **counts})
         return rows
 
     def write_report(self, final: bool = True) -> None:
