@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -60,7 +61,7 @@ class BenchConfig:
     """Interleaved rounds (off, then each server count, per round)."""
     steps: int = 400
     """Training steps per run."""
-    warmup: int = 20
+    warmup: int = 10
     """Steps left out of the step rate at the start of each run."""
     delay_ms: float = 200.0
     """Fixed cost of an edit on every server (identity --delay-ms)."""
@@ -118,6 +119,7 @@ def spread(values: List[float]) -> str:
 
 
 def main(cfg: BenchConfig) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers (finally) when killed
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -132,13 +134,18 @@ def main(cfg: BenchConfig) -> None:
                 result = run_once(cfg, scene, load_dir, [s.address for s in servers[:n]], f"r{r}-n{n}", env)
                 results[n].append(result)
                 print(f"round {r} servers {n}: {result}", flush=True)
+            report(cfg, results, r + 1, time.monotonic() - started)  # after every round: a cut-short run still reports
     finally:
         for server in servers:
             server.close()
+
+
+def report(cfg: BenchConfig, results: Dict[int, List[Dict]], rounds: int, elapsed_s: float) -> None:
+    """Print the table over the first `rounds` rounds and write bench/results/multi_server.json."""
     rows = []
     for n in cfg.servers:
-        edits_ratio = [results[n][r]["edits_per_s"] / results[cfg.servers[0]][r]["edits_per_s"] for r in range(cfg.rounds)]
-        speed_ratio = [results[n][r]["steps_per_s"] / results[0][r]["steps_per_s"] for r in range(cfg.rounds)]
+        edits_ratio = [results[n][r]["edits_per_s"] / results[cfg.servers[0]][r]["edits_per_s"] for r in range(rounds)]
+        speed_ratio = [results[n][r]["steps_per_s"] / results[0][r]["steps_per_s"] for r in range(rounds)]
         rows.append({
             "servers": n,
             "edits_per_s": spread([x["edits_per_s"] for x in results[n]]),
@@ -150,8 +157,8 @@ def main(cfg: BenchConfig) -> None:
             "render_share": spread([x["render_share"] for x in results[n]]),
         })  # fmt: skip
     off = spread([x["steps_per_s"] for x in results[0]])
-    print(f"\nmachine: {machine()}; {time.monotonic() - started:.0f} s in all; delay {cfg.delay_ms:g} ms, "
-          f"{cfg.steps} steps a run, {cfg.rounds} rounds; no editing: {off} steps/s\n")  # fmt: skip
+    print(f"\nmachine: {machine()}; {elapsed_s:.0f} s in all; delay {cfg.delay_ms:g} ms, "
+          f"{cfg.steps} steps a run, {rounds} of {cfg.rounds} rounds; no editing: {off} steps/s\n")  # fmt: skip
     print(f"| servers | edits/s | ideal ({cfg.delay_ms:g} ms an edit) | edits/s vs 1 server | steps/s vs no editing | "
           "peak in flight | edits per server (last round) | render share |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
@@ -161,8 +168,8 @@ def main(cfg: BenchConfig) -> None:
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "multi_server.json").write_text(json.dumps(
-        {"machine": machine(), "config": {k: str(v) for k, v in vars(cfg).items()}, "off_steps_per_s": off, "rows": rows,
-         "runs": {str(n): v for n, v in results.items()}}, indent=2))  # fmt: skip
+        {"machine": machine(), "config": {k: str(v) for k, v in vars(cfg).items()}, "rounds_done": rounds,
+         "off_steps_per_s": off, "rows": rows, "runs": {str(n): v for n, v in results.items()}}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

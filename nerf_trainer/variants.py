@@ -9,10 +9,10 @@ No nerfstudio import: `make serve` (nerf_trainer/run.py) reads this on machines 
 | in2n-tiny  | fp16           | bf16       |
 
 On the CPU, fp16 has few native kernels and runs through slow paths (tiny-ip2p
-took about twice as long in fp16 as in fp32 on this project's machine, while bf16
-kept up with fp32: BENCHMARKS.md); bf16 is the CPU's half precision (2 bytes a
-weight, as fp16; native on CPUs with AVX512-BF16 or AMX), so a half-precision
-variant's server runs bf16 there.
+on this project's 2-core Xeon: fp16 10% to 2x slower than fp32 from one run to
+the next, bf16 within 15% of fp32: BENCHMARKS.md); bf16 is the CPU's half
+precision (2 bytes a weight, as fp16; native on CPUs with AVX512-BF16 or AMX),
+so a half-precision variant's server runs bf16 there.
 """
 
 from __future__ import annotations
