@@ -4,12 +4,15 @@
 - `StreamClient`: the trainer's path. One bidirectional stream on a background
   thread; `submit` and `poll` never block on the network, and a broken stream
   hands every in-flight request back as UNAVAILABLE while the client reconnects
-  in the background. Originals are sent once per view: later requests for the
+  in the background; a stream that ends with INTERNAL (its server-side half died,
+  e.g. a Ray Serve replica, while the address still answers) is reopened and what
+  it had no answer for is re-sent. Originals are sent once per view: later requests for the
   view carry only the render and a key of the original; when the server does
   not hold it (FAILED_PRECONDITION "original not cached"), the client re-sends
   the request with the original by itself, invisibly to the caller.
 
-Both take `token=` (sent as `authorization: Bearer <token>` metadata) and
+Readiness is grpc.health.v1's answer, or Describe's where health checking is
+UNIMPLEMENTED (Ray Serve's gRPC proxy). Both take `token=` (sent as `authorization: Bearer <token>` metadata) and
 `root_cert=` (PEM bytes or a path: TLS, checking the server's certificate
 against it) or `tls=True` (TLS with the system's roots); all off by default.
 """
@@ -44,6 +47,8 @@ DEFAULT_MAX_MESSAGE_BYTES = max_message_bytes_for(2048)
 _LARGEST_SIDE = 1 << 16  # responses are not size-limited by the client beyond the message limit
 HTTP2_WINDOW_BYTES = 16 << 20
 _STATUS_OF_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+MAX_RESENDS = 2  # a request re-sent after this many INTERNAL stream ends is handed back instead
+_NOT_READY = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 def status_code(value: int) -> grpc.StatusCode:
@@ -86,8 +91,15 @@ def auth_metadata(token: Optional[str]) -> Optional[Tuple[Tuple[str, str], ...]]
 
 
 def original_key(original: np.ndarray) -> str:
-    """Key of an original's content (shape, dtype and pixels): the same key means the same image."""
-    array = np.ascontiguousarray(original)
+    """Key of an original's content as it travels (shape, dtype and pixels): the same key means the same image.
+
+    The server computes it again from the image it receives and refuses a request whose key does not match
+    (INVALID_ARGUMENT naming original_key); so float64 is keyed as the float32 it is sent as, in little-endian order.
+    """
+    array = np.asarray(original)
+    if array.dtype == np.float64:  # sent as float32 (see _wire_image)
+        array = array.astype(np.float32)
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
     digest = hashlib.sha256(f"{array.shape}|{array.dtype.str}|".encode())  # sha256: hardware-accelerated on most CPUs
     digest.update(memoryview(array).cast("B"))
     return digest.hexdigest()[:32]
@@ -236,7 +248,10 @@ class EditClient:
                 if status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError as e:
-                if e.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # no health service (Ray Serve's proxy): ask Describe
+                    if describe_answers(self._stub, max(0.1, deadline - time.monotonic()), self._metadata):
+                        return
+                elif e.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
                     raise EditFailed(e.code(), e.details() or "") from None
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))  # NOT_SERVING yet: ask again
 
@@ -248,6 +263,19 @@ class EditClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def describe_answers(stub: pb_grpc.EditServiceStub, timeout_s: float, metadata: Optional[tuple]) -> bool:
+    """Readiness where grpc.health.v1 is UNIMPLEMENTED: True once Describe answers (a replica is up behind the proxy).
+
+    False while it fails with UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED or NOT_FOUND (no application yet);
+    True for any other answer (e.g. UNAUTHENTICATED: the server is up, the call itself will say what is wrong).
+    """
+    try:
+        stub.Describe(pb.DescribeRequest(), timeout=timeout_s, metadata=metadata)
+    except grpc.RpcError as e:
+        return e.code() not in _NOT_READY + (grpc.StatusCode.NOT_FOUND,)
+    return True
 
 
 @dataclass
@@ -332,6 +360,10 @@ class StreamClient:
         self._client_id = uuid.uuid4().hex
         self._server_has: Dict[int, str] = {}  # view id -> key of the original the server should hold
         self._resendable: Dict[str, Tuple[pb.EditRequest, np.ndarray]] = {}  # sent without original: (request, original)
+        self._sent: Dict[str, pb.EditRequest] = {}  # request id -> the request as sent, while in flight
+        self._resends: Dict[str, int] = {}  # request id -> times re-sent after an INTERNAL stream end
+        self._to_resend: List[pb.EditRequest] = []  # sent first on the next stream
+        self.resent = 0  # requests re-sent on a new stream after their stream ended with INTERNAL
         self.originals_sent = 0  # requests that carried their original (first sends and re-sends)
         self.cache_misses = 0  # requests re-sent with their original after "original not cached"
         self._lock = threading.Lock()
@@ -453,6 +485,7 @@ class StreamClient:
                 raise RuntimeError(f"{self.max_in_flight} requests already in flight (max_in_flight); check can_submit()")
             request.request_id = f"{self._id_prefix}-{next(self._ids)}"
             self._in_flight[request.request_id] = view_id
+            self._sent[request.request_id] = request
             if kept is not None:
                 self._resendable[request.request_id] = (request, kept)
             elif key:
@@ -495,14 +528,18 @@ class StreamClient:
         True once the server answers and is not NOT_SERVING. A real RPC rather than a connectivity
         watch: it proves the server is up, and it leaves no watcher thread behind when the channel closes.
         """
+        started = time.monotonic()
         try:
             status = health_pb2_grpc.HealthStub(self._channel).Check(
                 health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s, wait_for_ready=True
             ).status
         except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            if e.code() in _NOT_READY:
                 return False
-            return True  # the server answered (e.g. a server without health checking)
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # no health service (Ray Serve's proxy): ask Describe
+                remaining = max(0.1, timeout_s - (time.monotonic() - started))
+                return describe_answers(pb_grpc.EditServiceStub(self._channel), remaining, self._metadata)
+            return True  # the server answered (e.g. UNAUTHENTICATED: the stream will report it)
         return status != health_pb2.HealthCheckResponse.NOT_SERVING
 
     def _stream(self) -> bool:
@@ -530,20 +567,31 @@ class StreamClient:
             self._server_caches = caches
             self.server_info = info if info is not None else self.server_info
             self._conn = conn
-        log.info("stream client connected to %s", self.address)
+            resend, self._to_resend = self._to_resend, []
+            for request in resend:  # before anything submitted on this stream
+                conn.outgoing.put(pb.StreamEditRequest(edit=request))
+        log.info("stream client connected to %s%s", self.address, f"; re-sent {len(resend)} request(s)" if resend else "")
         reason = "the server ended the stream"
+        code = None
         try:
             for response in conn.call:
                 responses += 1
                 self._on_response(response, conn)
         except grpc.RpcError as e:
-            reason = f"{e.code().name}: {e.details()}"
+            code = e.code()
+            details = " ".join((e.details() or "").split())  # one line (Ray's details span several)
+            reason = f"{code.name}: {details[:200] + '...' if len(details) > 200 else details}"
         finally:
             with self._lock:
                 self._conn = None
-                lost, self._in_flight = self._in_flight, {}
-                self._resendable.clear()
                 closing = self._closed.is_set()
+                kept = self._keep_for_resend() if code == grpc.StatusCode.INTERNAL and not closing else set()
+                lost = {r: v for r, v in self._in_flight.items() if r not in kept}
+                self._in_flight = {r: v for r, v in self._in_flight.items() if r in kept}
+                for request_id in lost:
+                    self._sent.pop(request_id, None)
+                    self._resends.pop(request_id, None)
+                self._resendable.clear()
                 if not closing:
                     message = f"stream to {self.address} broke ({reason}); resubmit when reconnected"
                     for request_id, view_id in lost.items():
@@ -553,8 +601,34 @@ class StreamClient:
                     self._failed += len(lost)
             conn.shut()
         if not closing:
-            log.warning("stream to %s broke (%s); %d request(s) in flight handed back; reconnecting", self.address, reason, len(lost))
+            kept = f", {len(self._to_resend)} kept to re-send" if self._to_resend else ""
+            log.warning("stream to %s broke (%s); %d request(s) in flight handed back%s; reconnecting",
+                        self.address, reason, len(lost), kept)
         return responses > 0 or time.monotonic() - opened >= 1.0
+
+    def _keep_for_resend(self) -> set:
+        """The stream ended with INTERNAL (its server side died; the address still answers): keep the requests
+        in flight to send again on the next stream, with their originals (another server may not hold them).
+        Called with self._lock held; returns the ids kept (they stay in flight). A request already re-sent
+        MAX_RESENDS times is not kept: it is handed back, as after any other broken stream."""
+        kept = set()
+        for request_id, view_id in self._in_flight.items():
+            request = self._sent.get(request_id)
+            if request is None or self._resends.get(request_id, 0) >= MAX_RESENDS:
+                continue
+            entry = self._resendable.pop(request_id, None)
+            if entry is not None:
+                resent = pb.EditRequest()
+                resent.CopyFrom(request)
+                resent.original.CopyFrom(_wire_image(entry[1], "original"))
+                request = self._sent[request_id] = resent
+                self.originals_sent += 1
+                self._server_has.pop(view_id, None)
+            self._resends[request_id] = self._resends.get(request_id, 0) + 1
+            self._to_resend.append(request)
+            self.resent += 1
+            kept.add(request_id)
+        return kept
 
     def _resend_with_original(self, response: pb.StreamEditResponse, conn: _Connection) -> bool:
         """A request sent without its original came back "original not cached": send it again with it.
@@ -582,6 +656,7 @@ class StreamClient:
                 self._server_has[request.view_id] = request.original_key
             self.cache_misses += 1
             self.originals_sent += 1
+            self._sent[response.request_id] = resent
             conn.outgoing.put(pb.StreamEditRequest(edit=resent))
         log.debug("request %s: %s; re-sent with its original", response.request_id, message)
         return True
@@ -610,6 +685,8 @@ class StreamClient:
             result = StreamResult(response.request_id, response.view_id, None, grpc.StatusCode.INTERNAL, "response without outcome")
         with self._lock:
             self._resendable.pop(response.request_id, None)
+            self._sent.pop(response.request_id, None)
+            self._resends.pop(response.request_id, None)
             if self._in_flight.pop(response.request_id, None) is None:
                 log.debug("ignoring response to unknown request %r", response.request_id)
                 return

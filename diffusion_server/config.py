@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -44,7 +45,13 @@ class ServerConfig:
     max_queued: int = 32
     """Most edits queued or running at once, over all clients; more are refused with RESOURCE_EXHAUSTED."""
     rpc_threads: int = 16
-    """Threads serving RPCs (each open stream holds one)."""
+    """Threads that validate and decode requests (images, originals' keys). No RPC holds a thread while it waits: the server runs on asyncio."""
+    max_streams: int = 64
+    """Most StreamEdit streams open at once, over all clients; a new stream beyond it gets RESOURCE_EXHAUSTED at once."""
+    stream_idle_timeout_s: float = 600.0
+    """A stream with no request from its client and nothing of its own in flight for this many seconds is closed (UNAVAILABLE, "stream idle ..."); 0: never."""
+    max_stream_backlog: int = 32
+    """Most responses one stream may owe its client (requests read whose answer is not yet sent: edits in flight, answers the client has not taken); at this bound the server stops reading that stream's requests until the client reads (back-pressure)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Logging level of the server's log on stderr."""
     log_format: Literal["text", "json"] = "text"
@@ -89,8 +96,14 @@ class ServerConfig:
             raise ValueError(f"--max-diffusion-steps must be in [1, 1000], got {self.max_diffusion_steps}")
         if self.max_queued < 1:
             raise ValueError(f"--max-queued must be >= 1, got {self.max_queued}")
-        if self.rpc_threads < 2:
-            raise ValueError(f"--rpc-threads must be >= 2, got {self.rpc_threads}")
+        if self.rpc_threads < 1:
+            raise ValueError(f"--rpc-threads must be >= 1, got {self.rpc_threads}")
+        if self.max_streams < 1:
+            raise ValueError(f"--max-streams must be >= 1, got {self.max_streams}")
+        if not (math.isfinite(self.stream_idle_timeout_s) and self.stream_idle_timeout_s >= 0):
+            raise ValueError(f"--stream-idle-timeout-s must be >= 0 (0: never), got {self.stream_idle_timeout_s}")
+        if self.max_stream_backlog < 1:
+            raise ValueError(f"--max-stream-backlog must be >= 1, got {self.max_stream_backlog}")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if not 1 <= self.max_batch <= 256:

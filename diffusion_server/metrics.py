@@ -9,6 +9,11 @@ Exposed over HTTP by `serve()` when `--metrics-port` is set (`GET /metrics`):
 - `in2n_edits_total` (counter): edits answered with an image;
 - `in2n_requests_total{method,code}` (counter): every answered request by gRPC status code name
   (OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, CANCELLED, UNAUTHENTICATED, ...).
+- `in2n_streams_open` (gauge): StreamEdit streams open (at most --max-streams);
+- `in2n_streams_paused` (gauge): open streams whose requests the server does not read for now, because
+  their backlog of unsent responses is at --max-stream-backlog (the client does not read: back-pressure);
+- `in2n_streams_refused_total` (counter): streams refused with RESOURCE_EXHAUSTED (--max-streams reached);
+- `in2n_streams_idle_closed_total` (counter): streams closed after --stream-idle-timeout-s idle.
 """
 
 from __future__ import annotations
@@ -38,6 +43,12 @@ class ServerMetrics:
         )
         self.edits = Counter("in2n_edits", "Edits answered with an image", registry=r)
         self.requests = Counter("in2n_requests", "Answered requests by method and gRPC status code", ["method", "code"], registry=r)
+        self.streams_open = Gauge("in2n_streams_open", "StreamEdit streams open", registry=r)
+        self.streams_paused = Gauge(
+            "in2n_streams_paused", "Open streams not read for now: their backlog of unsent responses is at its bound", registry=r
+        )
+        self.streams_refused = Counter("in2n_streams_refused", "Streams refused: too many open", registry=r)
+        self.streams_idle_closed = Counter("in2n_streams_idle_closed", "Streams closed by the server after idling", registry=r)
         self._http: Optional[Tuple[object, object]] = None
 
     def request_done(self, method: str, code_name: str) -> None:

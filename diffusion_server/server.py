@@ -1,7 +1,15 @@
-"""Build and run the gRPC server: EditService, health checking and reflection."""
+"""Build and run the gRPC server: EditService, health checking and reflection.
+
+The server is a `grpc.aio` server on an event loop of its own thread (`AioServer`, driven from
+synchronous code: `start()`, `stop(grace).wait()`). Why asyncio: a stream that waits for its client
+holds no thread, only a coroutine, so no number of open streams can starve health checks, Describe or
+Edit (with a thread pool, each open stream held a thread: 16 idle streams froze the server).
+Streams are still bounded (`--max-streams`, `--stream-idle-timeout-s`): see service.py.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hmac
 import json
@@ -11,9 +19,8 @@ import signal
 import sys
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Any, Awaitable, Callable, Optional, Tuple, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,6 +35,8 @@ from protos.in2n.v1 import edit_service_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EditService"].full_name  # "in2n.v1.EditService"
 
 
@@ -38,33 +47,33 @@ class StartupError(RuntimeError):
     """The server cannot start; the message is one line saying what to do."""
 
 
-class TokenAuthInterceptor(grpc.ServerInterceptor):
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Answers UNAUTHENTICATED to every call without metadata `authorization: Bearer <token>`, except health checks."""
 
     def __init__(self, token: str, on_reject: Optional[Callable[[str], None]] = None):
         self._expected = f"Bearer {token}".encode()
         self._on_reject = on_reject
 
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         method = handler_call_details.method or ""
         if method.startswith(HEALTH_PREFIX):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         given = b""
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization":
                 given = value.encode() if isinstance(value, str) else bytes(value)
                 break
         if hmac.compare_digest(given, self._expected):
-            return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         if self._on_reject is not None:
             self._on_reject(method)
         message = "missing or wrong bearer token: send metadata 'authorization: Bearer <token>' (the server's --token / IN2N_TOKEN)"
 
-        def deny(request_or_iterator, context):  # type: ignore[no-untyped-def]
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        async def deny(request_or_iterator, context):  # type: ignore[no-untyped-def]
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(deny)
@@ -127,9 +136,81 @@ def _read_pem(flag: str, path: Path) -> bytes:
     return data
 
 
+class AioServer:
+    """A `grpc.aio.Server` running on an event loop in a daemon thread of its own, driven from synchronous
+    code the way a `grpc.server()` is: `start()`, `stop(grace).wait()`, `wait_for_termination()`.
+
+    `call(coroutine)` runs a coroutine on the server's loop and returns its result.
+    """
+
+    def __init__(self, **server_kwargs: Any):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="grpc-aio", daemon=True)
+        self._thread.start()
+        self._stopped = threading.Event()
+        self._stopping = False
+
+        async def create() -> grpc.aio.Server:
+            return grpc.aio.server(**server_kwargs)
+
+        self.server: grpc.aio.Server = self.call(create())
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def call(self, awaitable: Awaitable[T], timeout_s: Optional[float] = None) -> T:
+        """Run `awaitable` on the server's loop; wait for and return its result."""
+
+        async def run() -> T:
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout_s)
+
+    def add_insecure_port(self, address: str) -> int:
+        return self.server.add_insecure_port(address)
+
+    def add_secure_port(self, address: str, credentials: grpc.ServerCredentials) -> int:
+        return self.server.add_secure_port(address, credentials)
+
+    def start(self) -> None:
+        self.call(self.server.start())
+
+    def stop(self, grace: Optional[float]) -> threading.Event:
+        """Stop serving (RPCs still running get `grace` seconds, None: none), then end the loop.
+        Returns an event set once everything has stopped, as `grpc.Server.stop` does."""
+        if self._stopping:
+            return self._stopped
+        self._stopping = True
+
+        async def stop_all() -> None:
+            await self.server.stop(grace)
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        def finish(_future: object) -> None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self._stopped.set()
+
+        try:
+            future = asyncio.run_coroutine_threadsafe(stop_all(), self.loop)
+        except RuntimeError:  # the loop is gone already
+            self._stopped.set()
+            return self._stopped
+        future.add_done_callback(lambda f: threading.Thread(target=finish, args=(f,), daemon=True).start())
+        return self._stopped
+
+    def wait_for_termination(self, timeout: Optional[float] = None) -> bool:
+        """True once stopped; False if `timeout` passed first."""
+        return self._stopped.wait(timeout)
+
+
 def build_server(
     config: ServerConfig, backend: EditBackend, metrics: Optional[ServerMetrics] = None
-) -> Tuple[grpc.Server, int, EditServicer, health.HealthServicer]:
+) -> Tuple[AioServer, int, EditServicer, health.aio.HealthServicer]:
     """Create (not start) a server for `backend` bound to config.host:config.port.
 
     TLS when config.tls_cert/tls_key are set; a bearer token when `resolve_token(config)` gives one.
@@ -142,6 +223,10 @@ def build_server(
         max_batch=config.max_batch,
         max_delay_s=config.max_delay_ms / 1e3,
         original_cache_bytes=config.original_cache_mb << 20,
+        max_streams=config.max_streams,
+        stream_idle_timeout_s=config.stream_idle_timeout_s,
+        max_stream_backlog=config.max_stream_backlog,
+        request_threads=config.rpc_threads,
     )
     token = resolve_token(config)
     interceptors = []
@@ -155,8 +240,7 @@ def build_server(
             credentials = grpc.ssl_server_credentials([(key, cert)])
         except Exception as e:  # noqa: BLE001 - grpc's own message is the clearest we have
             raise StartupError(f"--tls-cert/--tls-key: cannot use them ({e})") from e
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="rpc"),
+    server = AioServer(
         interceptors=interceptors,
         options=[
             ("grpc.max_send_message_length", limits.max_message_bytes),
@@ -166,12 +250,12 @@ def build_server(
         ],
     )
     servicer = EditServicer(backend, config.backend, limits, metrics)
-    add_edit_service(servicer, server)
+    add_edit_service(servicer, server.server)
 
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server.server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server.server
     )
 
     address = f"{config.host}:{config.port}"
@@ -182,17 +266,18 @@ def build_server(
         port = 0
     if port == 0:
         servicer.close()
+        server.stop(None).wait(10)
         raise StartupError(f"cannot listen on {address} (port in use or address not local); pick another --port, or 0 for any free one")
     for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        server.call(health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING))
     return server, port, servicer, health_servicer
 
 
-def shutdown(server: grpc.Server, servicer: EditServicer, health_servicer: health.HealthServicer, grace_s: float) -> bool:
+def shutdown(server: AioServer, servicer: EditServicer, health_servicer: health.aio.HealthServicer, grace_s: float) -> bool:
     """Graceful stop: health NOT_SERVING, no new edits (UNAVAILABLE), the accepted ones finished and answered for
     up to grace_s, open streams ended, then the server stopped. Returns True if nothing accepted was dropped."""
     start = time.monotonic()
-    health_servicer.enter_graceful_shutdown()
+    server.call(health_servicer.enter_graceful_shutdown())
     finished = servicer.drain(grace_s)
     if not finished:
         log.warning("grace period of %.1f s over with edits unfinished; cancelling them", grace_s)
@@ -247,6 +332,7 @@ def serve(config: ServerConfig) -> None:
             metrics_port = metrics.serve_http(config.host, config.metrics_port)
         except OSError as e:
             servicer.close()
+            server.stop(None).wait(10)
             raise StartupError(f"--metrics-port {config.metrics_port}: cannot listen on it ({e.strerror or e}); pick another port") from e
     token = resolve_token(config)
     if token is None and config.host not in ("127.0.0.1", "localhost", "::1", "[::1]"):

@@ -1,28 +1,41 @@
-"""The in2n.v1.EditService servicer.
+"""The in2n.v1.EditService servicer (asyncio: it runs on a `grpc.aio` server's event loop).
 
-Requests are validated on the RPC threads (images decoded, numbers range-checked,
-`backend.check` asked), then handed to `EditWorker`, the one thread that owns
-the backend: it takes up to `max_batch` queued edits at a time (waiting at most
-`max_delay_s` for more to arrive) and runs them as one `edit_batch` call where
-the backend supports batching, one by one otherwise. RPC threads wait on futures.
+Requests are validated on a small thread pool (images decoded, numbers range-checked,
+originals' keys checked, `backend.check` asked), then handed to `EditWorker`, the one
+thread that owns the backend: it takes up to `max_batch` queued edits at a time (waiting
+at most `max_delay_s` for more to arrive) and runs them as one `edit_batch` call where
+the backend supports batching, one by one otherwise. RPCs await the edits' futures: a
+waiting call holds no thread, so open streams cannot starve health checks or unary calls.
+
+Streams are bounded three ways: at most `max_streams` are open (a new one beyond gets
+RESOURCE_EXHAUSTED at once); one idle longer than `stream_idle_timeout_s` (no request read
+and nothing of its own unanswered) is closed with UNAVAILABLE; and a stream's backlog
+(requests read whose response is not yet handed to gRPC: edits in flight plus answers the
+client has not taken) is at most `max_stream_backlog`: at the bound the server stops reading
+that stream's requests until the client reads (back-pressure, rather than refusing: a slow
+reader loses nothing, and its requests wait in its own send window). Everything a stream
+holds is dropped when it ends.
 
 Before computing, the worker drops what nobody waits for any more: an edit whose
 deadline has passed fails with DEADLINE_EXCEEDED, one whose client cancelled or
 went away is cancelled. Originals a client sends with `client_id` and
-`original_key` are cached (`OriginalCache`), so later requests may carry only the render.
+`original_key` are cached (`OriginalCache`), so later requests may carry only the render;
+the key must be the original's (`wire_original_key`, checked), and the client id, a
+secret, is shown only as a short hash (`client_tag`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
+import hashlib
 import logging
 import math
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, Hashable, Iterator, List, Optional, Set, Tuple
+from typing import AsyncIterator, Callable, Deque, Hashable, List, Optional, Set, Tuple
 
 import grpc
 import numpy as np
@@ -42,6 +55,7 @@ from diffusion_server.backends.base import (
     EditRejected,
     EditResult,
 )
+from diffusion_server.client import original_key
 from diffusion_server.config import max_message_bytes_for
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
@@ -66,6 +80,10 @@ class ServiceLimits:
     max_batch: int = 1
     max_delay_s: float = 0.0
     original_cache_bytes: int = 1 << 30
+    max_streams: int = 64
+    stream_idle_timeout_s: float = 600.0  # 0: never
+    max_stream_backlog: int = 32
+    request_threads: int = 16  # validate and decode requests
 
     @property
     def max_message_bytes(self) -> int:
@@ -83,6 +101,22 @@ class RequestError(Exception):
 
 def _invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def client_tag(client_id: str) -> str:
+    """What logs and messages show of a client id: a short hash prefix. The id itself is a secret
+    (whoever knows it may use that client's cached originals), so it is never written out."""
+    return "#" + hashlib.sha256(client_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+_WIRE_DTYPES = {pb.DTYPE_UINT8: np.dtype(np.uint8), pb.DTYPE_FLOAT16: np.dtype("<f2"), pb.DTYPE_FLOAT32: np.dtype("<f4")}
+
+
+def wire_original_key(image: pb.Image) -> str:
+    """`client.original_key` of an image as it travelled (its shape, dtype and bytes): what an honest
+    client sends as `original_key` with it. `image` must have passed `codec.decode_image`."""
+    array = np.frombuffer(image.data, dtype=_WIRE_DTYPES[image.dtype]).reshape(image.height, image.width, image.channels)
+    return original_key(array)
 
 
 def _short(text: str, limit: int = 80) -> str:
@@ -262,12 +296,19 @@ def parse_request(
         )
     except codec.ImageFormatError as e:
         raise _invalid(str(e)) from None
+    if original is not None and req.original_key and req.original_key != wire_original_key(req.original):
+        # Without this check, whoever learnt a client's id could replace that client's cached original.
+        raise _invalid(
+            f"original_key {_short(req.original_key, 40)} does not match the original sent with it; "
+            "send original_key(original) as computed by diffusion_server.client (a hash of the image as it travels)"
+        )
     if original is None:
         original = originals.get(req.client_id, req.view_id, req.original_key) if originals is not None else None
         if original is None:
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"{ORIGINAL_NOT_CACHED} for client {req.client_id!r}, view {req.view_id}, key {req.original_key!r}; "
+                f"{ORIGINAL_NOT_CACHED} for client {client_tag(req.client_id)}, view {req.view_id}, "
+                f"key {_short(req.original_key, 40)}; "
                 "send the request again with original set",
             )
     if render.shape != original.shape:
@@ -538,15 +579,43 @@ class EditWorker:
             job.future.cancel()
 
 
-@dataclass
-class _StreamState:
-    """Book-keeping of one StreamEdit call."""
+class _Stream:
+    """Book-keeping of one StreamEdit call. Lives on the server's event loop: other threads touch it only
+    through `post` (and read `closed`, `unanswered`)."""
 
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    in_flight: Set[str] = field(default_factory=set)
-    futures: List[concurrent.futures.Future] = field(default_factory=list)
-    unanswered: int = 0  # accepted edits whose response is not queued yet
-    cancelled: bool = False
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_backlog: int):
+        self.loop = loop
+        self.out: "asyncio.Queue[object]" = asyncio.Queue()  # responses and markers for the writer
+        self.in_flight: Set[str] = set()  # request ids of accepted edits not answered yet
+        self.futures: Set[concurrent.futures.Future] = set()
+        self.max_backlog = max_backlog
+        self.backlog = 0  # requests read whose response is not yet handed to gRPC
+        self.room = asyncio.Event()  # set while backlog < max_backlog
+        self.room.set()
+        self.unanswered = 0  # accepted edits whose response is not queued yet (a drain waits for these)
+        self.closed = False  # the call ended: drop whatever comes back
+        self.last_activity = loop.time()  # last request read or response sent
+
+    def post(self, callback: Callable[..., None], *args: object) -> None:
+        """Run `callback(*args)` on the stream's loop, from any thread (nothing if the loop is gone)."""
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: the server stopped
+            pass
+
+    def took(self) -> None:
+        """One request read: its response joins the backlog."""
+        self.backlog += 1
+        self.last_activity = self.loop.time()
+        if self.backlog >= self.max_backlog:
+            self.room.clear()
+
+    def sent(self) -> None:
+        """One response handed to gRPC."""
+        self.backlog -= 1
+        self.last_activity = self.loop.time()
+        if self.backlog < self.max_backlog:
+            self.room.set()
 
 
 @dataclass
@@ -554,7 +623,6 @@ class _EndOfInput:
     count: int  # requests read from the stream; each gets exactly one response
 
 
-_TERMINATED = object()  # the RPC ended (client cancelled, deadline, server stopping)
 _DRAINED = object()  # the server is stopping and every accepted edit has been answered: end the stream
 
 
@@ -566,8 +634,31 @@ def _error_response(request_id: str, view_id: int, error: RequestError) -> pb.St
     )
 
 
+async def _wait(future: concurrent.futures.Future) -> None:
+    """Wait on the event loop until `future` (completed by another thread) is done; cancelling the wait cancels it."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def wake() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def notify(_future: concurrent.futures.Future) -> None:
+        try:
+            loop.call_soon_threadsafe(wake)
+        except RuntimeError:  # the loop is closed: the server stopped
+            pass
+
+    future.add_done_callback(notify)
+    try:
+        await done
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+
+
 class EditServicer(pb_grpc.EditServiceServicer):
-    """Serves Edit, StreamEdit and Describe over one backend."""
+    """Serves Edit, StreamEdit and Describe over one backend (coroutines, on a grpc.aio server's loop)."""
 
     def __init__(
         self,
@@ -583,44 +674,59 @@ class EditServicer(pb_grpc.EditServiceServicer):
         self._metrics = metrics
         self._worker = EditWorker(backend, limits.max_queued, limits.max_batch, limits.max_delay_s, metrics)
         self._originals = OriginalCache(limits.original_cache_bytes) if limits.original_cache_bytes > 0 else None
+        self._requests = concurrent.futures.ThreadPoolExecutor(limits.request_threads, thread_name_prefix="request")
         self._streams_lock = threading.Lock()
-        self._streams: Dict["queue.Queue[object]", _StreamState] = {}
+        self._streams: Set[_Stream] = set()
+        self._refusals = 0  # streams refused since the last log line about it (on the loop)
+        self._refusal_logged = -math.inf  # time.monotonic() of that line
 
     @property
     def worker(self) -> EditWorker:
         return self._worker
 
+    @property
+    def open_streams(self) -> int:
+        with self._streams_lock:
+            return len(self._streams)
+
     def close(self) -> None:
         self._worker.close()
+        self._requests.shutdown(wait=False, cancel_futures=True)
 
     def drain(self, timeout_s: float) -> bool:
         """Stop taking edits, answer those accepted (up to timeout_s), then end every open stream.
 
-        Returns True if every accepted edit was answered in time.
+        Returns True if every accepted edit was answered in time. Called from a thread other than the loop's.
         """
         deadline = time.monotonic() + timeout_s
         finished = self._worker.drain(timeout_s)
         with self._streams_lock:
-            streams = list(self._streams.items())
-        for out, state in streams:
-            # An edit's response is queued just after its job is released: wait for those last few.
-            while finished and time.monotonic() < deadline:
-                with state.lock:
-                    if state.unanswered == 0:
-                        break
+            streams = list(self._streams)
+        for stream in streams:
+            # An edit's response is queued (on the loop) just after its job is released: wait for those last few.
+            while finished and stream.unanswered > 0 and time.monotonic() < deadline:
                 time.sleep(0.001)
-            out.put(_DRAINED)
+            stream.post(stream.out.put_nowait, _DRAINED)
         return finished
 
     def _count(self, method: str, code: grpc.StatusCode) -> None:
         if self._metrics is not None:
             self._metrics.request_done(method, code.name)  # type: ignore[attr-defined]
 
+    async def _parse(self, req: pb.EditRequest, arrival: float) -> EditJob:
+        """`parse_request` on the request threads (decoding and hashing images would stall the loop)."""
+        loop = asyncio.get_running_loop()
+        try:
+            pending = loop.run_in_executor(self._requests, parse_request, req, self._limits, self._backend, arrival, self._originals)
+        except RuntimeError:  # the pool is shut down: close() was called
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another server or later") from None
+        return await pending
+
     # -- Describe --------------------------------------------------------------------------------
 
-    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
+    async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
         if isinstance(request, MalformedMessage):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
         return pb.DescribeResponse(
             backend=self._backend_name,
             model=self._info.model,
@@ -637,90 +743,173 @@ class EditServicer(pb_grpc.EditServiceServicer):
 
     # -- Edit (unary) ----------------------------------------------------------------------------
 
-    def Edit(self, request: pb.EditRequest, context: grpc.ServicerContext) -> pb.EditResponse:
+    async def Edit(self, request: pb.EditRequest, context: grpc.aio.ServicerContext) -> pb.EditResponse:
         arrival = time.perf_counter()
         if isinstance(request, MalformedMessage):
             log.info("Edit rejected: %s", request.message(), extra={"event": "rejected", "code": "INVALID_ARGUMENT"})
             self._count("Edit", grpc.StatusCode.INVALID_ARGUMENT)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
+        gone = threading.Event()  # the call ended (answered, cancelled, deadline): read by the worker thread
         try:
-            job = parse_request(request, self._limits, self._backend, arrival, self._originals)
+            job = await self._parse(request, arrival)
             call_deadline = _deadline_from(context, arrival)
             if call_deadline is not None:
                 job.deadline = call_deadline if job.deadline is None else min(job.deadline, call_deadline)
-            job.is_active = context.is_active
+            job.is_active = lambda: not gone.is_set()
             future = self._worker.submit(job)
         except RequestError as e:
             log.info("Edit %s rejected: %s", _short(request.request_id), e.message,
                      extra={"event": "rejected", "request_id": request.request_id, "code": e.code.name})
             self._count("Edit", e.code)
-            context.abort(e.code, e.message)
-        context.add_callback(future.cancel)  # client gone: drop the job if it has not started
-        try:
-            response = future.result()
-        except RequestError as e:
-            self._count("Edit", e.code)
-            context.abort(e.code, e.message)
-        except concurrent.futures.CancelledError:
+            await context.abort(e.code, e.message)
+
+        def ended(_context: object) -> None:  # client gone: drop the job if it has not started
+            gone.set()
+            future.cancel()
+
+        context.add_done_callback(ended)
+
+        def ended_code() -> grpc.StatusCode:
             expired = job.deadline is not None and time.perf_counter() >= job.deadline
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
+        try:
+            await _wait(future)
+        except asyncio.CancelledError:  # the call ended first: the client cancelled, or its deadline passed
+            self._count("Edit", ended_code())
+            raise
+        if future.cancelled():
+            code = ended_code()
             self._count("Edit", code)
-            context.abort(code, "deadline passed; not computed" if expired else "edit cancelled")
+            await context.abort(code, "deadline passed; not computed" if code == grpc.StatusCode.DEADLINE_EXCEEDED else "edit cancelled")
+        error = future.exception()
+        if error is not None:
+            if not isinstance(error, RequestError):
+                log.error("unexpected failure of request %s: %r", _short(request.request_id), error)
+                error = RequestError(grpc.StatusCode.INTERNAL, str(error))
+            self._count("Edit", error.code)
+            await context.abort(error.code, error.message)
         self._count("Edit", grpc.StatusCode.OK)
-        return response
+        return future.result()
 
     # -- StreamEdit ------------------------------------------------------------------------------
 
-    def StreamEdit(
-        self, request_iterator: Iterator[pb.StreamEditRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.StreamEditResponse]:
-        out: "queue.Queue[object]" = queue.Queue()
-        state = _StreamState()
-        if not context.add_callback(lambda: out.put(_TERMINATED)):
-            return
+    async def StreamEdit(
+        self, request_iterator: AsyncIterator[pb.StreamEditRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        """Coroutine handler (writes with `context.write`): a write that fails because the client went away
+        ends the call quietly, where a generator handler would have grpc log a traceback."""
+        limits = self._limits
+        stream = _Stream(asyncio.get_running_loop(), limits.max_stream_backlog)
         with self._streams_lock:
-            self._streams[out] = state
-        reader = threading.Thread(
-            target=self._read_stream, args=(request_iterator, out, state, context), name="stream-reader", daemon=True
-        )
-        reader.start()
+            refused = len(self._streams) >= limits.max_streams
+            if not refused:
+                self._streams.add(stream)
+                open_now = len(self._streams)
+        if refused:
+            self._refusals += 1
+            now = time.monotonic()
+            if now - self._refusal_logged >= 10.0:  # one line per 10 s at most: a flood of streams must not flood the log
+                log.info("StreamEdit refused: %d streams open (--max-streams); %d refused since the last such line",
+                         limits.max_streams, self._refusals, extra={"event": "stream_refused", "code": "RESOURCE_EXHAUSTED"})
+                self._refusal_logged, self._refusals = now, 0
+            if self._metrics is not None:
+                self._metrics.streams_refused.inc()  # type: ignore[attr-defined]
+            self._count("StreamEdit", grpc.StatusCode.RESOURCE_EXHAUSTED)
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many open streams: the server's limit of {limits.max_streams} open StreamEdit streams "
+                "(--max-streams) is reached; close a stream or retry later",
+            )
+        if self._metrics is not None:
+            self._metrics.streams_open.set(open_now)  # type: ignore[attr-defined]
+        reader = asyncio.create_task(self._read_stream(request_iterator, stream, context))
+        idle_s = limits.stream_idle_timeout_s
         expected: Optional[int] = None
         sent = 0
         try:
             while expected is None or sent < expected:
-                item = out.get()
-                if item is _TERMINATED or item is _DRAINED:
+                timeout = None
+                if idle_s > 0 and stream.backlog == 0:  # nothing of its own in flight: the idle clock runs
+                    timeout = max(0.0, stream.last_activity + idle_s - stream.loop.time())
+                item = await self._next(stream, timeout)
+                if item is None:  # no item within the timeout
+                    if stream.backlog == 0 and stream.loop.time() - stream.last_activity >= idle_s:
+                        break
+                    continue
+                if item is _DRAINED:
                     return
                 if isinstance(item, _EndOfInput):
                     expected = item.count
                     continue
-                yield item
+                try:
+                    await context.write(item)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the client cancelled or the connection broke mid-write
+                    log.debug("StreamEdit write failed: %s", e)
+                    raise asyncio.CancelledError() from e
                 sent += 1
+                stream.sent()
+            else:
+                return
         finally:
-            with self._streams_lock:
-                self._streams.pop(out, None)
-            with state.lock:  # drop whatever this stream still has queued
-                state.cancelled = True
-                futures = list(state.futures)
-            for future in futures:
-                future.cancel()
+            self._end_stream(stream, reader)
+        # Idle: the loop above broke out.
+        log.info("StreamEdit closed after %.0f s idle (--stream-idle-timeout-s)", idle_s, extra={"event": "stream_idle"})
+        if self._metrics is not None:
+            self._metrics.streams_idle_closed.inc()  # type: ignore[attr-defined]
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"stream idle for {idle_s:g} s (no request and nothing in flight; the server's --stream-idle-timeout-s): "
+            "closed by the server; open a new stream to send more edits",
+        )
 
-    def _read_stream(
-        self,
-        requests: Iterator[pb.StreamEditRequest],
-        out: "queue.Queue[object]",
-        state: _StreamState,
-        context: grpc.ServicerContext,
-    ) -> None:
-        """Read the client's requests and submit each; every request read yields exactly one response."""
-        count = 0
+    @staticmethod
+    async def _next(stream: _Stream, timeout: Optional[float]) -> Optional[object]:
+        """The next item of `stream.out`; None if none came within `timeout` seconds (None: wait as long as it takes).
 
-        def active() -> bool:
-            return not state.cancelled and context.is_active()
-
+        Not `asyncio.wait_for`: on Python 3.11 it loses a cancellation that arrives as the item does (the
+        client cancelling just as its request stream ends), and the stream would then wait forever.
+        """
+        if timeout is None:
+            return await stream.out.get()
+        getter = asyncio.ensure_future(stream.out.get())
         try:
-            for stream_request in requests:
+            await asyncio.wait((getter,), timeout=timeout)
+        finally:
+            if not getter.done():
+                getter.cancel()
+        return getter.result() if getter.done() and not getter.cancelled() else None
+
+    def _end_stream(self, stream: _Stream, reader: "asyncio.Task[None]") -> None:
+        """The call is over: forget the stream, stop its reader, cancel its edits, drop its queued responses."""
+        stream.closed = True
+        reader.cancel()
+        with self._streams_lock:
+            self._streams.discard(stream)
+            open_now = len(self._streams)
+        if self._metrics is not None:
+            self._metrics.streams_open.set(open_now)  # type: ignore[attr-defined]
+        futures, stream.futures = list(stream.futures), set()
+        for future in futures:
+            future.cancel()
+        while not stream.out.empty():
+            stream.out.get_nowait()
+
+    async def _read_stream(
+        self,
+        requests: AsyncIterator[pb.StreamEditRequest],
+        stream: _Stream,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """Read the client's requests and submit each; every request read yields exactly one response.
+        While the stream's backlog is at its bound, read nothing (back-pressure)."""
+        count = 0
+        try:
+            async for stream_request in requests:
                 count += 1
+                stream.took()
                 arrival = time.perf_counter()
                 malformed = stream_request if isinstance(stream_request, MalformedMessage) else None
                 req = pb.EditRequest() if malformed is not None else stream_request.edit
@@ -731,47 +920,52 @@ class EditServicer(pb_grpc.EditServiceServicer):
                         raise _invalid("edit is required in every StreamEditRequest")
                     if not req.request_id:
                         raise _invalid("request_id must be non-empty in StreamEdit (responses are matched by it)")
-                    with state.lock:
-                        if req.request_id in state.in_flight:
-                            raise _invalid(f"request_id {req.request_id!r} is already in flight on this stream")
-                        state.in_flight.add(req.request_id)
+                    if req.request_id in stream.in_flight:
+                        raise _invalid(f"request_id {_short(req.request_id)} is already in flight on this stream")
+                    stream.in_flight.add(req.request_id)
                     try:
-                        job = parse_request(req, self._limits, self._backend, arrival, self._originals)
+                        job = await self._parse(req, arrival)
                         call_deadline = _deadline_from(context, arrival)
                         if call_deadline is not None:
                             job.deadline = call_deadline if job.deadline is None else min(job.deadline, call_deadline)
-                        job.is_active = active
+                        job.is_active = lambda: not stream.closed
                         future = self._worker.submit(job)
-                    except RequestError:
-                        with state.lock:
-                            state.in_flight.discard(req.request_id)
+                    except BaseException:
+                        stream.in_flight.discard(req.request_id)
                         raise
                 except RequestError as e:
                     log.info("StreamEdit request %s rejected: %s", _short(req.request_id), e.message,
                              extra={"event": "rejected", "request_id": req.request_id, "code": e.code.name})
                     self._count("StreamEdit", e.code)
-                    out.put(_error_response(req.request_id, req.view_id, e))
-                    continue
-                with state.lock:
-                    state.futures.append(future)
-                    state.unanswered += 1
-                    cancelled = state.cancelled
-                if cancelled:
-                    future.cancel()
-                future.add_done_callback(
-                    lambda f, rid=req.request_id, vid=req.view_id: self._on_stream_done(f, rid, vid, out, state)
-                )
+                    stream.out.put_nowait(_error_response(req.request_id, req.view_id, e))
+                else:
+                    stream.futures.add(future)
+                    stream.unanswered += 1
+                    future.add_done_callback(
+                        lambda f, rid=req.request_id, vid=req.view_id: self._on_stream_done(f, rid, vid, stream)
+                    )
+                if not stream.room.is_set():  # back-pressure: read on once the client has taken a response
+                    await self._paused(stream)
+        except asyncio.CancelledError:
+            raise
         except Exception as e:  # noqa: BLE001 - the client cancelled or the connection broke
             log.debug("StreamEdit request stream ended: %s", e)
         finally:
-            out.put(_EndOfInput(count))
+            if not stream.closed:
+                stream.out.put_nowait(_EndOfInput(count))
 
-    def _on_stream_done(
-        self, future: concurrent.futures.Future, request_id: str, view_id: int, out: "queue.Queue[object]", state: _StreamState
-    ) -> None:
-        with state.lock:
-            state.in_flight.discard(request_id)
-            state.futures = [f for f in state.futures if f is not future]
+    async def _paused(self, stream: _Stream) -> None:
+        """Wait (reading nothing) until `stream`'s backlog is below its bound."""
+        if self._metrics is not None:
+            self._metrics.streams_paused.inc()  # type: ignore[attr-defined]
+        try:
+            await stream.room.wait()
+        finally:
+            if self._metrics is not None:
+                self._metrics.streams_paused.dec()  # type: ignore[attr-defined]
+
+    def _on_stream_done(self, future: concurrent.futures.Future, request_id: str, view_id: int, stream: _Stream) -> None:
+        """An accepted edit of `stream` finished (on the thread that finished it): count it, queue its response on the loop."""
         if future.cancelled():
             error: Optional[BaseException] = RequestError(grpc.StatusCode.CANCELLED, "edit cancelled")
         else:
@@ -781,10 +975,19 @@ class EditServicer(pb_grpc.EditServiceServicer):
             self._count("StreamEdit", grpc.StatusCode.OK)
         else:
             if not isinstance(error, RequestError):
-                log.error("unexpected failure of request %r: %r", request_id, error)
+                log.error("unexpected failure of request %s: %r", _short(request_id), error)
                 error = RequestError(grpc.StatusCode.INTERNAL, str(error))
             response = _error_response(request_id, view_id, error)
             self._count("StreamEdit", error.code)
-        out.put(response)
-        with state.lock:  # after the response is queued: a drain waits for this
-            state.unanswered -= 1
+        stream.post(self._queue_response, future, request_id, response, stream)
+
+    @staticmethod
+    def _queue_response(
+        future: concurrent.futures.Future, request_id: str, response: pb.StreamEditResponse, stream: _Stream
+    ) -> None:
+        """On the loop: hand an edit's response to the stream's writer (nothing if the stream has ended)."""
+        stream.in_flight.discard(request_id)
+        stream.futures.discard(future)
+        stream.unanswered -= 1
+        if not stream.closed:
+            stream.out.put_nowait(response)

@@ -14,7 +14,7 @@ The IP2P precision is the diffusion server's `--precision` (nerf_trainer/variant
 from __future__ import annotations
 
 from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
-from nerfstudio.configs.base_config import ViewerConfig
+from nerfstudio.configs.base_config import LocalWriterConfig, LoggingConfig, ViewerConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.plugins.types import MethodSpecification
@@ -22,6 +22,7 @@ from nerfstudio.plugins.types import MethodSpecification
 from nerf_trainer.datamanager import In2nDataManagerConfig
 from nerf_trainer.model import In2nModelConfig
 from nerf_trainer.pipeline import In2nPipelineConfig
+from nerf_trainer.progress import EditProgressWriter
 from nerf_trainer.trainer import In2nTrainerConfig
 from nerf_trainer.variants import VARIANT_PRECISION
 
@@ -70,6 +71,7 @@ def make_config(
             },
         },
         viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
+        logging=LoggingConfig(local_writer=LocalWriterConfig(_target=EditProgressWriter, enable=True)),
         vis="viewer",
     )
 

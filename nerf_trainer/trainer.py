@@ -21,7 +21,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Type
+from typing import Literal, Optional, Type
 
 import numpy as np
 import torch
@@ -30,6 +30,8 @@ from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.models.nerfacto import NerfactoModelConfig
 from nerfstudio.utils.decorators import check_main_thread
 from nerfstudio.utils.rich_utils import CONSOLE
+
+from nerf_trainer.progress import start_run_progress
 
 # Model settings that are about training the edit, not about what the pretrained model is.
 _NOT_INHERITED = {"_target", "eval_num_rays_per_chunk", "prompt"}
@@ -109,6 +111,10 @@ class In2nTrainer(Trainer):
             if local_rank == 0:
                 config.save_config()
         super().__init__(config, local_rank, world_size)
+
+    def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
+        super().setup(test_mode=test_mode)
+        start_run_progress(self._start_step, self.config.max_num_iterations)  # the table counts this run's steps
 
     def _load_checkpoint(self) -> None:
         with torch.serialization.safe_globals(checkpoint_safe_globals()):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,9 @@ def test_method_doc_states_the_noise_timestep() -> None:
     text = (REPO / "docs/method.md").read_text()
     assert "t0, the schedule's first timestep" in text
     assert "num_train_timesteps = T" in text
+
+
+def test_option_tables_are_generated_from_the_configs() -> None:
+    """docs/options.md is what tools/gen_options.py makes of the config dataclasses today."""
+    proc = subprocess.run([sys.executable, "tools/gen_options.py", "--check"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from diffusion_server import codec
 from diffusion_server.backends.base import BackendInfo, EditBackend, EditParams, EditResult
 from diffusion_server.backends.identity import IdentityBackend
-from diffusion_server.client import EditClient, EditFailed, StreamClient
+from diffusion_server.client import EditClient, EditFailed, StreamClient, original_key
 from diffusion_server.config import ServerConfig
 from diffusion_server.metrics import ServerMetrics
 from diffusion_server.server import build_server, shutdown
@@ -273,22 +273,23 @@ def _cached(request_id: str, view_id: int, key: str, with_original: bool, render
 def test_original_cache_contract(make_server) -> None:
     s = make_server()
     render, original = random_image(1, 8, 8), random_image(2, 8, 8)
+    k1, k2 = original_key(original), original_key(render)  # the key of the original sent, another image's key
     with pytest.raises(grpc.RpcError) as info:  # never sent: a defined miss
-        s.stub.Edit(_cached("m", 3, "k1", False, render, original), timeout=10)
+        s.stub.Edit(_cached("m", 3, k1, False, render, original), timeout=10)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and info.value.details().startswith("original not cached")
-    first = s.stub.Edit(_cached("a", 3, "k1", True, render, original), timeout=10)
+    first = s.stub.Edit(_cached("a", 3, k1, True, render, original), timeout=10)
     np.testing.assert_array_equal(decoded(first), original)
-    again = s.stub.Edit(_cached("b", 3, "k1", False, render, original), timeout=10)  # only the render travels
+    again = s.stub.Edit(_cached("b", 3, k1, False, render, original), timeout=10)  # only the render travels
     np.testing.assert_array_equal(decoded(again), original)  # the backend got the cached original
     for request in (
-        _cached("other-key", 3, "k2", False, render, original),
-        _cached("other-view", 4, "k1", False, render, original),
-        _cached("other-client", 3, "k1", False, render, original, client_id="c2"),
+        _cached("other-key", 3, k2, False, render, original),
+        _cached("other-view", 4, k1, False, render, original),
+        _cached("other-client", 3, k1, False, render, original, client_id="c2"),
     ):
         with pytest.raises(grpc.RpcError) as info:
             s.stub.Edit(request, timeout=10)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, request.request_id
-    no_client = _cached("x", 3, "k1", False, render, original, client_id="")
+    no_client = _cached("x", 3, k1, False, render, original, client_id="")
     with pytest.raises(grpc.RpcError) as info:
         s.stub.Edit(no_client, timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "client_id" in info.value.details()

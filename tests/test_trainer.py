@@ -8,6 +8,7 @@ what the run wrote (the edited training images, the report, the effective config
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -54,7 +55,17 @@ def grayscale_run(pretrained, trainer_env, tmp_path_factory) -> Path:
         proc = run_in2n(pretrained, tmp / "out", server.address, trainer_env, 300,
                         "--pipeline.instruction", "make it grayscale")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (tmp / "stdout.txt").write_text(proc.stdout)
     return tmp / "out" / "tiny" / "in2n-tiny" / "edit"
+
+
+def test_progress_counts_the_edit_runs_own_steps(grayscale_run):
+    """The terminal table of a 300-step edit resumed from a pretrained nerfacto reads 0 to 100 %, not past it."""
+    stdout = (grayscale_run.parents[3] / "stdout.txt").read_text()
+    rows = re.findall(r"^(\d+) \((\d+\.\d+)%\)", stdout, flags=re.M)
+    assert rows, stdout[-2000:]
+    assert max(float(p) for _, p in rows) <= 100.0
+    assert int(rows[0][0]) <= 10 and float(rows[-1][1]) >= 95.0  # counted from this run's first step to its last
 
 
 def test_in2n_edits_every_view_and_the_nerf_follows(grayscale_run, tiny_scene):

@@ -1,0 +1,48 @@
+"""The terminal table of an edit run counts the run's own steps (0 to 100 %), its ETA covers the steps left."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from nerfstudio.configs.base_config import LocalWriterConfig, LoggingConfig
+from nerfstudio.utils import writer
+from nerfstudio.utils.writer import EventName
+
+from nerf_trainer.progress import EDITS_APPLIED, EditProgressWriter, start_run_progress
+
+
+@pytest.fixture
+def table(capsys):
+    """A run resumed at step 1001 (a 1000-step nerfacto) for 300 steps, 0.5 s a step; the printed lines by step."""
+    writer.EVENT_WRITERS.clear()
+    writer.EVENT_STORAGE.clear()
+    logging = LoggingConfig(local_writer=LocalWriterConfig(_target=EditProgressWriter, enable=True, max_log_size=0))
+    writer.setup_local_writer(logging, max_iter=30000)  # the variant's max_num_iterations, as nerfstudio sets it
+    try:
+        assert start_run_progress(first_step=1001, num_steps=300)
+        for step in range(1001, 1301):
+            writer.put_time(EventName.ITER_TRAIN_TIME, 0.5, step, update_eta=True)
+            if step % 10 == 0:
+                writer.put_scalar(EDITS_APPLIED, step // 10 - 100, step)
+            writer.write_out_storage()
+        yield capsys.readouterr().out
+    finally:
+        writer.EVENT_WRITERS.clear()
+        writer.EVENT_STORAGE.clear()
+
+
+def test_steps_and_percent_are_the_runs_own(table: str) -> None:
+    rows = re.findall(r"^(\d+) \((\d+\.\d+)%\)", table, flags=re.M)
+    assert rows, table
+    percents = [float(p) for _, p in rows]
+    assert max(percents) <= 100.0
+    assert rows[-1] == ("300", "100.00")  # the last step of the run is 100 %
+    assert int(rows[0][0]) <= 10  # counted from the run's first step, not the checkpoint's
+
+
+def test_eta_covers_the_steps_left_and_edits_are_shown(table: str) -> None:
+    assert EDITS_APPLIED in table.splitlines()[0]  # a column header
+    line_150 = next(line for line in table.splitlines() if line.startswith("150 ("))
+    assert "1 m, 15 s" in line_150  # (1300 - 1150) steps x 0.5 s, not (30000 - 1150) x 0.5 s
+    assert re.search(r"\b15\.0000\b", line_150)  # edits applied as logged at step 1150 (1150 // 10 - 100)
