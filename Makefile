@@ -27,6 +27,7 @@ PROTO_VENV ?= .venv-protos
 PROTO := protos/in2n/v1/edit_service.proto
 
 # make run parameters (README: "make run parameters")
+METHOD ?= in2n-tiny
 SCENE ?=
 INSTRUCTION ?=
 BACKEND ?= auto
@@ -99,11 +100,12 @@ test-all: setup check-protos
 run: setup-trainer
 	$(PY) -m nerf_trainer.run --scene "$(SCENE)" --instruction "$(INSTRUCTION)" --backend $(BACKEND) \
 	  --model "$(MODEL)" --steps $(STEPS) --pretrain-steps $(PRETRAIN_STEPS) --train-device $(TRAIN_DEVICE) \
-	  --edit-device $(EDIT_DEVICE) --port $(PORT)
+	  --edit-device $(EDIT_DEVICE) --port $(PORT) --method $(METHOD)
 
+# The diffusion server(s) of make run alone, in the foreground: one per EDIT_DEVICE, METHOD's precision.
 serve: setup-trainer
-	$(PY) -m diffusion_server --backend $(if $(filter auto,$(BACKEND)),palette,$(BACKEND)) --model "$(MODEL)" \
-	  --device $(EDIT_DEVICE) --port $(PORT)
+	$(PY) -m nerf_trainer.run --serve-only --backend $(BACKEND) --model "$(MODEL)" --edit-device $(EDIT_DEVICE) \
+	  --port $(PORT) --method $(METHOD)
 
 # The server as a Ray Serve application: starts a local Ray instance, or joins RAY_ADDRESS (a cluster's head).
 serve-ray: setup-server

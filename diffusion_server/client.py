@@ -357,6 +357,7 @@ class StreamClient:
         self._tls = tls
         self._send_originals_once = send_originals_once
         self._server_caches = False  # learnt from Describe on each connection
+        self.server_info: Optional[pb.DescribeResponse] = None  # the server's Describe, from the latest connection
         self._client_id = uuid.uuid4().hex
         self._server_has: Dict[int, str] = {}  # view id -> key of the original the server should hold
         self._resendable: Dict[str, Tuple[pb.EditRequest, np.ndarray]] = {}  # sent without original: (request, original)
@@ -550,8 +551,10 @@ class StreamClient:
         """
         conn = _Connection()
         stub = pb_grpc.EditServiceStub(self._channel)
+        info = None
         try:  # does this server cache originals? (servers before the cache answer False)
-            caches = stub.Describe(pb.DescribeRequest(), timeout=10.0, metadata=self._metadata).caches_originals
+            info = stub.Describe(pb.DescribeRequest(), timeout=10.0, metadata=self._metadata)
+            caches = info.caches_originals
         except grpc.RpcError as e:
             log.debug("Describe failed (%s); sending every original", e.code())
             caches = False
@@ -563,6 +566,7 @@ class StreamClient:
                 conn.shut()
                 return False
             self._server_caches = caches
+            self.server_info = info if info is not None else self.server_info
             self._conn = conn
             resend, self._to_resend = self._to_resend, []
             for request in resend:  # before anything submitted on this stream

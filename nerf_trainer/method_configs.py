@@ -6,9 +6,9 @@
 | in2n-small | fp16                    | yes   | 16384      | 32    | 30000          |
 | in2n-tiny  | fp16                    | no    | 4096       | 1     | 30000          |
 
-The IP2P precision is the diffusion server's `--precision`; the trainer
-records the variant's choice in `pipeline.server_precision_hint` for tools
-(like `make run`) that start the server.
+The IP2P precision is the diffusion server's `--precision` (nerf_trainer/variants.py;
+`make run METHOD=...` starts the server with it); the trainer keeps it in
+`pipeline.server_precision_hint` and says so, once, when a server reports another.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from nerf_trainer.model import In2nModelConfig
 from nerf_trainer.pipeline import In2nPipelineConfig
 from nerf_trainer.progress import EditProgressWriter
 from nerf_trainer.trainer import In2nTrainerConfig
+from nerf_trainer.variants import VARIANT_PRECISION
 
 
 def make_config(
-    method_name: str, *, max_num_iterations: int, rays_per_batch: int, patch_size: int, use_lpips: bool, precision: str
+    method_name: str, *, max_num_iterations: int, rays_per_batch: int, patch_size: int, use_lpips: bool
 ) -> In2nTrainerConfig:
     """One in2n variant; they differ only in the arguments (see the module table)."""
     return In2nTrainerConfig(
@@ -53,7 +54,7 @@ def make_config(
                 patch_size=patch_size if use_lpips else 32,
                 camera_optimizer=CameraOptimizerConfig(mode="SO3xR3"),
             ),
-            server_precision_hint=precision,
+            server_precision_hint=VARIANT_PRECISION[method_name],
         ),
         optimizers={
             "proposal_networks": {
@@ -76,14 +77,14 @@ def make_config(
 
 
 in2n = MethodSpecification(
-    config=make_config("in2n", max_num_iterations=15000, rays_per_batch=16384, patch_size=32, use_lpips=True, precision="fp32"),
+    config=make_config("in2n", max_num_iterations=15000, rays_per_batch=16384, patch_size=32, use_lpips=True),
     description="Instruct-NeRF2NeRF, asynchronous: full-precision IP2P on the server, L1 + LPIPS.",
 )
 in2n_small = MethodSpecification(
-    config=make_config("in2n-small", max_num_iterations=30000, rays_per_batch=16384, patch_size=32, use_lpips=True, precision="fp16"),
+    config=make_config("in2n-small", max_num_iterations=30000, rays_per_batch=16384, patch_size=32, use_lpips=True),
     description="Instruct-NeRF2NeRF, asynchronous: half-precision IP2P on the server, L1 + LPIPS.",
 )
 in2n_tiny = MethodSpecification(
-    config=make_config("in2n-tiny", max_num_iterations=30000, rays_per_batch=4096, patch_size=1, use_lpips=False, precision="fp16"),
+    config=make_config("in2n-tiny", max_num_iterations=30000, rays_per_batch=4096, patch_size=1, use_lpips=False),
     description="Instruct-NeRF2NeRF, asynchronous: half-precision IP2P on the server, L1 only, no patches.",
 )

@@ -38,6 +38,19 @@ from nerf_trainer.report import EvolutionRecorder, to_uint8
 from nerf_trainer.view_renderer import RenderBudget, ViewRenderer
 
 
+def precision_mismatch(expected: str, address: str, reported: str) -> Optional[str]:
+    """The one line a trainer prints when the server at `address` runs another IP2P precision than its variant's.
+
+    None when they agree, or when the server's backend has no precision ("n/a": palette, identity).
+    """
+    if not reported or reported == "n/a" or reported == expected:
+        return None
+    return (
+        f"in2n: the server at {address} runs IP2P in {reported}, this variant is defined with {expected} "
+        f"(start the server with --precision {expected}); editing goes on"
+    )
+
+
 @dataclass
 class In2nPipelineConfig(VanillaPipelineConfig):
     """nerfacto training plus the asynchronous Iterative Dataset Update."""
@@ -98,7 +111,8 @@ class In2nPipelineConfig(VanillaPipelineConfig):
     wire_dtype: Literal["uint8", "float16", "float32"] = "uint8"
     """Element type of images sent to the server (uint8: 3 bytes a pixel)."""
     server_precision_hint: Literal["fp32", "fp16", "bf16"] = "fp32"
-    """IP2P precision this variant is meant to run with; the server decides (its --precision), tools that start one read this."""
+    """IP2P precision this variant is defined with; the server decides (its --precision): a server that reports
+    another is named once, in one line, when it first connects, and training goes on."""
     sheet_views: int = 4
     """Views shown in the dataset-evolution sheet (original | edits over time | current render)."""
     sheet_max_edits: int = 6
@@ -136,6 +150,10 @@ class In2nPipeline(VanillaPipeline):
         self._render_total_s = 0.0  # time spent rendering views to edit, over the accounted steps
         self._steps_total_s = 0.0  # duration of the accounted steps
         self._render_steps = 0  # steps that rendered a chunk of a view to edit
+        self._server_edits: Dict[str, Dict[str, int]] = {}  # address -> {"edits_applied": n, "edits_failed": n}
+        self._server_info: Dict[str, Dict[str, str]] = {}  # address -> backend, device, precision (its first Describe)
+        self._peak_in_flight = 0  # most edits outstanding at once, over all servers
+        self._submitted_to: Dict[int, int] = {}  # id(client) -> edits sent to it
 
     def _validate_config(self) -> None:
         c = self.config
@@ -220,9 +238,10 @@ class In2nPipeline(VanillaPipeline):
         }
 
     def _free_client(self) -> Optional[StreamClient]:
-        """The connected client with the most free slots (servers that went away are routed around)."""
+        """The connected client with the fewest edits in flight, the one sent the fewest so far among equals (so
+        every server gets work even when one could keep up alone); servers that went away are routed around."""
         free = [c for c in self.clients if c.can_submit()]
-        return min(free, key=lambda c: c.in_flight) if free else None
+        return min(free, key=lambda c: (c.in_flight, self._submitted_to.get(id(c), 0))) if free else None
 
     def _params(self) -> EditParams:
         c = self.config
@@ -261,7 +280,9 @@ class In2nPipeline(VanillaPipeline):
         if self.config.edit_timeout_s > 0:
             for request_id in self.schedule.expired(time.monotonic() - self.config.edit_timeout_s):
                 self.schedule.failed(request_id, f"no answer within {self.config.edit_timeout_s:.0f} s")
-        for result in [r for client in self.clients for r in client.poll()]:
+        self._note_servers()
+        for address, result in [(a, r) for a, c in zip(self.servers, self.clients) for r in c.poll()]:
+            counts = self._server_edits.setdefault(address, {"edits_applied": 0, "edits_failed": 0})
             sent = self.schedule.in_flight.get(result.request_id)
             if sent is not None:
                 elapsed = time.monotonic() - sent.sent_at
@@ -271,9 +292,11 @@ class In2nPipeline(VanillaPipeline):
                 continue
             if result.error_code is not None:
                 self.schedule.failed(result.request_id, f"{result.error_code.name}: {result.error_message}")
+                counts["edits_failed"] += 1
                 continue
             sub = self.schedule.accept(result.request_id, result.view_id, result.image, tuple(dm.images.shape[1:]))
             if sub is not None:
+                counts["edits_applied"] += 1
                 image = torch.from_numpy(np.ascontiguousarray(result.image, dtype=np.float32))
                 dm.swap_image(sub.view, image)
                 self.recorder.record_edit(sub.view, image)
@@ -294,13 +317,26 @@ class In2nPipeline(VanillaPipeline):
                 if client is not None:
                     original, key = self._wire_original(view)
                     request_id = client.submit(view, self._wire(rendered), original, self._params(), key=key)
+                    self._submitted_to[id(client)] = self._submitted_to.get(id(client), 0) + 1
                     self._edit_number += 1
                     self.schedule.submitted(request_id, view, step)
+                    self._peak_in_flight = max(self._peak_in_flight, len(self.schedule.in_flight))
                 else:  # the server went away while rendering: try this view again later
                     self.schedule.requeue(view)
         elif self._free_client() is not None and self.schedule.may_start(step):
             self.renderer.start(self.schedule.next_view(step))
         self._log(step)
+
+    def _note_servers(self) -> None:
+        """Record each server's Describe on its first connection; say once if its precision is not the variant's."""
+        for address, client in zip(self.servers, self.clients):
+            info = getattr(client, "server_info", None)  # the StreamClient's latest Describe (None before one)
+            if info is None or address in self._server_info:
+                continue
+            self._server_info[address] = {"backend": info.backend, "device": info.device, "precision": info.precision}
+            note = precision_mismatch(self.config.server_precision_hint, address, info.precision)
+            if note is not None:
+                CONSOLE.print(note, soft_wrap=True)  # one line, whatever the terminal's width
 
     def _observe_last_step(self) -> None:
         """Account the step that just ended: its render time against its duration (budget, render share)."""
@@ -320,7 +356,12 @@ class In2nPipeline(VanillaPipeline):
             for name, value in metrics.items():
                 writer.put_scalar(name=f"Edits/{name}", scalar=value, step=step)
         if self.config.log_every > 0 and step % self.config.log_every == 0:
-            CONSOLE.log("in2n: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in metrics.items()))
+            line = "in2n: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in metrics.items())
+            if len(self.clients) > 1:  # edits per server (per device)
+                line += "; by server: " + ", ".join(
+                    f"{s['address']} ({s['device'] or '?'}) {s['edits_applied']}" for s in self.server_metrics()
+                )
+            CONSOLE.log(line)
 
     def get_train_loss_dict(self, step: int):
         if self.config.edit_mode == "async":
@@ -373,11 +414,23 @@ class In2nPipeline(VanillaPipeline):
             "edits_rejected": s.rejected,
             "edits_failed": s.failed,
             "edits_in_flight": len(self.schedule.in_flight),
+            "edits_in_flight_peak": self._peak_in_flight,
             "views_edited": len(s.edits_per_view),
             "edit_latency_s": round(self._latency_s, 3) if self._latency_s is not None else 0.0,
             "render_steps": self._render_steps,
             "render_share": round(self._render_total_s / self._steps_total_s, 4) if self._steps_total_s > 0 else 0.0,
         }
+
+    def server_metrics(self) -> List[dict]:
+        """Per server: address, the backend, device and precision its Describe reported ("" before it answered),
+        edits sent to it (by this run's clients), applied and failed."""
+        rows = []
+        sent = {a: self._submitted_to.get(id(c), 0) for a, c in zip(self.servers, self.clients)}
+        for address in self.servers:
+            info = self._server_info.get(address, {"backend": "", "device": "", "precision": ""})
+            counts = self._server_edits.get(address, {"edits_applied": 0, "edits_failed": 0})
+            rows.append({"address": address, **info, "edits_sent": sent.get(address, 0), **counts})
+        return rows
 
     def write_report(self, final: bool = True) -> None:
         """Write the evolution sheet (and, when final, fresh after-renders) into <run>/edit_report.
@@ -475,7 +528,10 @@ class In2nPipeline(VanillaPipeline):
             order=np.asarray(self.schedule.order, dtype=np.int64),
         )
         os.replace(tmp, folder / "training_images.npz")
-        stats = dict(self.edit_metrics(), instruction=self.config.instruction, server=self.config.edit_server)
+        stats = dict(
+            self.edit_metrics(), instruction=self.config.instruction, server=self.config.edit_server,
+            servers=self.server_metrics(),
+        )  # fmt: skip
         (folder / "edit_stats.json").write_text(json.dumps(stats, indent=2))
 
     def step_times(self) -> np.ndarray:

@@ -4,13 +4,16 @@
    scene, made on first use in data/demo;
 2. a pretrained nerfacto on it: reused if one exists in outputs/pretrain/, else
    trained now (small settings, sized for a CPU);
-3. the diffusion server, started in the background (ip2p when InstructPix2Pix
-   weights are on this machine, else the offline palette backend);
-4. `ns-train in2n-tiny` against that server with the instruction;
+3. the diffusion server(s), started in the background (ip2p when InstructPix2Pix
+   weights are on this machine, else the offline palette backend) with the
+   variant's IP2P precision (nerf_trainer/variants.py): one server per edit
+   device, on consecutive ports from --port;
+4. `ns-train <method>` (in2n-tiny by default) against those servers with the instruction;
 5. the results, copied to outputs/<scene>/<time>/: before/after renders of a few
-   views and the dataset-evolution sheet; the server is stopped.
+   views and the dataset-evolution sheet; the servers are stopped.
 
-    python -m nerf_trainer.run --instruction "make it sepia"
+    python -m nerf_trainer.run --instruction "make it sepia" --method in2n-small --edit-device cpu,cpu
+    python -m nerf_trainer.run --serve-only --edit-device cuda:1,cuda:2   # make serve: the servers alone
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import Dict, List, Literal, Optional, Tuple
 
 import tyro
+
+from nerf_trainer.variants import server_precision
 
 DEFAULT_INSTRUCTIONS = {"ip2p": "turn it into a bronze sculpture", "palette": "make it sepia"}
 # nerfacto settings that train at about 0.2 s a step on a 2-core CPU (64x64 images, 512 rays).
@@ -52,8 +57,8 @@ class RunConfig:
     """Scene folder in nerfstudio format (transforms.json + images); empty: the bundled demo scene."""
     instruction: str = ""
     """Text instruction; empty: a default suited to the backend (printed in the banner)."""
-    backend: Literal["auto", "ip2p", "palette", "tiny-ip2p"] = "auto"
-    """Diffusion server backend; auto: ip2p when its weights are on this machine, else palette."""
+    backend: Literal["auto", "ip2p", "ip2p-xl", "palette", "tiny-ip2p", "identity"] = "auto"
+    """Diffusion server backend; auto: ip2p when its weights are on this machine, else palette (identity: no edit)."""
     model: str = "timbrooks/instruct-pix2pix"
     """InstructPix2Pix hub id or local folder (ip2p backend)."""
     steps: int = 300
@@ -63,13 +68,17 @@ class RunConfig:
     train_device: str = "cpu"
     """Device of the NeRF trainer: cpu, cuda or cuda:N."""
     edit_device: str = "cpu"
-    """Device of the diffusion server: cpu, cuda or cuda:N."""
+    """Device(s) of the diffusion server: cpu, cuda or cuda:N; several, comma-separated (cuda:1,cuda:2 or cpu,cpu),
+    start one server per device on consecutive ports from `port`, and the trainer edits on all of them."""
     port: int = 50051
-    """Port of the diffusion server on 127.0.0.1."""
+    """Port of the (first) diffusion server on 127.0.0.1."""
     method: Literal["in2n", "in2n-small", "in2n-tiny"] = "in2n-tiny"
-    """in2n variant to train with."""
+    """in2n variant to train with; its servers run the variant's IP2P precision (fp32 for in2n, fp16 for the
+    others, bf16 instead of fp16 on the CPU: nerf_trainer/variants.py)."""
     outputs: Path = Path("outputs")
     """Where runs and results go."""
+    serve_only: bool = False
+    """Only start the servers (backend, model, precision of `method`, edit devices, ports) and wait (make serve)."""
 
 
 def banner(text: str) -> None:
@@ -97,6 +106,76 @@ def torch_device_args(device: str) -> tuple:
         index = device.split(":", 1)[1] if ":" in device else "0"
         return ["--machine.device-type", "cuda"], {"CUDA_VISIBLE_DEVICES": index}
     raise SystemExit(f"run: --train-device must be cpu, cuda or cuda:N, got {device!r}")
+
+
+DEVICE_FORMS = ("cpu", "cuda", "cuda:N")
+TORCH_BACKENDS = ("ip2p", "ip2p-xl", "tiny-ip2p")  # backends with an IP2P precision
+
+
+def edit_devices(text: str) -> List[str]:
+    """The devices of --edit-device ("cuda:1,cuda:2", "cpu,cpu"), each checked; SystemExit naming a bad one."""
+    devices = [d.strip() for d in text.split(",")]
+    for device in devices:
+        if not (device in ("cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise SystemExit(f"run: --edit-device must list cpu, cuda or cuda:N, comma-separated; got {device!r} in {text!r}")
+    return devices
+
+
+@dataclass
+class ServerPlan:
+    """One diffusion server `make run` starts."""
+
+    device: str
+    port: int
+    precision: str
+    command: List[str]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def plan_servers(config: RunConfig, backend: str) -> Tuple[List[ServerPlan], List[str]]:
+    """One server per edit device on ports port, port+1, ..., each at the variant's precision on its device.
+
+    Returns the plans and the notes to show (one line per device kind whose precision differs from the variant's).
+    """
+    plans, notes = [], []
+    for i, device in enumerate(edit_devices(config.edit_device)):
+        precision, note = server_precision(config.method, device)
+        if note and backend in TORCH_BACKENDS and note not in notes:
+            notes.append(note)
+        command = [sys.executable, "-m", "diffusion_server", "--backend", backend, "--model", config.model,
+                   "--device", device, "--precision", precision, "--port", str(config.port + i)]  # fmt: skip
+        plans.append(ServerPlan(device=device, port=config.port + i, precision=precision, command=command))
+    return plans, notes
+
+
+def edit_command(config: RunConfig, load_dir: Path, scene: Path, name: str, stamp: str, instruction: str,
+                 addresses: List[str]) -> List[str]:  # fmt: skip
+    """The `ns-train <method>` command of step 4 (device arguments included)."""
+    device_args, _ = torch_device_args(config.train_device)
+    # On a CPU, as many rays a step as the pretraining: the variants' defaults are sized for GPUs
+    # (LPIPS variants sample 32x32 patches: a multiple of 1024 rays).
+    cpu_rays = "512" if config.method == "in2n-tiny" else "1024"
+    cpu_args = (
+        ["--pipeline.datamanager.train-num-rays-per-batch", cpu_rays, "--pipeline.render-chunk-rays", "1024"]
+        if config.train_device == "cpu"
+        else []
+    )
+    return [NS_TRAIN, config.method, "--load-dir", str(load_dir), "--data", str(scene),
+            "--output-dir", str(config.outputs / "edits"), "--experiment-name", name, "--timestamp", stamp,
+            "--vis", "tensorboard", "--max-num-iterations", str(config.steps),
+            "--steps-per-eval-image", "1000000", "--steps-per-eval-batch", "1000000",
+            "--pipeline.edit-server", ",".join(addresses), "--pipeline.instruction", instruction,
+            "--pipeline.edit-rate", "1", "--pipeline.max-in-flight", "2", *device_args, *cpu_args]  # fmt: skip
+
+
+def resolve_backend(config: RunConfig) -> str:
+    """`auto`: ip2p when its weights are on this machine, else palette."""
+    if config.backend == "auto":
+        return "ip2p" if ip2p_weights_available(config.model) else "palette"
+    return config.backend
 
 
 def ensure_lpips_backbone(env: dict, root: Path) -> None:
@@ -140,26 +219,43 @@ def run(cmd: List[str], env: dict) -> None:
         raise SystemExit(f"run: command failed with exit code {code}: {' '.join(cmd[:3])} ...")
 
 
-def start_server(backend: str, config: RunConfig, env: dict, log_path: Path) -> subprocess.Popen:
+def start_servers(plans: List[ServerPlan], env: dict, log_dir: Optional[Path]) -> List[subprocess.Popen]:
+    """Start every planned server (all at once: they load in parallel), then wait until each is ready.
+
+    Their output goes to log_dir/server.log (server-PORT.log for several), or to this terminal without log_dir.
+    """
     from diffusion_server.client import EditClient
 
-    cmd = [sys.executable, "-m", "diffusion_server", "--backend", backend, "--model", config.model,
-           "--device", config.edit_device, "--port", str(config.port)]  # fmt: skip
-    print("$ " + " ".join(cmd) + f"  (log: {log_path})", flush=True)
-    log_file = open(log_path, "w")
-    server = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    with EditClient(f"127.0.0.1:{config.port}") as client:
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"run: the diffusion server exited (code {server.returncode}):\n{log_path.read_text()}")
-            try:
-                client.wait_ready(timeout_s=2.0)
-                return server
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    server.kill()
-                    raise SystemExit(f"run: the diffusion server did not become ready in 300 s; see {log_path}")
+    servers: List[subprocess.Popen] = []
+    logs: Dict[int, Path] = {}
+    try:
+        for plan in plans:
+            if log_dir is None:
+                print("$ " + " ".join(plan.command), flush=True)
+                servers.append(subprocess.Popen(plan.command, env=env))
+                continue
+            log_path = logs[plan.port] = log_dir / ("server.log" if len(plans) == 1 else f"server-{plan.port}.log")
+            print("$ " + " ".join(plan.command) + f"  (log: {log_path})", flush=True)
+            with open(log_path, "w") as log_file:
+                servers.append(subprocess.Popen(plan.command, env=env, stdout=log_file, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 300
+        for plan, server in zip(plans, servers):
+            with EditClient(plan.address) as client:
+                while True:
+                    if server.poll() is not None:
+                        log = logs[plan.port].read_text() if plan.port in logs else "(its output is above)"
+                        raise SystemExit(f"run: the diffusion server on {plan.device} exited (code {server.returncode}):\n{log}")
+                    try:
+                        client.wait_ready(timeout_s=2.0)
+                        break
+                    except TimeoutError:
+                        if time.monotonic() > deadline:
+                            raise SystemExit(f"run: the diffusion server on {plan.device} did not become ready in 300 s")
+    except BaseException:
+        for server in servers:
+            stop_server(server)
+        raise
+    return servers
 
 
 def stop_server(server: subprocess.Popen) -> None:
@@ -172,11 +268,14 @@ def stop_server(server: subprocess.Popen) -> None:
             server.wait()
 
 
-def main(config: RunConfig) -> Path:
+def main(config: RunConfig) -> Optional[Path]:
     root = Path.cwd()
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("PYTHONWARNINGS", "ignore")  # nerfstudio/torch deprecation noise would bury the progress display
+    edit_devices(config.edit_device)  # a bad device list fails now, not after the pretraining
+    if config.serve_only:
+        return serve(config, env)
     ensure_lpips_backbone(env, root)
 
     # 1. the scene
@@ -193,6 +292,7 @@ def main(config: RunConfig) -> Path:
             make_demo_scene(DemoSceneConfig(output=scene))
     name = scene.resolve().name
     device_args, device_env = torch_device_args(config.train_device)
+    server_env = dict(env)  # the servers see every GPU (the trainer's CUDA_VISIBLE_DEVICES is its own)
     env.update(device_env)
 
     # 2. the pretrained NeRF
@@ -210,10 +310,9 @@ def main(config: RunConfig) -> Path:
     else:
         print(f"using the pretrained nerfacto in {load_dir}", flush=True)
 
-    # 3. the server
-    backend = config.backend
-    if backend == "auto":
-        backend = "ip2p" if ip2p_weights_available(config.model) else "palette"
+    # 3. the servers
+    backend = resolve_backend(config)
+    plans, notes = plan_servers(config, backend)
     instruction = config.instruction or DEFAULT_INSTRUCTIONS.get(backend, DEFAULT_INSTRUCTIONS["ip2p"])
     if backend == "palette":
         banner(
@@ -222,33 +321,24 @@ def main(config: RunConfig) -> Path:
             f"For real edits: hf download timbrooks/instruct-pix2pix, then make run again (or BACKEND=ip2p MODEL=/path)."
         )
     else:
-        banner(f"BACKEND: {backend} (model {config.model}, on {config.edit_device})")
+        banner(f"BACKEND: {backend} (model {config.model}, on {config.edit_device}, {plans[0].precision})")
+    for note in notes:
+        print(f"run: {note}", flush=True)
     stamp = time.strftime("%Y-%m-%d_%H%M%S")
     run_dir = config.outputs / name / stamp
     run_dir.mkdir(parents=True, exist_ok=True)
-    server_env = dict(env)
-    if config.train_device == "cpu" and config.edit_device == "cpu":
+    if config.train_device == "cpu" and all(p.device == "cpu" for p in plans):
         server_env.setdefault("OMP_NUM_THREADS", "1")  # leave the trainer most of the cores
-    server = start_server(backend, config, server_env, run_dir / "server.log")
+    servers = start_servers(plans, server_env, run_dir)
 
-    # 4. the edit (on a CPU, as many rays a step as the pretraining: the variants' defaults are sized for GPUs)
-    # (LPIPS variants sample 32x32 patches: a multiple of 1024 rays).
-    cpu_rays = "512" if config.method == "in2n-tiny" else "1024"
-    cpu_args = (
-        ["--pipeline.datamanager.train-num-rays-per-batch", cpu_rays, "--pipeline.render-chunk-rays", "1024"]
-        if config.train_device == "cpu"
-        else []
-    )
+    # 4. the edit
     try:
-        banner(f"editing {name} with {instruction!r}: {config.method}, {config.steps} steps")
-        run([NS_TRAIN, config.method, "--load-dir", str(load_dir), "--data", str(scene),
-             "--output-dir", str(config.outputs / "edits"), "--experiment-name", name, "--timestamp", stamp,
-             "--vis", "tensorboard", "--max-num-iterations", str(config.steps),
-             "--steps-per-eval-image", "1000000", "--steps-per-eval-batch", "1000000",
-             "--pipeline.edit-server", f"127.0.0.1:{config.port}", "--pipeline.instruction", instruction,
-             "--pipeline.edit-rate", "1", "--pipeline.max-in-flight", "2", *device_args, *cpu_args], env)  # fmt: skip
+        on = ", ".join(f"{p.address} ({p.device})" for p in plans)
+        banner(f"editing {name} with {instruction!r}: {config.method}, {config.steps} steps; edits on {on}")
+        run(edit_command(config, load_dir, scene, name, stamp, instruction, [p.address for p in plans]), env)
     finally:
-        stop_server(server)
+        for server in servers:
+            stop_server(server)
 
     # 5. the results
     report = config.outputs / "edits" / name / config.method / stamp / "edit_report"
@@ -262,6 +352,32 @@ def main(config: RunConfig) -> Path:
         f"  edited NeRF (nerfstudio run, e.g. for ns-viewer / ns-render): {report.parent}"
     )
     return run_dir
+
+
+def serve(config: RunConfig, env: dict) -> None:
+    """make serve: start the servers of `config` in the foreground until Ctrl-C (or one of them exits)."""
+    import threading
+
+    backend = resolve_backend(config)
+    plans, notes = plan_servers(config, backend)
+    for note in notes:
+        print(f"serve: {note}", flush=True)
+    servers = start_servers(plans, env, None)
+    addresses = ",".join(p.address for p in plans)
+    banner(
+        f"serving {backend} ({config.method}: {', '.join(p.device + (f' {p.precision}' if backend in TORCH_BACKENDS else '') for p in plans)}) "
+        f"on {addresses}\n"
+        f"train with: ns-train {config.method} --pipeline.edit-server {addresses} ...   (Ctrl-C stops the servers)"
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0) and all(s.poll() is None for s in servers):
+            pass
+    finally:
+        for server in servers:
+            stop_server(server)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def _make_identity(
     from diffusion_server.backends.identity import IdentityBackend
 
     _no_torch_options("identity", options)
-    return IdentityBackend(delay_s=delay_ms / 1e3)
+    return IdentityBackend(delay_s=delay_ms / 1e3, device=device)
 
 
 def _make_palette(model: str, device: str, precision: str, seed: int, options: TorchOptions = TorchOptions()) -> EditBackend:

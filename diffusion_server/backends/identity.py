@@ -22,12 +22,13 @@ class IdentityBackend(EditBackend):
     supports_batching = True
     accepts_uint8 = True  # returns the render as it came: no conversion either way
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, device: str = "cpu") -> None:
         self.delay_s = delay_s  # fixed cost of each edit (a sleep), for load tests; 0: none
+        self.device = device  # only reported (Describe): it computes nothing
         self.batch_sizes: List[int] = []  # sizes of the edit_batch calls, for tests
 
     def info(self) -> BackendInfo:
-        return BackendInfo(model="", device="cpu", precision="n/a", known_instructions=[])
+        return BackendInfo(model="", device=self.device, precision="n/a", known_instructions=[])
 
     def edit(self, render: np.ndarray, original: np.ndarray, params: EditParams) -> EditResult:
         if original.shape != render.shape:

@@ -1,0 +1,176 @@
+"""Edits per second over 1, 2 and 4 edit servers, and the trainer's speed with each (issue 11).
+
+`make run EDIT_DEVICE=a,b,...` starts one server per device and the trainer spreads its edits over
+them. Here every server is `identity --delay-ms D` (a fixed cost per edit, a sleep: no CPU), so
+edits/s measures how well the trainer keeps N devices busy, and steps/s against a run without
+editing (`--pipeline.edit-mode off`) what that costs the training. The same `ns-train in2n-tiny` job
+(tiny nerfacto on a 32x32 demo scene, one pretraining shared) runs interleaved: off, 1, 2, 4, off,
+1, 2, 4, ... for --rounds rounds; ratios are taken within a round and reported as median [min, max].
+
+    python bench/multi_server.py --rounds 3 --steps 400 --delay-ms 200
+
+Prints a markdown table (for BENCHMARKS.md) and writes bench/results/multi_server.json.
+A benchmark, not a test: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import tyro
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _server import BenchServer, machine  # noqa: E402
+from nerf_trainer.run import NS_TRAIN, ensure_lpips_backbone  # noqa: E402
+
+TINY_NERFACTO = [
+    "--pipeline.model.implementation", "torch",
+    "--pipeline.model.num-nerf-samples-per-ray", "16",
+    "--pipeline.model.num-proposal-samples-per-ray", "32", "16",
+    "--pipeline.model.num-levels", "4",
+    "--pipeline.model.log2-hashmap-size", "12",
+    "--pipeline.model.max-res", "128",
+    "--pipeline.model.hidden-dim", "16",
+    "--pipeline.model.hidden-dim-color", "16",
+]  # fmt: skip
+QUIET = ["--vis", "tensorboard", "--machine.device-type", "cpu", "--steps-per-save", "1000000",
+         "--steps-per-eval-image", "1000000", "--steps-per-eval-batch", "1000000", "--steps-per-eval-all-images", "1000000"]  # fmt: skip
+
+
+@dataclass
+class BenchConfig:
+    """Edits/s and training speed with 0 (no editing), 1, 2 and 4 edit servers."""
+
+    servers: List[int] = field(default_factory=lambda: [1, 2, 4])
+    """Numbers of edit servers to measure (each against no editing)."""
+    rounds: int = 3
+    """Interleaved rounds (off, then each server count, per round)."""
+    steps: int = 400
+    """Training steps per run."""
+    warmup: int = 10
+    """Steps left out of the step rate at the start of each run."""
+    delay_ms: float = 200.0
+    """Fixed cost of an edit on every server (identity --delay-ms)."""
+    max_in_flight: int = 2
+    """Edits outstanding per server (--pipeline.max-in-flight)."""
+    render_chunk_rays: int = 4096
+    """Rays of the next view rendered per step (4096: a whole 32x32 view in one step)."""
+    workdir: Path = Path(tempfile.gettempdir()) / "in2n_bench_multi_server"
+    """Scratch folder (scene, pretrained model, runs)."""
+
+
+def pretrain(cfg: BenchConfig, env: dict) -> tuple:
+    from nerf_trainer.demo_scene import DemoSceneConfig, make_demo_scene
+
+    scene = cfg.workdir / "scene"
+    if not (scene / "transforms.json").exists():
+        make_demo_scene(DemoSceneConfig(output=scene, num_views=24, size=32))
+    load_dir = cfg.workdir / "pre" / "bench" / "nerfacto" / "pre" / "nerfstudio_models"
+    if not list(load_dir.glob("*.ckpt")):
+        subprocess.run([NS_TRAIN, "nerfacto", "--data", str(scene), "--output-dir", str(cfg.workdir / "pre"),
+                        "--experiment-name", "bench", "--timestamp", "pre", "--max-num-iterations", "150",
+                        "--pipeline.datamanager.train-num-rays-per-batch", "256", *QUIET, *TINY_NERFACTO],
+                       env=env, check=True, capture_output=True)  # fmt: skip
+    return scene, load_dir
+
+
+def run_once(cfg: BenchConfig, scene: Path, load_dir: Path, addresses: List[str], name: str, env: dict) -> Dict:
+    out = cfg.workdir / "runs"
+    mode = ["--pipeline.edit-mode", "off"] if not addresses else []
+    cmd = [NS_TRAIN, "in2n-tiny", "--load-dir", str(load_dir), "--data", str(scene), "--output-dir", str(out),
+           "--experiment-name", "bench", "--timestamp", name, "--max-num-iterations", str(cfg.steps),
+           "--pipeline.datamanager.train-num-rays-per-batch", "256",
+           "--pipeline.edit-server", ",".join(addresses or ["127.0.0.1:1"]), "--pipeline.instruction", "make it sepia",
+           "--pipeline.edit-rate", "1", "--pipeline.max-in-flight", str(cfg.max_in_flight),
+           "--pipeline.render-chunk-rays", str(cfg.render_chunk_rays), "--pipeline.log-every", "0",
+           *mode, *QUIET]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    report = out / "bench" / "in2n-tiny" / name / "edit_report"
+    times = np.load(report / "step_times.npy")
+    stats = json.loads((report / "edit_stats.json").read_text()) if (report / "edit_stats.json").exists() else {}
+    return {
+        "steps_per_s": float(1.0 / times[cfg.warmup :].mean()),
+        "edits_per_s": stats.get("edits_applied", 0) / float(times.sum()),
+        "edits_applied": stats.get("edits_applied", 0),
+        "peak_in_flight": stats.get("edits_in_flight_peak", 0),
+        "render_share": stats.get("render_share", 0.0),
+        "per_server": [row["edits_applied"] for row in stats.get("servers", [])] if addresses else [],
+    }
+
+
+def spread(values: List[float]) -> str:
+    return f"{statistics.median(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
+
+
+def main(cfg: BenchConfig) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers (finally) when killed
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    ensure_lpips_backbone(env, cfg.workdir)
+    started = time.monotonic()
+    scene, load_dir = pretrain(cfg, env)
+    servers = [BenchServer("identity", ["--delay-ms", f"{cfg.delay_ms:g}"]) for _ in range(max(cfg.servers))]
+    results: Dict[int, List[Dict]] = {n: [] for n in [0, *cfg.servers]}
+    try:
+        for r in range(cfg.rounds):
+            for n in [0, *cfg.servers]:
+                result = run_once(cfg, scene, load_dir, [s.address for s in servers[:n]], f"r{r}-n{n}", env)
+                results[n].append(result)
+                print(f"round {r} servers {n}: {result}", flush=True)
+            report(cfg, results, r + 1, time.monotonic() - started)  # after every round: a cut-short run still reports
+    finally:
+        for server in servers:
+            server.close()
+
+
+def report(cfg: BenchConfig, results: Dict[int, List[Dict]], rounds: int, elapsed_s: float) -> None:
+    """Print the table over the first `rounds` rounds and write bench/results/multi_server.json."""
+    rows = []
+    for n in cfg.servers:
+        edits_ratio = [results[n][r]["edits_per_s"] / results[cfg.servers[0]][r]["edits_per_s"] for r in range(rounds)]
+        speed_ratio = [results[n][r]["steps_per_s"] / results[0][r]["steps_per_s"] for r in range(rounds)]
+        rows.append({
+            "servers": n,
+            "edits_per_s": spread([x["edits_per_s"] for x in results[n]]),
+            "edits_ratio": spread(edits_ratio),
+            "ideal_edits_per_s": round(n * 1000.0 / cfg.delay_ms, 2),
+            "steps_ratio": spread(speed_ratio),
+            "peak_in_flight": max(x["peak_in_flight"] for x in results[n]),
+            "per_server": results[n][-1]["per_server"],
+            "render_share": spread([x["render_share"] for x in results[n]]),
+        })  # fmt: skip
+    off = spread([x["steps_per_s"] for x in results[0]])
+    print(f"\nmachine: {machine()}; {elapsed_s:.0f} s in all; delay {cfg.delay_ms:g} ms, "
+          f"{cfg.steps} steps a run, {rounds} of {cfg.rounds} rounds; no editing: {off} steps/s\n")  # fmt: skip
+    print(f"| servers | edits/s | ideal ({cfg.delay_ms:g} ms an edit) | edits/s vs 1 server | steps/s vs no editing | "
+          "peak in flight | edits per server (last round) | render share |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['servers']} | {row['edits_per_s']} | {row['ideal_edits_per_s']} | {row['edits_ratio']} | "
+              f"{row['steps_ratio']} | {row['peak_in_flight']} | {row['per_server']} | {row['render_share']} |")  # fmt: skip
+    out = REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "multi_server.json").write_text(json.dumps(
+        {"machine": machine(), "config": {k: str(v) for k, v in vars(cfg).items()}, "rounds_done": rounds,
+         "off_steps_per_s": off, "rows": rows, "runs": {str(n): v for n, v in results.items()}}, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(tyro.cli(BenchConfig))

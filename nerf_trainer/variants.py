@@ -1,0 +1,36 @@
+"""The IP2P precision each in2n variant is defined with, and what a server on a given device runs for it.
+
+No nerfstudio import: `make serve` (nerf_trainer/run.py) reads this on machines that only edit.
+
+| variant    | IP2P precision | on the CPU |
+|------------|----------------|------------|
+| in2n       | fp32           | fp32       |
+| in2n-small | fp16           | bf16       |
+| in2n-tiny  | fp16           | bf16       |
+
+On the CPU, fp16 has few native kernels and runs through slow paths (tiny-ip2p
+on this project's 2-core Xeon: fp16 10% to 2x slower than fp32 from one run to
+the next, bf16 within 15% of fp32: BENCHMARKS.md); bf16 is the CPU's half
+precision (2 bytes a weight, as fp16; native on CPUs with AVX512-BF16 or AMX),
+so a half-precision variant's server runs bf16 there.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+VARIANT_PRECISION: Dict[str, str] = {"in2n": "fp32", "in2n-small": "fp16", "in2n-tiny": "fp16"}
+"""The IP2P precision (the server's --precision) of each variant, as the method defines it."""
+
+
+def server_precision(method: str, device: str) -> Tuple[str, str]:
+    """(precision the server on `device` runs for `method`, a one-line reason when it is not the variant's, else "")."""
+    if method not in VARIANT_PRECISION:
+        raise ValueError(f"method must be one of {', '.join(VARIANT_PRECISION)}, got {method!r}")
+    precision = VARIANT_PRECISION[method]
+    if precision == "fp16" and device == "cpu":
+        return "bf16", (
+            f"{method} is defined with fp16 IP2P; on the CPU its server runs bf16 instead "
+            f"(the CPU's half precision: fp16 has few CPU kernels and runs slower than fp32 there)"
+        )
+    return precision, ""

@@ -1,0 +1,194 @@
+"""Several edit servers (make run EDIT_DEVICE=a,b,...) and the variant's precision check.
+
+- the pipeline in-process with two scripted servers: its in-flight window grows with the servers it
+  can reach, and each server's edits are counted;
+- a real server started with another --precision than the variant's: the trainer's one line;
+- a real `ns-train in2n-tiny` run against two real servers: edits from both in edit_stats.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from conftest import NS_TRAIN, QUIET
+from diffusion_server.client import StreamResult
+from protos.in2n.v1 import edit_service_pb2 as pb
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def test_precision_mismatch_is_one_line_naming_the_server_and_both_precisions():
+    from nerf_trainer.pipeline import precision_mismatch
+
+    assert precision_mismatch("fp16", "h:1", "fp16") is None
+    assert precision_mismatch("fp16", "h:1", "n/a") is None  # palette, identity: no IP2P, no precision
+    assert precision_mismatch("fp16", "h:1", "") is None  # a server that did not say
+    line = precision_mismatch("fp32", "gpu-box:50051", "fp16")
+    assert "\n" not in line and "gpu-box:50051" in line and "fp16" in line and "fp32" in line
+
+
+def test_a_real_server_reports_its_precision_to_the_stream_client(edit_server_factory):
+    """tiny-ip2p started with --precision bf16: the stream client's Describe says bf16, which an fp16 variant names."""
+    from diffusion_server.client import StreamClient
+    from nerf_trainer.pipeline import precision_mismatch
+
+    server = edit_server_factory("tiny-ip2p", extra_args=["--precision", "bf16"])
+    with StreamClient(server.address) as client:
+        deadline = time.monotonic() + 60
+        while client.server_info is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.server_info is not None, "no Describe within 60 s"
+        assert client.server_info.precision == "bf16" and client.server_info.device == "cpu"
+    assert "bf16" in precision_mismatch("fp16", server.address, client.server_info.precision)
+
+
+# -- the pipeline with two scripted servers ---------------------------------------------------------
+
+
+class CappedClient:
+    """Stands in for StreamClient: at most `cap` in flight, reachable or not; replies when the test says."""
+
+    def __init__(self, cap: int, reachable: bool = True, precision: str = "fp16") -> None:
+        self.cap, self.reachable = cap, reachable
+        self.sent = []  # (request_id, view_id, render)
+        self.open = []  # request ids in flight
+        self.replies = []
+        self.server_info = pb.DescribeResponse(backend="tiny-ip2p", device="cpu", precision=precision) if reachable else None
+        self.prefix = f"c{id(self)}-"
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.open)
+
+    def can_submit(self) -> bool:
+        return self.reachable and len(self.open) < self.cap
+
+    def submit(self, view_id, render, original, params, key=None) -> str:
+        assert self.can_submit()
+        request_id = f"{self.prefix}{len(self.sent)}"
+        self.sent.append((request_id, view_id, render))
+        self.open.append(request_id)
+        return request_id
+
+    def answer_all(self) -> None:
+        for request_id, view, render in self.sent:
+            if request_id in self.open:
+                self.replies.append(StreamResult(request_id, view, render.astype(np.float32) / 255.0))
+        self.open = []
+
+    def poll(self):
+        replies, self.replies = self.replies, []
+        return replies
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def two_server_pipeline(tiny_scene, trainer_env):
+    """An in2n pipeline (tiny scene, tiny nerfacto) configured for two servers, variant precision fp16."""
+    from nerf_trainer.datamanager import In2nDataManagerConfig
+    from nerf_trainer.model import In2nModelConfig
+    from nerf_trainer.pipeline import In2nPipelineConfig
+
+    dead = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead.append(f"127.0.0.1:{s.getsockname()[1]}")
+    old_home = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = trainer_env["TORCH_HOME"]  # the planted AlexNet for nerfacto's LPIPS metric
+    try:
+        config = In2nPipelineConfig(
+            datamanager=In2nDataManagerConfig(data=tiny_scene, train_num_rays_per_batch=128),
+            model=In2nModelConfig(
+                implementation="torch", num_nerf_samples_per_ray=8, num_proposal_samples_per_ray=(16, 8),
+                num_levels=4, log2_hashmap_size=12, max_res=64, hidden_dim=16, hidden_dim_color=16,
+                use_lpips=False, average_init_density=0.01,
+            ),  # fmt: skip
+            edit_server=",".join(dead), render_chunk_rays=0, edit_seed=0, edit_rate=1, max_in_flight=2,
+            sheet_views=2, log_every=0, instruction="make it grayscale", server_precision_hint="fp16",
+        )
+        pipe = config.setup(device="cpu", test_mode="val")
+    finally:
+        if old_home is None:
+            os.environ.pop("TORCH_HOME")
+        else:
+            os.environ["TORCH_HOME"] = old_home
+    pipe.update_dataset(0)  # starts the update (real clients to dead ports), then swap in scripted ones
+    for client in pipe.clients:
+        client.close()
+    yield pipe
+    pipe.clients = []
+
+
+def run_steps(pipe, start: int, count: int) -> int:
+    for step in range(start, start + count):
+        pipe.update_dataset(step)
+    return start + count
+
+
+def test_the_window_grows_with_the_servers_the_trainer_can_reach(two_server_pipeline, capsys):
+    pipe = two_server_pipeline
+    # One of the two servers unreachable: the trainer keeps the reachable one's window full, no more.
+    up, down = CappedClient(2), CappedClient(2, reachable=False)
+    pipe.clients = [up, down]
+    step = run_steps(pipe, 1, 12)
+    assert (up.in_flight, down.in_flight, len(pipe.schedule.in_flight)) == (2, 0, 2)
+    # The second server comes up: the window grows to both servers' and both are kept full.
+    down.reachable = True
+    down.server_info = pb.DescribeResponse(backend="tiny-ip2p", device="cpu", precision="fp32")
+    step = run_steps(pipe, step, 12)
+    assert (up.in_flight, down.in_flight, len(pipe.schedule.in_flight)) == (2, 2, 4)
+    assert pipe.edit_metrics()["edits_in_flight_peak"] == 4
+    # Answers are counted per server, with the device and precision each Describe reported.
+    up.answer_all()
+    down.answer_all()
+    step = run_steps(pipe, step, 1)
+    rows = {row["address"]: row for row in pipe.server_metrics()}
+    assert [rows[a]["edits_applied"] for a in pipe.servers] == [2, 2]
+    assert [rows[a]["precision"] for a in pipe.servers] == ["fp16", "fp32"]
+    assert all(rows[a]["device"] == "cpu" for a in pipe.servers)
+    # The fp32 server (the variant is fp16) was named once, in one line, whatever the steps after.
+    run_steps(pipe, step, 5)
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if "runs IP2P in" in line]
+    assert len(notes) == 1 and pipe.servers[1] in notes[0] and "fp32" in notes[0], out
+
+
+# -- a real trainer run against two real servers -------------------------------------------------------
+
+
+def test_ns_train_edits_on_two_servers_and_names_the_one_with_another_precision(
+    pretrained, trainer_env, edit_server_factory, tmp_path
+):
+    """`ns-train in2n-tiny --pipeline.edit-server A,B` with A a tiny IP2P in fp32 (the variant is fp16) and B
+    identity with a fixed cost: edits come back from both (edit_stats.json, per server, with its device), the
+    status line shows edits per server, and the trainer names A's precision once, in one line."""
+    fp32 = edit_server_factory("tiny-ip2p", extra_args=["--precision", "fp32"])
+    slow = edit_server_factory("identity", extra_args=["--delay-ms", "100"])
+    cmd = [NS_TRAIN, "in2n-tiny", "--load-dir", str(pretrained), "--output-dir", str(tmp_path / "out"),
+           "--experiment-name", "tiny", "--timestamp", "edit", "--max-num-iterations", "60",
+           "--pipeline.edit-server", f"{fp32.address},{slow.address}",
+           "--pipeline.datamanager.train-num-rays-per-batch", "256", "--pipeline.edit-rate", "1",
+           "--pipeline.edit-seed", "0", "--pipeline.diffusion-steps", "2", "--pipeline.log-every", "10",
+           "--pipeline.instruction", "make it sepia", *QUIET]  # fmt: skip
+    proc = subprocess.run(cmd, env=trainer_env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stats = json.loads((tmp_path / "out" / "tiny" / "in2n-tiny" / "edit" / "edit_report" / "edit_stats.json").read_text())
+    servers = {row["address"]: row for row in stats["servers"]}
+    assert set(servers) == {fp32.address, slow.address}
+    assert servers[fp32.address]["edits_applied"] >= 1 and servers[slow.address]["edits_applied"] >= 1, stats
+    assert servers[fp32.address]["backend"] == "tiny-ip2p" and servers[fp32.address]["precision"] == "fp32"
+    assert servers[slow.address]["backend"] == "identity" and servers[slow.address]["device"] == "cpu"
+    assert sum(row["edits_applied"] for row in stats["servers"]) == stats["edits_applied"]
+    notes = [line for line in proc.stdout.splitlines() if "runs IP2P in" in line]
+    assert len(notes) == 1 and fp32.address in notes[0] and "fp32" in notes[0] and "fp16" in notes[0], proc.stdout[-3000:]
+    assert "by server:" in proc.stdout

@@ -1,0 +1,167 @@
+"""`make run` / `make serve` (nerf_trainer/run.py): what they start for each variant and each list of edit devices.
+
+The plans and commands are checked as data (no training); `make serve` is run for real with two
+identity servers; the variants' definitions (precision, LPIPS, rays, patch) are read from the
+registered nerfstudio methods. One real `ns-train` run with two servers is in test_multi_server.py.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, subprocess_env
+
+METHODS = ["in2n", "in2n-small", "in2n-tiny"]
+
+
+def make_dry_run(*args: str) -> str:
+    """The commands `make -n` would run (nothing is executed)."""
+    proc = subprocess.run(["make", "-n", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_make_run_and_serve_pass_the_method(method):
+    run = make_dry_run("run", f"METHOD={method}", "EDIT_DEVICE=cpu,cpu")
+    assert "nerf_trainer.run" in run and f"--method {method}" in run and "--edit-device cpu,cpu" in run
+    serve = make_dry_run("serve", f"METHOD={method}")
+    assert "--serve-only" in serve and f"--method {method}" in serve
+
+
+def test_make_run_defaults_to_in2n_tiny():
+    assert "--method in2n-tiny" in make_dry_run("run")
+
+
+def test_the_variants_are_defined_as_the_method_says():
+    """in2n: fp32 IP2P + LPIPS; in2n-small: fp16 + LPIPS; in2n-tiny: fp16, no LPIPS, 4096 rays, patch 1."""
+    from nerf_trainer.method_configs import in2n, in2n_small, in2n_tiny
+    from nerf_trainer.variants import VARIANT_PRECISION
+
+    expected = {  # precision, LPIPS, rays per batch, patch size
+        "in2n": ("fp32", True, 16384, 32),
+        "in2n-small": ("fp16", True, 16384, 32),
+        "in2n-tiny": ("fp16", False, 4096, 1),
+    }
+    for spec in (in2n, in2n_small, in2n_tiny):
+        c = spec.config
+        got = (c.pipeline.server_precision_hint, c.pipeline.model.use_lpips,
+               c.pipeline.datamanager.train_num_rays_per_batch, c.pipeline.datamanager.patch_size)  # fmt: skip
+        assert got == expected[c.method_name], c.method_name
+        assert VARIANT_PRECISION[c.method_name] == c.pipeline.server_precision_hint
+
+
+@pytest.mark.parametrize(
+    "method, device, backend, precision, noted",
+    [
+        ("in2n", "cuda:1", "ip2p", "fp32", False),
+        ("in2n-small", "cuda:1", "ip2p", "fp16", False),
+        ("in2n-tiny", "cuda", "ip2p", "fp16", False),
+        ("in2n", "cpu", "ip2p", "fp32", False),
+        ("in2n-small", "cpu", "ip2p", "bf16", True),  # fp16 on the CPU: bf16 instead, said in one line
+        ("in2n-tiny", "cpu", "tiny-ip2p", "bf16", True),
+        ("in2n-tiny", "cpu", "palette", "bf16", False),  # palette has no precision: nothing to say
+    ],
+)
+def test_each_server_gets_the_variants_precision_on_its_device(method, device, backend, precision, noted):
+    from nerf_trainer.run import RunConfig, plan_servers
+
+    plans, notes = plan_servers(RunConfig(method=method, edit_device=device, port=6000), backend)
+    assert len(plans) == 1 and plans[0].precision == precision
+    command = plans[0].command
+    assert command[command.index("--precision") + 1] == precision and command[command.index("--device") + 1] == device
+    assert len(notes) == int(noted)
+    if noted:
+        assert "\n" not in notes[0] and "bf16" in notes[0] and "fp16" in notes[0] and method in notes[0]
+
+
+def test_several_edit_devices_start_one_server_each_on_consecutive_ports():
+    from nerf_trainer.run import RunConfig, edit_command, plan_servers
+
+    config = RunConfig(method="in2n-small", edit_device="cuda:1,cuda:2,cuda:3", train_device="cuda:0", port=7000)
+    plans, _ = plan_servers(config, "ip2p")
+    assert [(p.device, p.port, p.precision) for p in plans] == [("cuda:1", 7000, "fp16"), ("cuda:2", 7001, "fp16"),
+                                                                ("cuda:3", 7002, "fp16")]  # fmt: skip
+    for plan in plans:
+        assert plan.command[plan.command.index("--port") + 1] == str(plan.port)
+    cmd = edit_command(config, Path("load"), Path("scene"), "demo", "t", "make it sepia", [p.address for p in plans])
+    assert cmd[1] == "in2n-small"
+    assert cmd[cmd.index("--pipeline.edit-server") + 1] == "127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002"
+    assert cmd[cmd.index("--machine.device-type") + 1] == "cuda"
+    assert "--pipeline.datamanager.train-num-rays-per-batch" not in cmd  # on a GPU: the variant's own batch
+
+
+@pytest.mark.parametrize("method, rays", [("in2n", "1024"), ("in2n-small", "1024"), ("in2n-tiny", "512")])
+def test_on_the_cpu_the_edit_command_trains_the_method_with_small_batches(method, rays):
+    from nerf_trainer.run import RunConfig, edit_command
+
+    config = RunConfig(method=method, edit_device="cpu,cpu")
+    cmd = edit_command(config, Path("load"), Path("scene"), "demo", "t", "make it sepia", ["a:1", "a:2"])
+    assert cmd[1] == method and cmd[cmd.index("--pipeline.edit-server") + 1] == "a:1,a:2"
+    assert cmd[cmd.index("--pipeline.datamanager.train-num-rays-per-batch") + 1] == rays  # LPIPS: whole 32x32 patches
+
+
+@pytest.mark.parametrize("bad", ["gpu1", "cuda:x", "cpu,", "", "cuda:1;cuda:2"])
+def test_a_bad_edit_device_list_is_refused_naming_it(bad):
+    from nerf_trainer.run import edit_devices
+
+    with pytest.raises(SystemExit, match="--edit-device"):
+        edit_devices(bad)
+
+
+def two_free_ports() -> int:
+    """A port p with p and p+1 both free right now."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+def test_make_serve_starts_one_server_per_device_and_stops_them(tmp_path):
+    """`python -m nerf_trainer.run --serve-only` (make serve) with EDIT_DEVICE=cpu,cpu: two servers, both
+    answer Describe, and SIGTERM stops the command and both servers."""
+    from diffusion_server.client import EditClient
+
+    port = two_free_ports()
+    cmd = [sys.executable, "-m", "nerf_trainer.run", "--serve-only", "--backend", "identity", "--edit-device", "cpu,cpu",
+           "--port", str(port), "--method", "in2n-small"]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        for p in (port, port + 1):
+            with EditClient(f"127.0.0.1:{p}", timeout_s=10) as client:
+                deadline = time.monotonic() + 120
+                while True:
+                    assert proc.poll() is None, log.read_text()
+                    try:
+                        client.wait_ready(timeout_s=1.0)
+                        break
+                    except TimeoutError:
+                        assert time.monotonic() < deadline, log.read_text()
+                assert client.describe().backend == "identity"
+        deadline = time.monotonic() + 60
+        while "train with" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert f"--pipeline.edit-server 127.0.0.1:{port},127.0.0.1:{port + 1}" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0, log.read_text()
+    for p in (port, port + 1):  # both servers are gone: their ports are free again
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
