@@ -31,7 +31,7 @@ def test_no_file_points_outside_the_repository() -> None:
     assert not offenders, f"files that refer to {OUTSIDE}: {offenders}"
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/method.md"])
+@pytest.mark.parametrize("doc", ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))])
 def test_relative_links_resolve(doc: str) -> None:
     path = REPO / doc
     targets = [t for t in LINK.findall(path.read_text()) if "://" not in t and not t.startswith("mailto:")]
@@ -50,3 +50,13 @@ def test_option_tables_are_generated_from_the_configs() -> None:
     """docs/options.md is what tools/gen_options.py makes of the config dataclasses today."""
     proc = subprocess.run([sys.executable, "tools/gen_options.py", "--check"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("page,prefix", [("docs/trainer.md", "--pipeline."), ("docs/server.md", "--")])
+def test_hand_written_option_notes_name_only_real_options(page: str, prefix: str) -> None:
+    """Every option a page's option table names exists in the generated list (no renamed or removed flag lingers)."""
+    generated = set(re.findall(r"`(--[a-z0-9.-]+)`", (REPO / "docs/options.md").read_text()))
+    rows = [line for line in (REPO / page).read_text().splitlines() if line.startswith("| `--")]
+    named = {flag for row in rows for flag in re.findall(r"`(--[a-z0-9.-]+)`", row.split("|")[1]) if flag.startswith(prefix)}
+    assert len(named) >= 10, named
+    assert named <= generated, f"{page} names options that do not exist: {sorted(named - generated)}"
