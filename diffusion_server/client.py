@@ -35,15 +35,20 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from diffusion_server import codec
-from diffusion_server.backends.base import EditParams
-from diffusion_server.config import max_message_bytes_for
-from protos.in2n.v1 import edit_service_pb2 as pb
-from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
+from in2n_contract import (
+    DEFAULT_MAX_IMAGE_SIDE,
+    ORIGINAL_NOT_CACHED,
+    ORIGINAL_REQUIRED,
+    SERVICE_NAME,
+    EditParams,
+    max_message_bytes_for,
+    pb,
+    pb_grpc,
+)
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EditService"].full_name  # "in2n.v1.EditService"
-DEFAULT_MAX_MESSAGE_BYTES = max_message_bytes_for(2048)
+DEFAULT_MAX_MESSAGE_BYTES = max_message_bytes_for(DEFAULT_MAX_IMAGE_SIDE)
 _LARGEST_SIDE = 1 << 16  # responses are not size-limited by the client beyond the message limit
 HTTP2_WINDOW_BYTES = 16 << 20
 _STATUS_OF_VALUE = {code.value[0]: code for code in grpc.StatusCode}
@@ -70,7 +75,6 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_back
 
 
 RootCert = Union[bytes, str, "os.PathLike[str]", None]
-ORIGINAL_NOT_CACHED = "original not cached"  # start of the server's FAILED_PRECONDITION message on a cache miss
 
 
 def make_channel(
@@ -640,7 +644,7 @@ class StreamClient:
             return False
         code, message = status_code(response.error.code), response.error.message
         miss = code == grpc.StatusCode.FAILED_PRECONDITION and message.startswith(ORIGINAL_NOT_CACHED)
-        old_server = code == grpc.StatusCode.INVALID_ARGUMENT and message.startswith("original is required")
+        old_server = code == grpc.StatusCode.INVALID_ARGUMENT and message.startswith(ORIGINAL_REQUIRED)
         if not (miss or old_server):
             return False
         with self._lock:

@@ -8,14 +8,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from diffusion_server.backends import BackendName, Precision
-
-# Headroom over two images' pixels for the rest of a request (instruction, ids, framing).
-_MESSAGE_HEADROOM_BYTES = 4 << 20
-
-
-def max_message_bytes_for(max_image_side: int) -> int:
-    """Largest gRPC message needed for two max_image_side^2 x 3 float32 images, plus headroom."""
-    return 2 * max_image_side * max_image_side * 3 * 4 + _MESSAGE_HEADROOM_BYTES
+from in2n_contract import DEFAULT_MAX_IMAGE_SIDE, max_message_bytes_for
 
 
 @dataclass
@@ -36,7 +29,7 @@ class ServerConfig:
     """Port to listen on; 0 picks a free one (see --port-file)."""
     port_file: Optional[Path] = None
     """After binding, write the actual port to this file (atomically), e.g. for --port 0."""
-    max_image_side: int = 2048
+    max_image_side: int = DEFAULT_MAX_IMAGE_SIDE
     """Largest image height or width accepted, in pixels; also sizes the gRPC message limit."""
     max_diffusion_steps: int = 1000
     """Most diffusion steps one request may ask for."""

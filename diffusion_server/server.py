@@ -31,13 +31,11 @@ from diffusion_server.backends.base import EditBackend
 from diffusion_server.config import ServerConfig
 from diffusion_server.metrics import ServerMetrics
 from diffusion_server.service import EditServicer, ServiceLimits, add_edit_service
-from protos.in2n.v1 import edit_service_pb2 as pb
+from in2n_contract import SERVICE_NAME
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EditService"].full_name  # "in2n.v1.EditService"
 
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"

@@ -42,23 +42,22 @@ import numpy as np
 
 import diffusion_server
 from diffusion_server import codec
-from diffusion_server.backends.base import (
+from diffusion_server.backends.base import EditBackend, EditCancelled, EditItem, EditRejected, EditResult
+from diffusion_server.client import original_key
+from in2n_contract import (
     DEFAULT_DIFFUSION_STEPS,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_IMAGE_GUIDANCE_SCALE,
     DEFAULT_LOWER_BOUND,
     DEFAULT_UPPER_BOUND,
-    EditBackend,
-    EditCancelled,
-    EditItem,
+    ORIGINAL_NOT_CACHED,
+    ORIGINAL_REQUIRED,
+    SERVICE_NAME,
     EditParams,
-    EditRejected,
-    EditResult,
+    max_message_bytes_for,
+    pb,
+    pb_grpc,
 )
-from diffusion_server.client import original_key
-from diffusion_server.config import max_message_bytes_for
-from protos.in2n.v1 import edit_service_pb2 as pb
-from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +65,6 @@ MAX_INSTRUCTION_CHARS = 1000
 MAX_REQUEST_ID_CHARS = 256
 MAX_CLIENT_ID_CHARS = 256
 MAX_GUIDANCE = 100.0
-ORIGINAL_NOT_CACHED = "original not cached"
-"""Start of the FAILED_PRECONDITION message of a request whose original the server does not hold."""
 
 
 @dataclass(frozen=True)
@@ -179,8 +176,7 @@ def add_edit_service(servicer: "EditServicer", server: grpc.Server) -> None:
             response_serializer=pb.DescribeResponse.SerializeToString,
         ),
     }
-    service_name = pb.DESCRIPTOR.services_by_name["EditService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 def _always_active() -> bool:
@@ -285,7 +281,7 @@ def parse_request(
     if not req.HasField("render"):
         raise _invalid("render is required")
     if not req.HasField("original") and not req.original_key:
-        raise _invalid("original is required (or original_key, for an original sent before)")
+        raise _invalid(f"{ORIGINAL_REQUIRED} (or original_key, for an original sent before)")
     try:
         keep = backend.accepts_uint8
         render = codec.decode_image(req.render, "render", max_side=limits.max_image_side, keep_uint8=keep)

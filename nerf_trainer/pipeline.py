@@ -28,9 +28,16 @@ from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
 from nerfstudio.viewer.viewer_elements import ViewerNumber, ViewerText
 
-from diffusion_server.backends.base import EditParams
 from diffusion_server.client import EditClient, StreamClient, original_key
 from diffusion_server.codec import ImageFormatError
+from in2n_contract import (
+    DEFAULT_DIFFUSION_STEPS,
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_IMAGE_GUIDANCE_SCALE,
+    DEFAULT_LOWER_BOUND,
+    DEFAULT_UPPER_BOUND,
+    EditParams,
+)
 from nerf_trainer.datamanager import In2nDataManagerConfig
 from nerf_trainer.dataset_update import DatasetUpdateSchedule
 from nerf_trainer.model import In2nModelConfig
@@ -70,15 +77,15 @@ class In2nPipelineConfig(VanillaPipelineConfig):
     """PEM file of the certificate (or CA) to trust for a TLS server with a self-signed certificate."""
     instruction: str = "don't change the image"
     """The text instruction applied to every view, e.g. "turn him into a bronze statue"."""
-    guidance_scale: float = 7.5
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     """Text guidance weight of InstructPix2Pix."""
-    image_guidance_scale: float = 1.5
+    image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE
     """Image guidance weight of InstructPix2Pix."""
-    diffusion_steps: int = 20
+    diffusion_steps: int = DEFAULT_DIFFUSION_STEPS
     """DDIM steps per edit."""
-    lower_bound: float = 0.02
+    lower_bound: float = DEFAULT_LOWER_BOUND
     """Lower bound of the noise timestep, as a fraction of the 1000 training timesteps."""
-    upper_bound: float = 0.98
+    upper_bound: float = DEFAULT_UPPER_BOUND
     """Upper bound of the noise timestep, as a fraction of the 1000 training timesteps."""
     edit_seed: Optional[int] = None
     """Seed of the edits (edit k uses edit_seed + k) and of the edit order; None: random."""

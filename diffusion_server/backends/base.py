@@ -13,12 +13,7 @@ from typing import Callable, Hashable, List, Optional, Sequence, Union
 
 import numpy as np
 
-# Method defaults (Instruct-NeRF2NeRF), used where a request leaves a field unset.
-DEFAULT_GUIDANCE_SCALE = 7.5
-DEFAULT_IMAGE_GUIDANCE_SCALE = 1.5
-DEFAULT_DIFFUSION_STEPS = 20
-DEFAULT_LOWER_BOUND = 0.02
-DEFAULT_UPPER_BOUND = 0.98
+from in2n_contract import EditParams  # noqa: F401 - the contract's type, re-exported for backends
 
 
 class EditRejected(ValueError):
@@ -26,19 +21,6 @@ class EditRejected(ValueError):
 
     The service answers it with INVALID_ARGUMENT and the message as given.
     """
-
-
-@dataclass(frozen=True)
-class EditParams:
-    """Parameters of one edit, validated by the service before a backend sees them."""
-
-    instruction: str
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
-    image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE
-    diffusion_steps: int = DEFAULT_DIFFUSION_STEPS
-    lower_bound: float = DEFAULT_LOWER_BOUND
-    upper_bound: float = DEFAULT_UPPER_BOUND
-    seed: Optional[int] = None
 
 
 @dataclass
