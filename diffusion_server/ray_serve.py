@@ -183,7 +183,7 @@ class EditReplica:
             channels_last=config.channels_last, compile=config.compile, cpu_offload=config.cpu_offload,
             delay_ms=config.delay_ms,
         )  # fmt: skip
-        self._servicer = EditServicer(backend, config.backend, service_limits(config, backend))
+        self._servicer = EditServicer(backend, service_limits(config, backend))
         token = resolve_token(config)
         self._expected = f"Bearer {token}".encode() if token else None
         log.info("replica ready: %s on %s (pid %d)", config.backend, config.device, os.getpid())

@@ -257,7 +257,7 @@ def build_server(
             ("grpc.http2.lookahead_bytes", 16 << 20),  # a whole image per window: no flow-control stalls mid-message
         ],
     )
-    servicer = EditServicer(backend, config.backend, limits, metrics)
+    servicer = EditServicer(backend, limits, metrics)
     add_edit_service(servicer, server.server)
 
     health_servicer = health.aio.HealthServicer()

@@ -659,12 +659,11 @@ class EditServicer(pb_grpc.EditServiceServicer):
     def __init__(
         self,
         backend: EditBackend,
-        backend_name: str,
         limits: ServiceLimits = ServiceLimits(),
         metrics: Optional[object] = None,
     ):
         self._backend = backend
-        self._backend_name = backend_name
+        self._backend_name = backend.name or type(backend).__name__  # what Describe reports
         self._limits = limits
         self._info = backend.info()
         self._metrics = metrics

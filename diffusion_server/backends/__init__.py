@@ -1,22 +1,19 @@
 """Backend registry: backend name -> factory.
 
-Every factory imports its backend module lazily, so choosing `palette` never
-imports torch or diffusers. Start-up problems a user can fix (missing weights,
+Every backend module exports `make_backend(model, device, precision, seed, options)`
+and its class a `name`; the registry imports a module only when its backend is
+chosen, so choosing `palette` never imports torch or diffusers. Start-up problems a user can fix (missing weights,
 no CUDA, a missing package) come out as `BackendUnavailable`, whose message is
 one line saying what to do.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, Literal, Tuple, get_args
+from typing import Any, Callable, Dict, Literal, Optional, Tuple, get_args
 
 from diffusion_server.backends.base import EditBackend
-
-log = logging.getLogger(__name__)
-
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 """Values accepted by `--precision`; `auto` is fp16 on CUDA, fp32 elsewhere."""
@@ -28,13 +25,17 @@ class BackendUnavailable(RuntimeError):
     """A backend that cannot start here. The message is one line saying what to do."""
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """`auto` -> "fp16" on CUDA devices, "fp32" elsewhere; any other value is returned as given."""
+def resolve_precision(precision: str, device: Any) -> str:
+    """`auto` -> "fp16" on CUDA devices, "fp32" elsewhere; any other value is returned as given.
+
+    `device`: a device string ("cpu", "cuda:1") or a `torch.device`. Raises ValueError naming `precision`.
+    """
     if precision not in get_args(Precision):
         raise ValueError(f"precision must be one of {', '.join(get_args(Precision))}, got {precision!r}")
     if precision != "auto":
         return precision
-    return "fp16" if device.startswith("cuda") else "fp32"
+    device_type = getattr(device, "type", str(device).split(":")[0])
+    return "fp16" if device_type == "cuda" else "fp32"
 
 
 def check_device_syntax(device: str) -> None:
@@ -75,52 +76,24 @@ class TorchOptions:
         return " ".join(f"--{name.replace('_', '-')}" for name in ("channels_last", "compile", "cpu_offload") if getattr(self, name))
 
 
-def _no_torch_options(backend: str, options: TorchOptions) -> None:
-    if options.flags():
-        raise BackendUnavailable(f"{options.flags()}: not supported by the {backend} backend (torch backends only: ip2p, tiny-ip2p)")
+def no_torch_options(backend: str, options: Optional[TorchOptions]) -> None:
+    """Raise `BackendUnavailable` if `options` sets any torch option: `backend` does not run torch."""
+    if options is not None and options.flags():
+        raise BackendUnavailable(
+            f"{options.flags()}: not supported by the {backend} backend (torch backends only: ip2p, ip2p-xl, tiny-ip2p)"
+        )
 
 
-def _check_torch_options(device: str, options: TorchOptions) -> None:
-    if options.cpu_offload and not device.startswith("cuda"):
+def check_torch_options(device: str, options: Optional[TorchOptions]) -> None:
+    """Raise `BackendUnavailable` for torch options that `device` cannot use (--cpu-offload off CUDA)."""
+    if options is not None and options.cpu_offload and not device.startswith("cuda"):
         raise BackendUnavailable(f"--cpu-offload needs a CUDA device (weights wait in CPU memory for the GPU); --device is {device}")
 
 
-def _make_identity(
-    model: str, device: str, precision: str, seed: int, options: TorchOptions = TorchOptions(), delay_ms: float = 0.0
-) -> EditBackend:
-    from diffusion_server.backends.identity import IdentityBackend
-
-    _no_torch_options("identity", options)
-    return IdentityBackend(delay_s=delay_ms / 1e3, device=device)
-
-
-def _make_palette(model: str, device: str, precision: str, seed: int, options: TorchOptions = TorchOptions()) -> EditBackend:
-    from diffusion_server.backends.palette import PaletteBackend
-
-    _no_torch_options("palette", options)
-
-    if device != "cpu":
-        log.debug("the palette backend runs on the CPU; --device %s is ignored", device)
-    return PaletteBackend()
-
-
-def _make_ip2p(model: str, device: str, precision: str, seed: int, options: TorchOptions = TorchOptions()) -> EditBackend:
-    check_device_available(device)
-    _check_torch_options(device, options)
-    try:
-        from diffusion_server.backends.ip2p import Ip2pBackend, WeightsNotFound
-    except ImportError as e:
-        raise BackendUnavailable(
-            f"the ip2p backend cannot be imported ({e}); install diffusers and transformers, or use --backend palette"
-        ) from e
-    try:
-        backend = Ip2pBackend.from_pretrained(model, device, precision)
-    except WeightsNotFound as e:
-        raise BackendUnavailable(str(e).strip().splitlines()[0] if str(e).strip() else "ip2p weights not found") from e
-    return _apply_torch_options(backend, options)
-
-
-def _apply_torch_options(backend: EditBackend, options: TorchOptions) -> EditBackend:
+def apply_torch_options(backend: EditBackend, options: Optional[TorchOptions]) -> EditBackend:
+    """`backend.optimize(...)` with `options` (a torch backend); a failure is one `BackendUnavailable` line."""
+    if options is None:
+        return backend
     try:
         backend.optimize(channels_last=options.channels_last, compile=options.compile, cpu_offload=options.cpu_offload)  # type: ignore[attr-defined]
     except (RuntimeError, ValueError, ImportError) as e:
@@ -129,45 +102,36 @@ def _apply_torch_options(backend: EditBackend, options: TorchOptions) -> EditBac
     return backend
 
 
-def _make_tiny_ip2p(model: str, device: str, precision: str, seed: int, options: TorchOptions = TorchOptions()) -> EditBackend:
-    check_device_available(device)
-    _check_torch_options(device, options)
-    try:
-        from diffusion_server.backends.tiny_ip2p import build_tiny_ip2p
-    except ImportError as e:
-        raise BackendUnavailable(
-            f"the tiny-ip2p backend cannot be imported ({e}); install diffusers and transformers, or use --backend palette"
-        ) from e
-    return _apply_torch_options(build_tiny_ip2p(device=device, seed=seed, precision=precision), options)
+BackendFactory = Callable[..., EditBackend]
+"""(model, device, resolved precision, seed, options: TorchOptions, **extra) -> backend: a module's `make_backend`."""
 
 
-def _lazy(module: str, function: str = "make_backend") -> Callable[..., EditBackend]:
-    """A factory that imports `diffusion_server.backends.<module>` only when the backend is chosen."""
+def _lazy(module: str, packages: str = "its packages") -> BackendFactory:
+    """The `make_backend` of `diffusion_server.backends.<module>`, imported only when the backend is chosen
+    (so choosing `palette` never imports torch or diffusers)."""
 
-    def factory(model: str, device: str, precision: str, seed: int, options: TorchOptions = TorchOptions()) -> EditBackend:
+    def factory(model: str, device: str, precision: str, seed: int, options: TorchOptions = TorchOptions(), **extra: Any) -> EditBackend:
         import importlib
 
         try:
             loaded = importlib.import_module(f"diffusion_server.backends.{module}")
         except ImportError as e:
-            raise BackendUnavailable(f"the {module} backend cannot be imported ({e}); install its packages, or use --backend palette") from e
-        return getattr(loaded, function)(model, device, precision, seed, options)
+            name = module.replace("_", "-")
+            raise BackendUnavailable(f"the {name} backend cannot be imported ({e}); install {packages}, or use --backend palette") from e
+        return loaded.make_backend(model, device, precision, seed, options, **extra)
 
     return factory
 
 
-BackendFactory = Callable[..., EditBackend]
-"""(model, device, resolved precision, seed, options: TorchOptions) -> backend."""
-
 _FACTORIES: Dict[str, BackendFactory] = {
-    "ip2p": _make_ip2p,
-    "tiny-ip2p": _make_tiny_ip2p,
-    "palette": _make_palette,
-    "identity": _make_identity,
-    "ip2p-xl": _lazy("ip2p_xl"),
+    "ip2p": _lazy("ip2p", "diffusers and transformers"),
+    "ip2p-xl": _lazy("ip2p_xl", "diffusers and transformers"),
+    "tiny-ip2p": _lazy("tiny_ip2p", "diffusers and transformers"),
+    "palette": _lazy("palette"),
     "stochastic": _lazy("stochastic"),
+    "identity": _lazy("identity"),
 }
-"""The registry: adding a backend is a module under backends/ and one line here."""
+"""The registry: adding a backend is a module under backends/ with a `make_backend` (and a `name`) and one line here."""
 
 BACKEND_NAMES: Tuple[str, ...] = tuple(_FACTORIES)
 BackendName = Literal[BACKEND_NAMES]  # type: ignore[valid-type]
@@ -189,10 +153,10 @@ def create_backend(
 
     Args:
         name: one of `BACKEND_NAMES`.
-        model: model id or local folder (ip2p); ignored by palette and tiny-ip2p.
+        model: model id or local folder (ip2p, ip2p-xl); ignored by the others.
         device: torch device string, e.g. "cpu", "cuda:1".
         precision: "auto", "fp32", "fp16" or "bf16"; `auto` resolves by device.
-        seed: initialisation seed of tiny-ip2p's random weights.
+        seed: initialisation seed of tiny-ip2p's random weights; stochastic's seed of unseeded edits.
         channels_last, compile, cpu_offload: speed and memory options of the torch backends (off by default).
         delay_ms: identity only: a fixed cost of every edit (a sleep), for load tests; 0: none.
 

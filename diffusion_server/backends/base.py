@@ -75,6 +75,8 @@ class EditBackend(abc.ABC):
     bytes to move); `diffusion_server.codec.to_float01` gives the float32 the others get.
     """
 
+    name: str = ""
+    """The backend's registry name (`--backend`), which Describe reports; "" for one outside the registry."""
     supports_batching: bool = False
     default_max_batch: int = 1
     """The server's --max-batch when none is given (backends that batch set more)."""

@@ -9,23 +9,23 @@ it accepts any instruction and parameters; the reported timestep is 0.
 from __future__ import annotations
 
 import time
-from typing import List, Sequence, Union
+from typing import Optional
 
 import numpy as np
 
-from diffusion_server.backends.base import BackendInfo, EditBackend, EditItem, EditParams, EditRejected, EditResult
+from diffusion_server.backends.base import BackendInfo, EditBackend, EditParams, EditRejected, EditResult
 
 
 class IdentityBackend(EditBackend):
     """Edit = the render itself."""
 
+    name = "identity"
     supports_batching = True
     accepts_uint8 = True  # returns the render as it came: no conversion either way
 
     def __init__(self, delay_s: float = 0.0, device: str = "cpu") -> None:
         self.delay_s = delay_s  # fixed cost of each edit (a sleep), for load tests; 0: none
         self.device = device  # only reported (Describe): it computes nothing
-        self.batch_sizes: List[int] = []  # sizes of the edit_batch calls, for tests
 
     def info(self) -> BackendInfo:
         return BackendInfo(model="", device=self.device, precision="n/a", known_instructions=[])
@@ -37,6 +37,12 @@ class IdentityBackend(EditBackend):
             time.sleep(self.delay_s)
         return EditResult(image=render, timestep=0)
 
-    def edit_batch(self, items: Sequence[EditItem]) -> List[Union[EditResult, Exception]]:
-        self.batch_sizes.append(len(items))
-        return super().edit_batch(items)
+
+def make_backend(
+    model: str, device: str, precision: str, seed: int, options: Optional[object] = None, delay_ms: float = 0.0
+) -> IdentityBackend:
+    """Registry factory: `delay_ms` is --delay-ms (a fixed cost per edit); model, precision and seed are ignored."""
+    from diffusion_server.backends import no_torch_options
+
+    no_torch_options("identity", options)  # type: ignore[arg-type]
+    return IdentityBackend(delay_s=delay_ms / 1e3, device=device)

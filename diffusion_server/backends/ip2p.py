@@ -54,6 +54,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffusers.utils.torch_utils import randn_tensor
 
+from . import resolve_precision
 from .base import BackendInfo, EditBackend, EditCancelled, EditItem, EditParams, EditResult
 
 try:  # not an OSError in huggingface_hub >= 1.0
@@ -92,15 +93,6 @@ def resolve_device(device: str) -> torch.device:
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {device!r}: MPS is not available on this machine")
     return dev
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> fp16 on CUDA, fp32 elsewhere; raise ValueError naming `precision`."""
-    if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
-    return precision
 
 
 def ddim_from_config(config: Any) -> DDIMScheduler:
@@ -146,6 +138,7 @@ class Ip2pBackend(EditBackend):
     """InstructPix2Pix with DDIM, Instruct-NeRF2NeRF style (edits start from the noised render)."""
 
     DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
+    name = "ip2p"
     supports_batching = True
     default_max_batch = 8  # --max-batch when not given: what is queued, up to 8 edits, runs as one batch
     accepts_uint8 = True  # uint8 images go to the device as they are and are converted there
@@ -558,3 +551,16 @@ def _hf_cache_dir() -> str:
         return str(constants.HF_HUB_CACHE)
     except Exception:  # pragma: no cover - very old huggingface_hub
         return "~/.cache/huggingface/hub"
+
+
+def make_backend(model: str, device: str, precision: str, seed: int, options: Optional[Any] = None) -> EditBackend:
+    """Registry factory: load `model` (a hub id already in the cache, or a local diffusers folder); `seed` is unused."""
+    from . import BackendUnavailable, apply_torch_options, check_device_available, check_torch_options
+
+    check_device_available(device)
+    check_torch_options(device, options)
+    try:
+        backend = Ip2pBackend.from_pretrained(model, device, precision)
+    except WeightsNotFound as e:
+        raise BackendUnavailable(str(e).strip().splitlines()[0] if str(e).strip() else "ip2p weights not found") from e
+    return apply_torch_options(backend, options)

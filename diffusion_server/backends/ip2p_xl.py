@@ -37,6 +37,7 @@ class Ip2pXlBackend(Ip2pBackend):
     """InstructPix2Pix-XL with DDIM, Instruct-NeRF2NeRF style."""
 
     DEFAULT_MODEL = DEFAULT_XL_MODEL
+    name = "ip2p-xl"
 
     def __init__(
         self,
@@ -120,15 +121,14 @@ class Ip2pXlBackend(Ip2pBackend):
 
 def make_backend(model: str, device: str, precision: str, seed: int, options: Any = None) -> EditBackend:
     """Registry factory: load `model` (default DEFAULT_XL_MODEL when empty or the ip2p default)."""
-    from . import BackendUnavailable, _apply_torch_options, _check_torch_options, check_device_available
+    from . import BackendUnavailable, apply_torch_options, check_device_available, check_torch_options
 
     check_device_available(device)
-    if options is not None:
-        _check_torch_options(device, options)
+    check_torch_options(device, options)
     if not model or model == Ip2pBackend.DEFAULT_MODEL:
         model = DEFAULT_XL_MODEL
     try:
         backend = Ip2pXlBackend.from_pretrained(model, device, precision)
     except WeightsNotFound as e:
         raise BackendUnavailable(str(e).strip().splitlines()[0] if str(e).strip() else "ip2p-xl weights not found") from e
-    return _apply_torch_options(backend, options) if options is not None else backend
+    return apply_torch_options(backend, options)

@@ -29,12 +29,15 @@ instruction are accepted and ignored; the reported timestep is 0.
 
 from __future__ import annotations
 
+import logging
 import re
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from diffusion_server.backends.base import BackendInfo, EditBackend, EditParams, EditRejected, EditResult
+
+log = logging.getLogger(__name__)
 
 Look = Callable[[np.ndarray], np.ndarray]
 """[H, W, 3] float32 -> [H, W, 3] float32 (before clamping)."""
@@ -138,6 +141,8 @@ def apply_look(name: str, render: np.ndarray) -> np.ndarray:
 class PaletteBackend(EditBackend):
     """Deterministic colour looks chosen by instruction; CPU only, no weights."""
 
+    name = "palette"
+
     def info(self) -> BackendInfo:
         return BackendInfo(model="", device="cpu", precision="n/a", known_instructions=known_instructions())
 
@@ -150,3 +155,13 @@ class PaletteBackend(EditBackend):
         if original.shape != render.shape:
             raise EditRejected(f"original shape {tuple(original.shape)} must equal render shape {tuple(render.shape)}")
         return EditResult(image=apply_look(look_of(params.instruction), render), timestep=0)
+
+
+def make_backend(model: str, device: str, precision: str, seed: int, options: Optional[object] = None) -> PaletteBackend:
+    """Registry factory: runs on the CPU whatever `device`; model, precision and seed are ignored."""
+    from diffusion_server.backends import no_torch_options
+
+    no_torch_options("palette", options)  # type: ignore[arg-type]
+    if device != "cpu":
+        log.debug("the palette backend runs on the CPU; --device %s is ignored", device)
+    return PaletteBackend()

@@ -92,6 +92,8 @@ class LookChoice:
 class StochasticLookBackend(EditBackend):
     """Picks one of K colour looks per call, preferring the look the noised render already has."""
 
+    name = "stochastic"
+
     def __init__(
         self,
         gains: Sequence[Sequence[float]] = DEFAULT_GAINS,
@@ -168,10 +170,9 @@ class StochasticLookBackend(EditBackend):
         return EditResult(image=out, timestep=t)
 
 
-def make_backend(model: str = "", device: str = "cpu", precision: str = "", seed: int = 0, options=None) -> EditBackend:
-    """Registry factory (model, device, precision, seed, options): runs on the CPU, `seed` seeds unseeded calls."""
-    if options is not None and options.flags():
-        from diffusion_server.backends import BackendUnavailable
+def make_backend(model: str, device: str, precision: str, seed: int, options: Optional[object] = None) -> EditBackend:
+    """Registry factory: runs on the CPU, `seed` seeds unseeded calls; model and precision are ignored."""
+    from diffusion_server.backends import no_torch_options
 
-        raise BackendUnavailable(f"{options.flags()}: not supported by the stochastic backend (torch backends only)")
+    no_torch_options("stochastic", options)  # type: ignore[arg-type]
     return StochasticLookBackend(seed=seed)

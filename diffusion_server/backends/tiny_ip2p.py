@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -125,7 +125,18 @@ def build_tiny_ip2p(device: str = "cpu", seed: int = 0, precision: str = "fp32")
     """A tiny random IP2P backend; the same `seed` gives identical weights."""
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    return Ip2pBackend(**_tiny_components(seed), device=device, precision=precision, model=TINY_MODEL_LABEL)
+    backend = Ip2pBackend(**_tiny_components(seed), device=device, precision=precision, model=TINY_MODEL_LABEL)
+    backend.name = "tiny-ip2p"  # the ip2p code on tiny weights: Describe says which
+    return backend
+
+
+def make_backend(model: str, device: str, precision: str, seed: int, options: Optional[Any] = None) -> Ip2pBackend:
+    """Registry factory: the tiny model of `seed` (weights built here, nothing loaded); `model` is ignored."""
+    from . import apply_torch_options, check_device_available, check_torch_options
+
+    check_device_available(device)
+    check_torch_options(device, options)
+    return apply_torch_options(build_tiny_ip2p(device=device, seed=seed, precision=precision), options)
 
 
 def save_tiny_ip2p(path: str | os.PathLike, seed: int = 0) -> str:
