@@ -2,7 +2,7 @@
 
 Start it with `python -m diffusion_server --help`. The trainer talks to it through
 `diffusion_server.client`. Importing this package is cheap: it pulls in no torch
-and no diffusers (only the `ip2p` and `tiny-ip2p` backends do, when created).
+and no diffusers (only the torch backends `ip2p`, `ip2p-xl` and `tiny-ip2p` do, when created).
 """
 
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ class ServerConfig:
     """Serve an image-editing backend over gRPC (in2n.v1.EditService)."""
 
     backend: BackendName = "ip2p"
-    """Editing backend: ip2p (InstructPix2Pix weights), ip2p-xl (InstructPix2Pix on SDXL weights), tiny-ip2p (tiny random IP2P, for tests), palette (classical colour looks, no weights) or identity (returns the render; benchmarks)."""
+    """Editing backend: ip2p (InstructPix2Pix weights), ip2p-xl (InstructPix2Pix on SDXL weights), tiny-ip2p (tiny random IP2P, for tests), palette (classical colour looks, no weights), stochastic (random colour looks, a stand-in for diffusion's randomness; the consistency experiment) or identity (returns the render; benchmarks)."""
     model: str = "timbrooks/instruct-pix2pix"
     """Model id on the Hugging Face hub or a local folder (ip2p, ip2p-xl: default diffusers/sdxl-instructpix2pix-768; already downloaded, nothing is fetched)."""
     device: str = "cuda:0"
@@ -34,7 +34,7 @@ class ServerConfig:
     max_diffusion_steps: int = 1000
     """Most diffusion steps one request may ask for."""
     seed: int = 0
-    """Initialisation seed of tiny-ip2p's random weights."""
+    """Initialisation seed of tiny-ip2p's random weights; stochastic: seeds the random draws of edits that bring no seed."""
     max_queued: int = 32
     """Most edits queued or running at once, over all clients; more are refused with RESOURCE_EXHAUSTED."""
     rpc_threads: int = 16
@@ -50,7 +50,7 @@ class ServerConfig:
     log_format: Literal["text", "json"] = "text"
     """Log lines on stderr: human text, or one JSON object per line (ts, level, logger, msg, ...)."""
     max_batch: Optional[int] = None
-    """Most queued edits run as one backend call (backends that batch: ip2p, tiny-ip2p); 1: no batching; default: the backend's own (8 for ip2p, with --max-delay-ms 0: what is queued runs together, nothing waits)."""
+    """Most queued edits run as one backend call (backends that batch: ip2p, ip2p-xl, tiny-ip2p, identity); 1: no batching; default: the backend's own (8 for ip2p, with --max-delay-ms 0: what is queued runs together, nothing waits)."""
     max_delay_ms: float = 0.0
     """Longest wait for more edits to fill a batch, in milliseconds (0: take only what is already queued)."""
     original_cache_mb: int = 1024
@@ -66,11 +66,11 @@ class ServerConfig:
     token: Optional[str] = None
     """Bearer token every request must carry (metadata `authorization: Bearer TOKEN`); default: $IN2N_TOKEN, unset: no token. Health checks stay open."""
     channels_last: bool = False
-    """ip2p/tiny-ip2p: UNet and VAE in channels_last memory format (often faster on CUDA)."""
+    """ip2p/ip2p-xl/tiny-ip2p: UNet and VAE in channels_last memory format (often faster on CUDA)."""
     compile: bool = False
-    """ip2p/tiny-ip2p: torch.compile the UNet (checked with one warm-up edit at start-up)."""
+    """ip2p/ip2p-xl/tiny-ip2p: torch.compile the UNet (checked with one warm-up edit at start-up)."""
     cpu_offload: bool = False
-    """ip2p/tiny-ip2p on CUDA: keep weights in CPU memory, move each model to the GPU only while it runs."""
+    """ip2p/ip2p-xl/tiny-ip2p on CUDA: keep weights in CPU memory, move each model to the GPU only while it runs."""
     delay_ms: float = 0.0
     """identity only: every edit takes this many milliseconds (a sleep: a fixed cost per edit, for load tests); 0: no cost."""
 

@@ -1,6 +1,6 @@
 """The in2n trainer: nerfstudio's Trainer, made to start from a pretrained nerfacto run.
 
-Two things nerfstudio 1.1.5 does not do for us:
+What nerfstudio 1.1.5 does not do for us:
 
 - The edit model must match the pretrained model exactly (hash grid sizes,
   samples per ray, `average_init_density`, ...), or the loaded weights render
@@ -67,12 +67,6 @@ class CheckpointWriteError(RuntimeError):
 def checkpoint_safe_globals() -> list:
     """The numpy types nerfstudio checkpoints contain, for torch.serialization.safe_globals."""
     return [np.core.multiarray.scalar, np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.int64))]
-
-
-def load_checkpoint_file(path: Path) -> dict:
-    """torch.load a nerfstudio checkpoint with weights_only=True and the numpy scalars allowed."""
-    with torch.serialization.safe_globals(checkpoint_safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def pretrained_config_path(config: TrainerConfig) -> Optional[Path]:
@@ -298,7 +292,8 @@ def read_checkpoint(path: Path) -> dict:
     if not path.exists():
         raise ValueError("missing")
     try:
-        loaded = load_checkpoint_file(path)
+        with torch.serialization.safe_globals(checkpoint_safe_globals()):  # weights_only, numpy scalars allowed
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds (zip, pickle, EOF) for a damaged file
         raise ValueError(damage(path, e)) from None
     if not isinstance(loaded, dict) or any(key not in loaded for key in _CHECKPOINT_KEYS):
