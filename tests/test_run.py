@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, subprocess_env
+from testing_support import free_port
 
 METHODS = ["in2n", "in2n-small", "in2n-tiny"]
 
@@ -119,9 +120,7 @@ def test_a_bad_edit_device_list_is_refused_naming_it(bad):
 def two_free_ports() -> int:
     """A port p with p and p+1 both free right now."""
     for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         try:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", port + 1))
