@@ -190,8 +190,8 @@ def table(results: Dict[str, Dict[str, Dict[str, object]]]) -> str:
 
 
 def main(cfg: ConsistencyConfig) -> Dict[str, object]:
-    from nerf_trainer.demo_scene import DemoSceneConfig, make_demo_scene
-    from nerf_trainer.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone
+    from in2n_demo.demo_scene import DemoSceneConfig, make_demo_scene
+    from in2n_demo.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone
 
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1")

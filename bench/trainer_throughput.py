@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from diffusion_server.backends.base import BackendInfo, EditBackend, EditResult  # noqa: E402
-from nerf_trainer.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone  # noqa: E402
+from in2n_demo.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone  # noqa: E402
 from testing_support import InProcessServer  # noqa: E402
 
 
@@ -136,7 +136,7 @@ def summarize(runs: list, per_round: List[dict]) -> List[dict]:
 
 
 def main(cfg: BenchConfig) -> None:
-    from nerf_trainer.demo_scene import DemoSceneConfig, make_demo_scene
+    from in2n_demo.demo_scene import DemoSceneConfig, make_demo_scene
 
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1")

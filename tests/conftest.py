@@ -241,7 +241,7 @@ def trainer_env(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_scene(tmp_path_factory) -> Path:
-    from nerf_trainer.demo_scene import DemoSceneConfig, make_demo_scene
+    from in2n_demo.demo_scene import DemoSceneConfig, make_demo_scene
 
     out = tmp_path_factory.mktemp("scene")
     make_demo_scene(DemoSceneConfig(output=out, num_views=16, size=32))
