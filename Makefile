@@ -98,13 +98,13 @@ test-all: setup check-protos
 	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
 run: setup-trainer
-	$(PY) -m nerf_trainer.run --scene "$(SCENE)" --instruction "$(INSTRUCTION)" --backend $(BACKEND) \
+	$(PY) -m in2n_demo.run --scene "$(SCENE)" --instruction "$(INSTRUCTION)" --backend $(BACKEND) \
 	  --model "$(MODEL)" --steps $(STEPS) --pretrain-steps $(PRETRAIN_STEPS) --train-device $(TRAIN_DEVICE) \
 	  --edit-device $(EDIT_DEVICE) --port $(PORT) --method $(METHOD)
 
 # The diffusion server(s) of make run alone, in the foreground: one per EDIT_DEVICE, METHOD's precision.
 serve: setup-trainer
-	$(PY) -m nerf_trainer.run --serve-only --backend $(BACKEND) --model "$(MODEL)" --edit-device $(EDIT_DEVICE) \
+	$(PY) -m in2n_demo.run --serve-only --backend $(BACKEND) --model "$(MODEL)" --edit-device $(EDIT_DEVICE) \
 	  --port $(PORT) --method $(METHOD)
 
 # The server as a Ray Serve application: starts a local Ray instance, or joins RAY_ADDRESS (a cluster's head).

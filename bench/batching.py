@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 
-from _server import BenchServer, machine
-from diffusion_server.backends.base import EditParams
-from diffusion_server.client import StreamClient
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: testing_support
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from _server import BenchServer, machine  # noqa: E402
+from diffusion_server.backends.base import EditParams  # noqa: E402
+from diffusion_server.client import StreamClient  # noqa: E402
+from testing_support import free_port  # noqa: E402
 
 
 def scrape(port: int) -> dict:

@@ -55,6 +55,7 @@ if str(REPO) not in sys.path:
 
 from bench._server import cpu_model  # noqa: E402
 from diffusion_server.backends.stochastic import StochasticLookBackend, color_stats  # noqa: E402
+from testing_support import InProcessServer  # noqa: E402
 
 MODES = {
     "idu": ("(a) Iterative Dataset Update", []),
@@ -157,16 +158,6 @@ def measure_run(run_dir: Path, look_stats: np.ndarray) -> Dict[str, Dict[str, ob
 # -- the runs ------------------------------------------------------------------------------------
 
 
-def start_server(backend):
-    """A gRPC diffusion server serving `backend` in this process, on a free port: (server, port)."""
-    from diffusion_server.config import ServerConfig
-    from diffusion_server.server import build_server
-
-    server, port, _, _ = build_server(ServerConfig(backend="palette", device="cpu", port=0), backend)
-    server.start()
-    return server, port
-
-
 def in2n_command(ns_train: str, load_dir: Path, scene: Path, out: Path, name: str, port: int, steps: int, rays: int,
                  sheet_views: int, seed: int, extra: Sequence[str] = (), quiet: Sequence[str] = ()) -> List[str]:  # fmt: skip
     """The `ns-train in2n-tiny` command line of one run (IDU flags; `extra` adds the mode's)."""
@@ -199,8 +190,8 @@ def table(results: Dict[str, Dict[str, Dict[str, object]]]) -> str:
 
 
 def main(cfg: ConsistencyConfig) -> Dict[str, object]:
-    from nerf_trainer.demo_scene import DemoSceneConfig, make_demo_scene
-    from nerf_trainer.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone
+    from in2n_demo.demo_scene import DemoSceneConfig, make_demo_scene
+    from in2n_demo.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone
 
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -224,7 +215,8 @@ def main(cfg: ConsistencyConfig) -> Dict[str, object]:
         print(f"pretrained nerfacto ({cfg.pretrain_steps} steps) in {time.perf_counter() - t0:.0f} s", flush=True)
 
     backend = StochasticLookBackend(temperature=cfg.temperature, seed=cfg.seed, seen_pixels=cfg.seen_pixels)
-    server, port = start_server(backend)
+    server = InProcessServer(backend, device="cpu")  # a gRPC diffusion server in this process, on a free port
+    port = server.port
     out = cfg.workdir / "runs"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results: Dict[str, Dict[str, Dict[str, object]]] = {}
@@ -247,7 +239,7 @@ def main(cfg: ConsistencyConfig) -> Dict[str, object]:
                   f"distance to one look {a['distance_to_one_look']:.3f}, edits {sum(results[mode]['training_images']['edits_per_view'])}",
                   flush=True)  # fmt: skip
     finally:
-        server.stop(grace=None)
+        server.close()
 
     info = machine()
     print(f"\nmachine: {info['nproc']} CPUs, {info['cpu']}; demo scene {cfg.num_views} views {cfg.size}x{cfg.size}, "

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from _server import BenchServer, machine  # noqa: E402
-from nerf_trainer.run import NS_TRAIN, ensure_lpips_backbone  # noqa: E402
+from in2n_demo.run import NS_TRAIN, ensure_lpips_backbone  # noqa: E402
 
 TINY_NERFACTO = [
     "--pipeline.model.implementation", "torch",
@@ -74,7 +74,7 @@ class BenchConfig:
 
 
 def pretrain(cfg: BenchConfig, env: dict) -> tuple:
-    from nerf_trainer.demo_scene import DemoSceneConfig, make_demo_scene
+    from in2n_demo.demo_scene import DemoSceneConfig, make_demo_scene
 
     scene = cfg.workdir / "scene"
     if not (scene / "transforms.json").exists():

@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from diffusion_server.backends.base import BackendInfo, EditBackend, EditResult  # noqa: E402
-from nerf_trainer.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone  # noqa: E402
+from in2n_demo.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone  # noqa: E402
+from testing_support import InProcessServer  # noqa: E402
 
 
 @dataclass
@@ -84,15 +85,6 @@ class SleepBackend(EditBackend):
     def edit(self, render, original, params) -> EditResult:
         time.sleep(self.delay_s)
         return EditResult(image=render)
-
-
-def start_sleep_server(delay_s: float):
-    from diffusion_server.config import ServerConfig
-    from diffusion_server.server import build_server
-
-    server, port, _, _ = build_server(ServerConfig(backend="palette", device="cpu", port=0), SleepBackend(delay_s))
-    server.start()
-    return server, port
 
 
 def run_mode(cfg: BenchConfig, load_dir: Path, scene: Path, port: int, mode: str, chunk: int, budget: float,
@@ -144,7 +136,7 @@ def summarize(runs: list, per_round: List[dict]) -> List[dict]:
 
 
 def main(cfg: BenchConfig) -> None:
-    from nerf_trainer.demo_scene import DemoSceneConfig, make_demo_scene
+    from in2n_demo.demo_scene import DemoSceneConfig, make_demo_scene
 
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -161,7 +153,8 @@ def main(cfg: BenchConfig) -> None:
                        env=env, check=True, capture_output=True)  # fmt: skip
     if cfg.rounds < 1:
         raise SystemExit(f"--rounds must be >= 1, got {cfg.rounds}")
-    server, port = start_sleep_server(cfg.edit_ms / 1e3)
+    server = InProcessServer(SleepBackend(cfg.edit_ms / 1e3), device="cpu")
+    port = server.port
     try:
         runs = [("off", 0, 0.0)] + [("async", c, 0.0) for c in cfg.chunk_rays] + [("async", cfg.budget_chunk_rays, b) for b in cfg.render_budgets]
         runs += [("sync", 0, 0.0)] if cfg.sync else []
@@ -176,7 +169,7 @@ def main(cfg: BenchConfig) -> None:
                       f"render share {share}", flush=True)  # fmt: skip
             per_round.append(results)
     finally:
-        server.stop(grace=None)
+        server.close()
     rows = summarize(runs, per_round)
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}; steps={cfg.steps}, "
           f"edit={cfg.edit_ms:.0f} ms (sleep), edit_rate={cfg.edit_rate}, {cfg.rounds} interleaved rounds\n")  # fmt: skip

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from _server import BenchServer, machine  # noqa: E402
-from nerf_trainer.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone  # noqa: E402
+from in2n_demo.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone  # noqa: E402
 
 # Runs `argv` as a child and prints the child's peak RSS in KiB (Linux ru_maxrss), then its exit code.
 PEAK_RSS = (
@@ -55,7 +55,7 @@ class MemoryConfig:
 
 
 def main(cfg: MemoryConfig) -> None:
-    from nerf_trainer.demo_scene import DemoSceneConfig, make_demo_scene
+    from in2n_demo.demo_scene import DemoSceneConfig, make_demo_scene
 
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")

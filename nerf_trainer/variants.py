@@ -1,6 +1,6 @@
 """The IP2P precision each in2n variant is defined with, and what a server on a given device runs for it.
 
-No nerfstudio import: `make serve` (nerf_trainer/run.py) reads this on machines that only edit.
+No nerfstudio import: `make serve` (in2n_demo/run.py) reads this on machines that only edit.
 
 | variant    | IP2P precision | on the CPU |
 |------------|----------------|------------|

@@ -1,7 +1,9 @@
 """Shared pytest set-up.
 
 Sections (each self-contained; add new ones below, do not mix):
-1. Import path and environment: tests run with PYTHONPATH=<repo root> or with the package installed.
+1. Import path and environment: tests run with PYTHONPATH=<repo root> or with the package installed;
+   fixture `one_torch_thread`. Helpers shared with bench/ (free ports, RSS, GateBackend, InProcessServer)
+   are in testing_support/.
 2. Diffusion server subprocesses: fixtures `edit_server`, `edit_server_address`, `edit_server_factory`,
    `shared_palette_server`, `child_env`.
 3. Trainer runs: fixtures `trainer_env` (child env with a planted random AlexNet for LPIPS),
@@ -48,6 +50,18 @@ def subprocess_env() -> dict:
 def child_env() -> dict:
     """`subprocess_env()` as a fixture."""
     return subprocess_env()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    on a 2-core box shared with other processes, 2 threads run ~30x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ==================================================================================================
@@ -227,7 +241,7 @@ def trainer_env(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_scene(tmp_path_factory) -> Path:
-    from nerf_trainer.demo_scene import DemoSceneConfig, make_demo_scene
+    from in2n_demo.demo_scene import DemoSceneConfig, make_demo_scene
 
     out = tmp_path_factory.mktemp("scene")
     make_demo_scene(DemoSceneConfig(output=out, num_views=16, size=32))

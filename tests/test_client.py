@@ -6,7 +6,6 @@ so a test has to poll it, as the trainer does); nothing asserts on elapsed time.
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import Callable, Dict, List
 
@@ -16,6 +15,7 @@ import pytest
 
 from diffusion_server.backends.base import EditParams
 from diffusion_server.client import EditClient, EditFailed, StreamClient, StreamResult
+from testing_support import free_port
 
 from test_palette import expected_look, random_image
 
@@ -40,12 +40,6 @@ def collect(client: StreamClient, count: int, timeout_s: float = DEADLINE_S) -> 
 
     wait_until(done, f"{count} results arrived")
     return results
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- EditClient ----------------------------------------------------------------------------------

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.consistency import consistency_metrics, in2n_command, measure_run, run_dir_of, start_server
+from bench.consistency import consistency_metrics, in2n_command, measure_run, run_dir_of
 from conftest import NS_TRAIN, QUIET
 from diffusion_server.backends.base import EditParams
 from diffusion_server.backends.stochastic import StochasticLookBackend, alphas_cumprod, color_stats, make_backend
+from testing_support import InProcessServer
 
 
 def scene_like_image(seed: int = 0, size: int = 32) -> np.ndarray:
@@ -202,12 +203,9 @@ CONSISTENCY_STEPS = 600
 def idu_and_once_runs(pretrained, scene, env, tmp: Path, steps: int, modes=("idu", "once")) -> dict:
     """Metrics of the runs in `modes` ((a) idu, (b) once), same steps and seed, one in-process stochastic server."""
     backend = StochasticLookBackend(seed=0)
-    server, port = start_server(backend)
     extra = {"idu": (), "once": ("--pipeline.max-edits-per-view", "1")}
-    try:
-        runs = {m: run_mode(pretrained, scene, tmp, port, env, m, steps, *extra[m]) for m in modes}
-    finally:
-        server.stop(grace=None)
+    with InProcessServer(backend, device="cpu") as server:
+        runs = {m: run_mode(pretrained, scene, tmp, server.port, env, m, steps, *extra[m]) for m in modes}
     return {m: measure_run(run, backend.look_stats) for m, run in runs.items()}
 
 

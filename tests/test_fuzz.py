@@ -20,12 +20,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import grpc
 import numpy as np
-import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import EditServerProcess, start_edit_server
+from testing_support import rss_bytes
 from diffusion_server import codec
 from diffusion_server.service import MAX_CLIENT_ID_CHARS, MAX_INSTRUCTION_CHARS, MAX_REQUEST_ID_CHARS
 from protos.in2n.v1 import edit_service_pb2 as pb
@@ -64,11 +64,6 @@ def channel(fuzz_server: EditServerProcess) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(fuzz_server.address) as ch:
         grpc.channel_ready_future(ch).result(timeout=30)
         yield ch
-
-
-def rss_bytes(server: EditServerProcess) -> int:
-    assert server.proc is not None
-    return psutil.Process(server.proc.pid).memory_info().rss
 
 
 # -- a valid request, and ways to break it -----------------------------------------------------------
@@ -397,10 +392,10 @@ def run_fuzzer(server: EditServerProcess, channel: grpc.Channel, unary_examples:
 def fuzz_and_check(server: EditServerProcess, channel: grpc.Channel, unary_examples: int, stream_examples: int, minimum: int) -> None:
     warm = run_fuzzer(server, channel, 60, 20)  # warm-up: the allocator and gRPC reach their working size
     assert_serves_a_valid_edit(channel)
-    rss_before = rss_bytes(server)
+    rss_before = rss_bytes(server.proc.pid)
     tally = run_fuzzer(server, channel, unary_examples, stream_examples)
     assert_serves_a_valid_edit(channel)
-    rss_after = rss_bytes(server)
+    rss_after = rss_bytes(server.proc.pid)
     print(f"fuzzed with {tally.requests} malformed requests (+{warm.requests} warm-up): {sorted(tally.by_kind.items())}")
     print(f"codes: {sorted(tally.by_code.items())}; server RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB")
     assert tally.requests >= minimum

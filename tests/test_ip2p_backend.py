@@ -20,13 +20,7 @@ from diffusion_server.backends.tiny_ip2p import build_tiny_ip2p, save_tiny_ip2p
 FEW = 4  # diffusion steps where the count does not matter
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a 2-core box shared with other processes, 2 threads run ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op torch thread
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 
-import grpc
 import numpy as np
 import pytest
 import torch
@@ -21,15 +20,9 @@ from diffusion_server.backends.base import EditItem, EditParams
 from diffusion_server.backends.tiny_ip2p import _tiny_components, build_tiny_ip2p
 from diffusion_server.backends.ip2p import Ip2pBackend
 from protos.in2n.v1 import edit_service_pb2 as pb
-from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op torch thread
 
 
 def _images(h: int = 32, w: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -107,16 +100,10 @@ def test_compile_compiles_once_per_batch_size_and_gives_the_same_edits() -> None
 
 
 def _describe_max_batch(backend, **config) -> int:
-    from diffusion_server.config import ServerConfig
-    from diffusion_server.server import build_server
+    from testing_support import InProcessServer
 
-    server, port, _, _ = build_server(ServerConfig(backend="palette", device="cpu", port=0, **config), backend)
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            return pb_grpc.EditServiceStub(channel).Describe(pb.DescribeRequest(), timeout=10).max_batch
-    finally:
-        server.stop(grace=None)
+    with InProcessServer(backend, device="cpu", **config) as server:
+        return server.stub.Describe(pb.DescribeRequest(), timeout=10).max_batch
 
 
 def test_max_batch_defaults_to_the_backends_own() -> None:

@@ -69,12 +69,7 @@ def tiny_xl_components(seed: int = 0) -> dict:
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op torch thread
 
 
 @pytest.fixture(scope="module")

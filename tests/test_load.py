@@ -26,10 +26,10 @@ from typing import Iterator, List
 
 import grpc
 import numpy as np
-import psutil
 import pytest
 
 from conftest import REPO_ROOT, EditServerProcess, start_edit_server, subprocess_env
+from testing_support import rss_bytes
 from diffusion_server import codec
 from diffusion_server.backends.identity import IdentityBackend
 from diffusion_server.backends.base import EditParams
@@ -119,18 +119,13 @@ def run_clients(address: str, attempts: int) -> Outcomes:
     return out
 
 
-def rss_bytes(server: EditServerProcess) -> int:
-    assert server.proc is not None
-    return psutil.Process(server.proc.pid).memory_info().rss
-
-
 def test_16_clients_bounded_queue(load_server: EditServerProcess) -> None:
     warm = run_clients(load_server.address, attempts=2)  # warm-up burst: threads, connections, allocator
     assert not warm.failures, warm.failures[:5]
-    rss_before = rss_bytes(load_server)
+    rss_before = rss_bytes(load_server.proc.pid)
 
     out = run_clients(load_server.address, attempts=ATTEMPTS_PER_CLIENT)
-    rss_after = rss_bytes(load_server)
+    rss_after = rss_bytes(load_server.proc.pid)
     print(f"{CLIENTS} clients x {ATTEMPTS_PER_CLIENT}: accepted {out.accepted}, refused {out.refused} "
           f"({sum(1 for n in out.edits_seen_while_refused if n)} saw an edit finish while waiting); "
           f"server RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB")  # fmt: skip

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import NS_TRAIN, QUIET
+from testing_support import dead_address
 from diffusion_server.client import StreamResult
 from protos.in2n.v1 import edit_service_pb2 as pb
 
@@ -98,11 +98,7 @@ def two_server_pipeline(tiny_scene, trainer_env):
     from nerf_trainer.model import In2nModelConfig
     from nerf_trainer.pipeline import In2nPipelineConfig
 
-    dead = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            dead.append(f"127.0.0.1:{s.getsockname()[1]}")
+    dead = [dead_address() for _ in range(2)]
     old_home = os.environ.get("TORCH_HOME")
     os.environ["TORCH_HOME"] = trainer_env["TORCH_HOME"]  # the planted AlexNet for nerfacto's LPIPS metric
     try:

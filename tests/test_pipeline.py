@@ -8,7 +8,6 @@ comes back. The real client against real servers is covered in test_trainer.py.
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from diffusion_server.client import StreamResult, original_key
+from testing_support import dead_address
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -52,9 +52,7 @@ def pipeline(tiny_scene, trainer_env):
     from nerf_trainer.model import In2nModelConfig
     from nerf_trainer.pipeline import In2nPipelineConfig
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    dead = dead_address()
     old_home = os.environ.get("TORCH_HOME")
     os.environ["TORCH_HOME"] = trainer_env["TORCH_HOME"]  # the planted AlexNet for nerfacto's LPIPS metric
     try:

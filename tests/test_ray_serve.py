@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import pytest
 
 from conftest import NS_TRAIN, QUIET, REPO_ROOT, subprocess_env
+from testing_support import free_port
 
 SERVER_PY = REPO_ROOT / ".venv-server" / "bin" / "python"
 RAY_STARTUP_TIMEOUT_S = 300.0  # Ray's own start: ~50 s on a loaded 2-core machine
@@ -35,12 +35,6 @@ STREAM_EVENT = re.compile(r"StreamEdit (opened|closed) on replica pid (\d+)")
 needs_server_env = pytest.mark.skipif(
     not SERVER_PY.exists(), reason="the server's environment is missing: make setup-server (make setup builds it)"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @needs_server_env
@@ -77,11 +71,11 @@ class RayServeProcess:
     """`python -m diffusion_server.ray_serve` in the server's environment: a local Ray instance and the app."""
 
     def __init__(self, workdir: Path, args: List[str]):
-        self.port = _free_port()
+        self.port = free_port()
         self.port_file = workdir / "port"
         self.log_path = workdir / "ray_serve.log"
         cmd = [str(SERVER_PY), "-m", "diffusion_server.ray_serve", "--port", str(self.port), "--http-port",
-               str(_free_port()), "--port-file", str(self.port_file), *args]  # fmt: skip
+               str(free_port()), "--port-file", str(self.port_file), *args]  # fmt: skip
         env = dict(subprocess_env(), RAY_DEDUP_LOGS="0")  # every replica's log lines, as they come
         with open(self.log_path, "wb") as log:
             # Its own session: Ray's processes (gcs, raylet, workers) are this process's group, killed with it.

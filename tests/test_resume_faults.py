@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -18,14 +17,9 @@ import pytest
 import torch
 
 from conftest import NS_TRAIN, QUIET, EditServerProcess
+from testing_support import dead_address
 
 STEPS = 30  # steps after the pretrained model's last (149): checkpoints at 150, 160, 170 and 179
-
-
-def dead_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 def ckpt_steps(run: Path) -> list:

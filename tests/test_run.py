@@ -1,4 +1,4 @@
-"""`make run` / `make serve` (nerf_trainer/run.py): what they start for each variant and each list of edit devices.
+"""`make run` / `make serve` (in2n_demo/run.py): what they start for each variant and each list of edit devices.
 
 The plans and commands are checked as data (no training); `make serve` is run for real with two
 identity servers; the variants' definitions (precision, LPIPS, rays, patch) are read from the
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, subprocess_env
+from testing_support import free_port
 
 METHODS = ["in2n", "in2n-small", "in2n-tiny"]
 
@@ -31,7 +32,7 @@ def make_dry_run(*args: str) -> str:
 @pytest.mark.parametrize("method", METHODS)
 def test_make_run_and_serve_pass_the_method(method):
     run = make_dry_run("run", f"METHOD={method}", "EDIT_DEVICE=cpu,cpu")
-    assert "nerf_trainer.run" in run and f"--method {method}" in run and "--edit-device cpu,cpu" in run
+    assert "in2n_demo.run" in run and f"--method {method}" in run and "--edit-device cpu,cpu" in run
     serve = make_dry_run("serve", f"METHOD={method}")
     assert "--serve-only" in serve and f"--method {method}" in serve
 
@@ -71,7 +72,7 @@ def test_the_variants_are_defined_as_the_method_says():
     ],
 )
 def test_each_server_gets_the_variants_precision_on_its_device(method, device, backend, precision, noted):
-    from nerf_trainer.run import RunConfig, plan_servers
+    from in2n_demo.run import RunConfig, plan_servers
 
     plans, notes = plan_servers(RunConfig(method=method, edit_device=device, port=6000), backend)
     assert len(plans) == 1 and plans[0].precision == precision
@@ -83,7 +84,7 @@ def test_each_server_gets_the_variants_precision_on_its_device(method, device, b
 
 
 def test_several_edit_devices_start_one_server_each_on_consecutive_ports():
-    from nerf_trainer.run import RunConfig, edit_command, plan_servers
+    from in2n_demo.run import RunConfig, edit_command, plan_servers
 
     config = RunConfig(method="in2n-small", edit_device="cuda:1,cuda:2,cuda:3", train_device="cuda:0", port=7000)
     plans, _ = plan_servers(config, "ip2p")
@@ -100,7 +101,7 @@ def test_several_edit_devices_start_one_server_each_on_consecutive_ports():
 
 @pytest.mark.parametrize("method, rays", [("in2n", "1024"), ("in2n-small", "1024"), ("in2n-tiny", "512")])
 def test_on_the_cpu_the_edit_command_trains_the_method_with_small_batches(method, rays):
-    from nerf_trainer.run import RunConfig, edit_command
+    from in2n_demo.run import RunConfig, edit_command
 
     config = RunConfig(method=method, edit_device="cpu,cpu")
     cmd = edit_command(config, Path("load"), Path("scene"), "demo", "t", "make it sepia", ["a:1", "a:2"])
@@ -110,7 +111,7 @@ def test_on_the_cpu_the_edit_command_trains_the_method_with_small_batches(method
 
 @pytest.mark.parametrize("bad", ["gpu1", "cuda:x", "cpu,", "", "cuda:1;cuda:2"])
 def test_a_bad_edit_device_list_is_refused_naming_it(bad):
-    from nerf_trainer.run import edit_devices
+    from in2n_demo.run import edit_devices
 
     with pytest.raises(SystemExit, match="--edit-device"):
         edit_devices(bad)
@@ -119,9 +120,7 @@ def test_a_bad_edit_device_list_is_refused_naming_it(bad):
 def two_free_ports() -> int:
     """A port p with p and p+1 both free right now."""
     for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         try:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", port + 1))
@@ -132,12 +131,12 @@ def two_free_ports() -> int:
 
 
 def test_make_serve_starts_one_server_per_device_and_stops_them(tmp_path):
-    """`python -m nerf_trainer.run --serve-only` (make serve) with EDIT_DEVICE=cpu,cpu: two servers, both
+    """`python -m in2n_demo.run --serve-only` (make serve) with EDIT_DEVICE=cpu,cpu: two servers, both
     answer Describe, and SIGTERM stops the command and both servers."""
     from diffusion_server.client import EditClient
 
     port = two_free_ports()
-    cmd = [sys.executable, "-m", "nerf_trainer.run", "--serve-only", "--backend", "identity", "--edit-device", "cpu,cpu",
+    cmd = [sys.executable, "-m", "in2n_demo.run", "--serve-only", "--backend", "identity", "--edit-device", "cpu,cpu",
            "--port", str(port), "--method", "in2n-small"]  # fmt: skip
     log = tmp_path / "serve.log"
     with open(log, "w") as out:

@@ -2,7 +2,7 @@
 
 Most tests talk to one palette server subprocess (`shared_palette_server`) with the raw generated stubs,
 so they check the wire contract itself. Tests that need a backend which blocks or fails on cue run an
-in-process server (`build_server`) with a small fake backend; gRPC itself is never mocked.
+in-process server (testing_support.InProcessServer) with a small fake backend; gRPC itself is never mocked.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import urllib.request
 from typing import Callable, Iterator, List, Optional
 
@@ -24,13 +23,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from diffusion_server import codec
-from diffusion_server.backends.base import BackendInfo, EditBackend, EditParams, EditResult
+from diffusion_server.backends.base import EditParams
 from diffusion_server.backends.palette import apply_look
 from diffusion_server.client import StreamClient
-from diffusion_server.config import ServerConfig
-from diffusion_server.server import build_server
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
+from testing_support import GateBackend, InProcessServer, free_port
 
 from test_palette import expected_look, random_image
 
@@ -279,40 +277,10 @@ def test_stream_rejects_missing_and_duplicate_request_ids(stub: pb_grpc.EditServ
 # -- in-process server with fake backends --------------------------------------------------------
 
 
-class GatedBackend(EditBackend):
-    """Identity edits; "wait" blocks until `gate` is set, "boom" raises. Records what it edited."""
-
-    def __init__(self) -> None:
-        self.gate = threading.Event()
-        self.started = threading.Event()
-        self.edited: List[str] = []
-
-    def info(self) -> BackendInfo:
-        return BackendInfo(model="fake", device="cpu", precision="fp32", known_instructions=[])
-
-    def edit(self, render: np.ndarray, original: np.ndarray, params: EditParams) -> EditResult:
-        self.edited.append(params.instruction)
-        if params.instruction == "wait":
-            self.started.set()
-            assert self.gate.wait(30), "test never opened the gate"
-        if params.instruction == "boom":
-            raise RuntimeError("the GPU caught fire")
-        return EditResult(image=render.copy(), timestep=int(params.upper_bound * 999))
-
-
 @pytest.fixture
 def fake_server() -> Iterator[tuple]:
-    backend = GatedBackend()
-    server, port, servicer, _ = build_server(ServerConfig(backend="palette", host="127.0.0.1", port=0, max_queued=2), backend)
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield pb_grpc.EditServiceStub(channel), backend
-    finally:
-        backend.gate.set()
-        channel.close()
-        server.stop(grace=None).wait()
-        servicer.close()
+    with InProcessServer(GateBackend(), max_queued=2) as server:
+        yield server.stub, server.backend
 
 
 def test_responses_come_in_completion_order(fake_server) -> None:
@@ -427,7 +395,7 @@ def test_sigterm_stops_gracefully(edit_server) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="tiny-ip2p needs diffusers")
 def test_tiny_ip2p_behind_the_server_and_sigterm_finishes_the_edit_in_flight(edit_server_factory) -> None:
-    from test_client import collect, free_port, wait_until
+    from test_client import collect, wait_until
 
     metrics_port = free_port()
     edit_server = edit_server_factory("tiny-ip2p", extra_args=["--metrics-port", str(metrics_port), "--grace-s", "60"])

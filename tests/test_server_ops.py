@@ -1,7 +1,7 @@
 """Operations of the diffusion server over real gRPC: deadlines, cancellation, draining, batching,
 originals sent once, bearer token, TLS, metrics, JSON logs, size limits, start-up errors.
 
-In-process servers (`build_server`) with small test backends where a test needs a backend that
+In-process servers (testing_support.InProcessServer) with small test backends where a test needs a backend that
 blocks on cue; real `python -m diffusion_server` subprocesses for the command line. gRPC itself is
 never mocked; waiting is a poll on observable state with a deadline.
 """
@@ -26,63 +26,16 @@ from diffusion_server import codec
 from diffusion_server.backends.base import BackendInfo, EditBackend, EditParams, EditResult
 from diffusion_server.backends.identity import IdentityBackend
 from diffusion_server.client import EditClient, EditFailed, StreamClient, original_key
-from diffusion_server.config import ServerConfig
-from diffusion_server.metrics import ServerMetrics
-from diffusion_server.server import build_server, shutdown
+from diffusion_server.server import shutdown
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
+from testing_support import GateBackend, InProcessServer, free_port
 
-from test_client import collect, free_port, wait_until
+from test_client import collect, wait_until
 from test_palette import random_image
 from test_server import OpenStream, assert_one_line_error, decoded, edit_request, run_server_cli
 
 OK = "edited"
-
-
-class GateBackend(EditBackend):
-    """Edit = the render. Instruction "wait" blocks until `gate` opens; "original" returns the original.
-    Records every instruction it computed, in order."""
-
-    def __init__(self, batching: bool = False) -> None:
-        self.gate = threading.Event()
-        self.started = threading.Event()
-        self.edited: List[str] = []
-        self.batch_sizes: List[int] = []
-        self.supports_batching = batching
-
-    def info(self) -> BackendInfo:
-        return BackendInfo(model="gate", device="cpu", precision="fp32")
-
-    def edit(self, render: np.ndarray, original: np.ndarray, params: EditParams) -> EditResult:
-        self.edited.append(params.instruction)
-        if params.instruction == "wait":
-            self.started.set()
-            assert self.gate.wait(30), "test never opened the gate"
-        return EditResult(image=(original if params.instruction == "original" else render).copy(), timestep=1)
-
-    def edit_batch(self, items):  # type: ignore[no-untyped-def]
-        self.batch_sizes.append(len(items))
-        return super().edit_batch(items)
-
-
-class InProcessServer:
-    def __init__(self, backend: EditBackend, **config: object):
-        self.backend = backend
-        self.metrics = ServerMetrics()
-        self.config = ServerConfig(backend="palette", host="127.0.0.1", port=0, **config)  # type: ignore[arg-type]
-        self.server, self.port, self.servicer, self.health = build_server(self.config, backend, self.metrics)
-        self.server.start()
-        self.address = f"127.0.0.1:{self.port}"
-        self.channel = grpc.insecure_channel(self.address)
-        self.stub = pb_grpc.EditServiceStub(self.channel)
-
-    def close(self) -> None:
-        if isinstance(self.backend, GateBackend):
-            self.backend.gate.set()
-        self.channel.close()
-        self.server.stop(grace=None).wait()
-        self.servicer.close()
-        self.metrics.close()
 
 
 @pytest.fixture
@@ -157,13 +110,19 @@ def test_cancelled_requests_cost_no_compute(make_server) -> None:
 # -- draining ------------------------------------------------------------------------------------
 
 
-def test_shutdown_finishes_accepted_edits_then_ends_streams(make_server) -> None:
+def one_running_one_queued(make_server) -> tuple:
+    """A gate server with edit "w" blocked in the backend and "queued" waiting behind it: (server, stream)."""
     s = make_server()
     stream = OpenStream(s.stub)
     stream.send(edit_request("w", "wait"))
     stream.send(edit_request("queued", "queued"))
     assert s.backend.started.wait(30)
     wait_until(lambda: s.servicer.worker.pending == 2, "both edits accepted")
+    return s, stream
+
+
+def test_shutdown_finishes_accepted_edits_then_ends_streams(make_server) -> None:
+    s, stream = one_running_one_queued(make_server)
     outcome: "queue.Queue[bool]" = queue.Queue()
     stopper = threading.Thread(target=lambda: outcome.put(shutdown(s.server, s.servicer, s.health, grace_s=30)))
     stopper.start()
@@ -188,12 +147,7 @@ def test_shutdown_finishes_accepted_edits_then_ends_streams(make_server) -> None
 
 
 def test_shutdown_gives_up_after_the_grace_period(make_server) -> None:
-    s = make_server()
-    stream = OpenStream(s.stub)
-    stream.send(edit_request("w", "wait"))
-    stream.send(edit_request("queued", "queued"))
-    assert s.backend.started.wait(30)
-    wait_until(lambda: s.servicer.worker.pending == 2, "both edits accepted")
+    s, stream = one_running_one_queued(make_server)
     assert shutdown(s.server, s.servicer, s.health, grace_s=0.2) is False  # the gate never opened
     s.backend.gate.set()
     assert "queued" not in s.backend.edited

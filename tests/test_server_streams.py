@@ -24,20 +24,18 @@ from typing import Iterator, List, Optional
 
 import grpc
 import numpy as np
-import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import EditServerProcess
 from diffusion_server.backends.base import EditParams
 from diffusion_server.client import StreamClient, original_key
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
+from testing_support import GateBackend, InProcessServer, free_port, rss_bytes
 
-from test_client import collect, free_port, wait_until
+from test_client import collect, wait_until
 from test_palette import random_image
 from test_server import assert_one_line_error, decoded, edit_request, run_server_cli
-from test_server_ops import GateBackend, InProcessServer
 
 IDLE_STREAMS = 300
 MAX_STREAMS = 40
@@ -140,11 +138,6 @@ def _metrics(port: int) -> dict:
     return values
 
 
-def _rss(server: EditServerProcess) -> int:
-    assert server.proc is not None
-    return psutil.Process(server.proc.pid).memory_info().rss
-
-
 def _answered_on_streams(values: dict) -> float:
     return sum(v for k, v in values.items() if k.startswith('in2n_requests_total{') and 'method="StreamEdit"' in k)
 
@@ -162,7 +155,7 @@ def test_a_client_that_never_reads_cannot_grow_server_memory(edit_server_factory
         # Warm-up: the same traffic, read as it comes (allocator, gRPC buffers, threads at their working size).
         warm = list(stub.StreamEdit((request(i) for i in range(40)), timeout=120))
         assert len(warm) == 40 and all(r.WhichOneof("outcome") == "edited" for r in warm)
-        baseline = _rss(server)
+        baseline = rss_bytes(server.proc.pid)
 
         sent: "queue.Queue[int]" = queue.Queue()
 
@@ -179,7 +172,7 @@ def test_a_client_that_never_reads_cannot_grow_server_memory(edit_server_factory
             return values.get("in2n_streams_paused", 0) >= 1 or _answered_on_streams(values) >= 40 + FLOOD_REQUESTS
 
         wait_until(server_stopped_taking, "the server stops taking the flood", timeout_s=240)
-        flooding = _rss(server)
+        flooding = rss_bytes(server.proc.pid)
         read_by_server = _answered_on_streams(_metrics(metrics_port)) - 40
         print(f"server RSS: baseline {baseline / 2**20:.0f} MiB, flooding {flooding / 2**20:.0f} MiB; "
               f"{sent.qsize()} requests sent, {read_by_server:.0f} answered")  # fmt: skip
@@ -188,7 +181,7 @@ def test_a_client_that_never_reads_cannot_grow_server_memory(edit_server_factory
         call.cancel()
         wait_until(lambda: _metrics(metrics_port).get("in2n_streams_open", 1) == 0, "the server let go of the stream")
         wait_until(lambda: _metrics(metrics_port).get("in2n_edits_in_progress", 1) == 0, "no edit left in the server")
-        after = _rss(server)
+        after = rss_bytes(server.proc.pid)
         print(f"server RSS after cancel {after / 2**20:.0f} MiB")
         assert after - baseline < AFTER_GROWTH_LIMIT, f"server RSS stayed {(after - baseline) / 2**20:.0f} MiB over the baseline"
 

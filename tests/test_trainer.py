@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import yaml
 from PIL import Image
 
 from conftest import NS_TRAIN, QUIET, EditServerProcess
+from testing_support import free_port
 
 
 def run_in2n(load_dir: Path, out: Path, server: str, env: dict, steps: int, *extra: str) -> subprocess.CompletedProcess:
@@ -92,12 +92,6 @@ def test_in2n_edits_every_view_and_the_nerf_follows(grayscale_run, tiny_scene):
     # The edit model took the pretrained model's settings (else its checkpoint would not even load).
     config = yaml.load((grayscale_run / "config.yml").read_text(), Loader=yaml.Loader)
     assert config.pipeline.model.num_levels == 4 and config.pipeline.model.hidden_dim == 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def latest_edits(run_dir: Path) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import queue
 import re
-import socket
 import subprocess
 import threading
 import time
@@ -19,6 +18,7 @@ import numpy as np
 
 
 from conftest import NS_TRAIN, QUIET, EditServerProcess
+from testing_support import dead_address, free_port
 
 APPLIED = re.compile(r"in2n: edits applied (\d+)")
 
@@ -57,9 +57,7 @@ def applied_in(line: str) -> int:
 
 
 def test_training_survives_a_late_server_and_three_server_crashes(pretrained, trainer_env, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "out"
     cmd = [NS_TRAIN, "in2n-tiny", "--load-dir", str(pretrained), "--output-dir", str(out), "--experiment-name", "tiny",
            "--timestamp", "faults", "--max-num-iterations", "800", "--pipeline.edit-server", f"127.0.0.1:{port}",
@@ -135,9 +133,7 @@ def test_a_trainer_killed_mid_run_resumes_with_its_edits_bit_identical(pretraine
     expected = torch.load(expected_file, map_location="cpu", weights_only=True)
     assert len(expected["views"]) > 0
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    dead = dead_address()
     resume = subprocess.run(
         [NS_TRAIN, "in2n-tiny", "--load-dir", str(run / "nerfstudio_models"), "--output-dir", str(tmp_path / "resumed"),
          "--experiment-name", "tiny", "--timestamp", "resumed", "--max-num-iterations", "5",

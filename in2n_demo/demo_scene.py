@@ -6,7 +6,7 @@ offline and fast to make (a few seconds for 32 views at 64x64). Writes
 `transforms.json` (OpenGL camera convention, as nerfstudio expects) and
 `images/frame_XXXXX.png`.
 
-    python -m nerf_trainer.demo_scene --output data/demo --num-views 32 --size 64
+    python -m in2n_demo.demo_scene --output data/demo --num-views 32 --size 64
 """
 
 from __future__ import annotations

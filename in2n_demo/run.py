@@ -12,8 +12,8 @@
 5. the results, copied to outputs/<scene>/<time>/: before/after renders of a few
    views and the dataset-evolution sheet; the servers are stopped.
 
-    python -m nerf_trainer.run --instruction "make it sepia" --method in2n-small --edit-device cpu,cpu
-    python -m nerf_trainer.run --serve-only --edit-device cuda:1,cuda:2   # make serve: the servers alone
+    python -m in2n_demo.run --instruction "make it sepia" --method in2n-small --edit-device cpu,cpu
+    python -m in2n_demo.run --serve-only --edit-device cuda:1,cuda:2   # make serve: the servers alone
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ def main(config: RunConfig) -> Optional[Path]:
     else:
         scene = root / "data" / "demo"
         if not (scene / "transforms.json").exists():
-            from nerf_trainer.demo_scene import DemoSceneConfig, make_demo_scene
+            from in2n_demo.demo_scene import DemoSceneConfig, make_demo_scene
 
             print("making the demo scene in data/demo ...", flush=True)
             make_demo_scene(DemoSceneConfig(output=scene))
