@@ -138,6 +138,15 @@ def _error_response(request_id: str, view_id: int, error: RequestError) -> pb.St
     )
 
 
+def _request_error(error: BaseException, request_id: str) -> RequestError:
+    """What the client is told of an edit's failure: a RequestError as it is; anything else (a bug) is logged
+    and becomes INTERNAL."""
+    if isinstance(error, RequestError):
+        return error
+    log.error("unexpected failure of request %s: %r", short_repr(request_id), error)
+    return RequestError(grpc.StatusCode.INTERNAL, str(error))
+
+
 async def _wait(future: concurrent.futures.Future) -> None:
     """Wait on the event loop until `future` (completed by another thread) is done; cancelling the wait cancels it."""
     loop = asyncio.get_running_loop()
@@ -298,9 +307,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
             await context.abort(code, "deadline passed; not computed" if code == grpc.StatusCode.DEADLINE_EXCEEDED else "edit cancelled")
         error = future.exception()
         if error is not None:
-            if not isinstance(error, RequestError):
-                log.error("unexpected failure of request %s: %r", short_repr(request.request_id), error)
-                error = RequestError(grpc.StatusCode.INTERNAL, str(error))
+            error = _request_error(error, request.request_id)
             self._count("Edit", error.code)
             await context.abort(error.code, error.message)
         self._count("Edit", grpc.StatusCode.OK)
@@ -483,9 +490,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
             response = pb.StreamEditResponse(request_id=request_id, view_id=view_id, edited=future.result())
             self._count("StreamEdit", grpc.StatusCode.OK)
         else:
-            if not isinstance(error, RequestError):
-                log.error("unexpected failure of request %s: %r", short_repr(request_id), error)
-                error = RequestError(grpc.StatusCode.INTERNAL, str(error))
+            error = _request_error(error, request_id)
             response = _error_response(request_id, view_id, error)
             self._count("StreamEdit", error.code)
         stream.post(self._queue_response, future, request_id, response, stream)

@@ -75,6 +75,7 @@ class RequestError(Exception):
 
 
 def invalid_argument(message: str) -> RequestError:
+    """INVALID_ARGUMENT with `message` (which names the field)."""
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
