@@ -1,10 +1,11 @@
 """The diffusion server as a Ray Serve application: the same contract, backends, validation, limits and batching.
 
 Ray Serve's gRPC proxy receives the calls and hands each to a replica of `EditReplica`, an actor that holds
-one backend and one `EditServicer` (diffusion_server/service.py: request parsing and validation, the original
-cache, the batching worker), exactly as the standalone server does; only the transport differs. Each replica
-may own a GPU (`num_gpus`), Ray places them over the cluster, restarts those that die and, with autoscaling,
-adds or removes them as the number of ongoing requests (open streams and unary calls) per replica changes.
+one backend and one `EditServicer` (diffusion_server/service.py; request parsing, validation and the original
+cache in validation.py, the batching worker in worker.py), exactly as the standalone server does; only the
+transport differs. Each replica may own a GPU (`num_gpus`), Ray places them over the cluster, restarts those
+that die and, with autoscaling, adds or removes them as the number of ongoing requests (open streams and
+unary calls) per replica changes.
 
 The proxy decodes requests with `service.add_edit_service`'s tolerant deserializers (named in
 gRPCOptions.grpc_servicer_functions), so a malformed message still gets INVALID_ARGUMENT from the replica.

@@ -30,7 +30,8 @@ from diffusion_server.backends import BackendUnavailable, create_backend
 from diffusion_server.backends.base import EditBackend
 from diffusion_server.config import ServerConfig
 from diffusion_server.metrics import ServerMetrics
-from diffusion_server.service import EditServicer, ServiceLimits, add_edit_service
+from diffusion_server.service import EditServicer, add_edit_service
+from diffusion_server.validation import ServiceLimits
 from in2n_contract import SERVICE_NAME
 
 log = logging.getLogger(__name__)

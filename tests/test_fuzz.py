@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from conftest import EditServerProcess, start_edit_server
 from testing_support import rss_bytes
 from diffusion_server import codec
-from diffusion_server.service import MAX_CLIENT_ID_CHARS, MAX_INSTRUCTION_CHARS, MAX_REQUEST_ID_CHARS
+from diffusion_server.validation import MAX_CLIENT_ID_CHARS, MAX_INSTRUCTION_CHARS, MAX_REQUEST_ID_CHARS
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 

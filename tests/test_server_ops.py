@@ -285,12 +285,12 @@ def test_images_reach_the_backend_as_sent_only_when_it_accepts_uint8(make_server
 
 def test_a_uint8_edit_answers_a_float_request_in_float() -> None:
     """A backend with accepts_uint8 may return uint8; a float32 request still gets float32, x / 255."""
-    from diffusion_server.service import _encode_output
+    from diffusion_server.worker import encode_output
 
     edited = np.rint(random_image(6, 5, 7) * 255).astype(np.uint8)
-    as_float = codec.decode_image(_encode_output(edited, edited.shape, uint8_out=False), "edited")
+    as_float = codec.decode_image(encode_output(edited, edited.shape, uint8_out=False), "edited")
     np.testing.assert_array_equal(as_float, edited.astype(np.float32) / np.float32(255))
-    as_sent = codec.decode_image(_encode_output(edited, edited.shape, uint8_out=True), "edited", keep_uint8=True)
+    as_sent = codec.decode_image(encode_output(edited, edited.shape, uint8_out=True), "edited", keep_uint8=True)
     np.testing.assert_array_equal(as_sent, edited)
 
 

@@ -289,7 +289,7 @@ def test_client_id_is_never_written_in_clear(edit_server_factory) -> None:
     log = server.output()
     assert "original not cached" in log  # the misses were logged ...
     assert secret not in log  # ... without the id
-    from diffusion_server.service import client_tag
+    from diffusion_server.validation import client_tag
 
     assert client_tag(secret) in details  # a short hash prefix instead: enough to tell clients apart in a log
 
