@@ -28,7 +28,7 @@ from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
 from nerfstudio.viewer.viewer_elements import ViewerNumber, ViewerText
 
-from diffusion_server.client import EditClient, StreamClient, original_key
+from diffusion_server.client import original_key
 from diffusion_server.codec import ImageFormatError
 from in2n_contract import (
     DEFAULT_DIFFUSION_STEPS,
@@ -42,20 +42,8 @@ from nerf_trainer.datamanager import In2nDataManagerConfig
 from nerf_trainer.dataset_update import DatasetUpdateSchedule
 from nerf_trainer.model import In2nModelConfig
 from nerf_trainer.report import EvolutionRecorder, to_uint8
-from nerf_trainer.view_renderer import RenderBudget, ViewRenderer
-
-
-def precision_mismatch(expected: str, address: str, reported: str) -> Optional[str]:
-    """The one line a trainer prints when the server at `address` runs another IP2P precision than its variant's.
-
-    None when they agree, or when the server's backend has no precision ("n/a": palette, identity).
-    """
-    if not reported or reported == "n/a" or reported == expected:
-        return None
-    return (
-        f"in2n: the server at {address} runs IP2P in {reported}, this variant is defined with {expected} "
-        f"(start the server with --precision {expected}); editing goes on"
-    )
+from nerf_trainer.servers import EditServers
+from nerf_trainer.view_renderer import RenderBudget, StepClock, ViewRenderer
 
 
 @dataclass
@@ -134,15 +122,16 @@ class In2nPipeline(VanillaPipeline):
     def __init__(self, config: In2nPipelineConfig, device, test_mode="val", world_size=1, local_rank=0, grad_scaler=None):
         super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
         self._validate_config()
-        self.clients: List[StreamClient] = []
+        # The servers' connections; replace before the first step to edit with stand-in clients (tests).
+        self.edit_servers = EditServers.from_config(config)
+        # Step timing; with render_budget, it also decides which steps render.
+        self.clock = StepClock(RenderBudget(config.render_budget) if config.render_budget > 0 else None)
         self.schedule: Optional[DatasetUpdateSchedule] = None
         self.renderer: Optional[ViewRenderer] = None
         self.recorder: Optional[EvolutionRecorder] = None
         self.run_dir: Optional[Path] = None
         self._edit_number = 0
         self._restored_schedule: Optional[dict] = None
-        self._sync_client: Optional[EditClient] = None
-        self._step_starts: List[float] = []  # time.perf_counter() at the start of each training step
         # Shown in the nerfstudio viewer's "Custom Elements" panel; changes apply to the next edit sent.
         self.viewer_instruction = ViewerText("Edit instruction", config.instruction, cb_hook=self._on_viewer_change)
         self.viewer_guidance_scale = ViewerNumber("Text guidance", config.guidance_scale, cb_hook=self._on_viewer_change)
@@ -151,16 +140,7 @@ class In2nPipeline(VanillaPipeline):
         )
         self._latency_s: Optional[float] = None  # moving average of edit round trips
         self._wire_originals: Dict[int, Tuple[np.ndarray, str]] = {}  # view -> (original as sent, its key)
-        self.budget: Optional[RenderBudget] = None  # with render_budget: which steps render
-        self._render_s = 0.0  # time spent rendering in the current step
-        self._steps_seen = 0  # step starts already accounted
-        self._render_total_s = 0.0  # time spent rendering views to edit, over the accounted steps
-        self._steps_total_s = 0.0  # duration of the accounted steps
-        self._render_steps = 0  # steps that rendered a chunk of a view to edit
-        self._server_edits: Dict[str, Dict[str, int]] = {}  # address -> {"edits_applied": n, "edits_failed": n}
-        self._server_info: Dict[str, Dict[str, str]] = {}  # address -> backend, device, precision (its first Describe)
         self._peak_in_flight = 0  # most edits outstanding at once, over all servers
-        self._submitted_to: Dict[int, int] = {}  # id(client) -> edits sent to it
 
     def _validate_config(self) -> None:
         c = self.config
@@ -192,63 +172,29 @@ class In2nPipeline(VanillaPipeline):
 
     # -- the update -------------------------------------------------------------------------
 
-    def _start_update(self, step: int) -> None:
+    def _start_update(self, step: int, sync: bool = False) -> None:
         dm = self.datamanager
         n, h, w, _ = dm.images.shape
-        servers = self.servers
+        servers = self.edit_servers
+        servers.check()
         if self.config.require_server:
-            for address in servers:
-                with EditClient(address, **self._connection_args()) as probe:
-                    try:
-                        probe.wait_ready(timeout_s=self.config.connect_timeout_s)
-                    except TimeoutError:
-                        raise RuntimeError(
-                            f"in2n: no diffusion server ready at {address} after "
-                            f"{self.config.connect_timeout_s:.0f} s (pipeline.require_server is on); start one with "
-                            f"`python -m diffusion_server --port {address.rsplit(':', 1)[-1]}`"
-                        ) from None
+            servers.wait_ready(self.config.connect_timeout_s)
         self.schedule = DatasetUpdateSchedule(
-            n, self.config.edit_rate, self.config.edit_count, self.config.max_in_flight * len(servers),
+            n, self.config.edit_rate, self.config.edit_count, self.config.max_in_flight * len(servers.addresses),
             seed=self.config.edit_seed, max_edits_per_view=self.config.max_edits_per_view,
         )
         if self._restored_schedule is not None:
             self.schedule.load_state_dict(self._restored_schedule)
         self.renderer = ViewRenderer(self.model, dm.train_ray_generator, h, w, self.config.render_chunk_rays)
-        if self.config.render_budget > 0:
-            self.budget = RenderBudget(self.config.render_budget)
         views = np.linspace(0, n - 1, num=min(self.config.sheet_views, n)).round().astype(int).tolist()
         self.recorder = EvolutionRecorder(views, dm.original_images, self.config.sheet_max_edits)
         for view in views:
             self.recorder.record_before(view, self.renderer.render_now(view))
-        self.clients = [
-            StreamClient(a, max_in_flight=self.config.max_in_flight, **self._connection_args()).start() for a in servers
-        ]
+        servers.start(sync=sync)
         CONSOLE.print(
             f"[bold]in2n[/bold]: editing {n} views with {self.config.instruction!r} "
             f"via {self.config.edit_server}, up to {self.config.max_in_flight} in flight"
         )
-
-    @property
-    def servers(self) -> List[str]:
-        """The server addresses of pipeline.edit_server."""
-        servers = [a.strip() for a in self.config.edit_server.split(",") if a.strip()]
-        if not servers:
-            raise ValueError("pipeline.edit_server names no server")
-        return servers
-
-    def _connection_args(self) -> dict:
-        """Token (from $IN2N_TOKEN) and TLS settings for the clients."""
-        return {
-            "token": os.environ.get("IN2N_TOKEN") or None,
-            "root_cert": self.config.edit_server_root_cert,
-            "tls": self.config.edit_server_tls,
-        }
-
-    def _free_client(self) -> Optional[StreamClient]:
-        """The connected client with the fewest edits in flight, the one sent the fewest so far among equals (so
-        every server gets work even when one could keep up alone); servers that went away are routed around."""
-        free = [c for c in self.clients if c.can_submit()]
-        return min(free, key=lambda c: (c.in_flight, self._submitted_to.get(id(c), 0))) if free else None
 
     def _params(self) -> EditParams:
         c = self.config
@@ -278,84 +224,77 @@ class In2nPipeline(VanillaPipeline):
             entry = self._wire_originals[view] = (array, original_key(array))
         return entry
 
+    def apply_edit(
+        self, address: str, request_id: str, view_id: int, image: Optional[np.ndarray], error: Optional[str] = None,
+        malformed: bool = False,
+    ) -> bool:
+        """Take one answer, async or sync: check it, swap the image in, record it for the evolution sheet, count it.
+
+        malformed (an answer that is not an image we may use): rejected, its view re-queued; error (the server
+        failed or went away): failed, counted for the server at `address`. Returns whether the edit was applied.
+        """
+        if malformed:
+            self.schedule.reject(request_id, error if error is not None else "bad response")
+            return False
+        if error is not None:
+            self.schedule.failed(request_id, error)
+            self.edit_servers.count(address, "edits_failed")
+            return False
+        dm = self.datamanager
+        sub = self.schedule.accept(request_id, view_id, image, tuple(dm.images.shape[1:]))
+        if sub is None:  # wrong size, NaN, out of range, wrong view, or stale: rejected by the schedule
+            return False
+        edited = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))  # [H, W, 3]
+        dm.swap_image(sub.view, edited)
+        self.recorder.record_edit(sub.view, edited)
+        self.edit_servers.count(address, "edits_applied")
+        return True
+
     def update_dataset(self, step: int) -> None:
         """One non-blocking slice of the Iterative Dataset Update (see the module docstring)."""
         if self.schedule is None:
             self._start_update(step)
         assert self.schedule is not None and self.renderer is not None
-        dm = self.datamanager
+        servers = self.edit_servers
         if self.config.edit_timeout_s > 0:
             for request_id in self.schedule.expired(time.monotonic() - self.config.edit_timeout_s):
                 self.schedule.failed(request_id, f"no answer within {self.config.edit_timeout_s:.0f} s")
-        self._note_servers()
-        for address, result in [(a, r) for a, c in zip(self.servers, self.clients) for r in c.poll()]:
-            counts = self._server_edits.setdefault(address, {"edits_applied": 0, "edits_failed": 0})
+        servers.note_describes()
+        for address, result in servers.poll():
             sent = self.schedule.in_flight.get(result.request_id)
             if sent is not None:
                 elapsed = time.monotonic() - sent.sent_at
                 self._latency_s = elapsed if self._latency_s is None else 0.8 * self._latency_s + 0.2 * elapsed
-            if result.malformed:  # an answer, but not an image we may use: rejected, like any bad edit
-                self.schedule.reject(result.request_id, result.error_message)
-                continue
-            if result.error_code is not None:
-                self.schedule.failed(result.request_id, f"{result.error_code.name}: {result.error_message}")
-                counts["edits_failed"] += 1
-                continue
-            sub = self.schedule.accept(result.request_id, result.view_id, result.image, tuple(dm.images.shape[1:]))
-            if sub is not None:
-                counts["edits_applied"] += 1
-                image = torch.from_numpy(np.ascontiguousarray(result.image, dtype=np.float32))
-                dm.swap_image(sub.view, image)
-                self.recorder.record_edit(sub.view, image)
-        self._observe_last_step()
+            error = None if result.error_code is None else f"{result.error_code.name}: {result.error_message}"
+            if result.malformed:
+                error = result.error_message
+            self.apply_edit(address, result.request_id, result.view_id, result.image, error, result.malformed)
+        self.clock.observe_last_step()
         if self.renderer.busy:
-            if self.budget is not None and not self.budget.may_render():
+            if not self.clock.may_render():
                 self._log(step)
                 return  # over the render budget: this step trains only
             view = self.renderer.view
             started = time.perf_counter()
             rendered = self.renderer.advance()
-            self._render_s = time.perf_counter() - started
-            self._render_steps += 1
+            self.clock.rendered(time.perf_counter() - started)
             if rendered is not None:
                 if view in self.recorder.views:
                     self.recorder.record_after(view, rendered)
-                client = self._free_client()
-                if client is not None:
+                free = servers.free_client()
+                if free is not None:
+                    address, client = free
                     original, key = self._wire_original(view)
                     request_id = client.submit(view, self._wire(rendered), original, self._params(), key=key)
-                    self._submitted_to[id(client)] = self._submitted_to.get(id(client), 0) + 1
+                    servers.note_sent(address)
                     self._edit_number += 1
                     self.schedule.submitted(request_id, view, step)
                     self._peak_in_flight = max(self._peak_in_flight, len(self.schedule.in_flight))
                 else:  # the server went away while rendering: try this view again later
                     self.schedule.requeue(view)
-        elif self._free_client() is not None and self.schedule.may_start(step):
+        elif servers.free_client() is not None and self.schedule.may_start(step):
             self.renderer.start(self.schedule.next_view(step))
         self._log(step)
-
-    def _note_servers(self) -> None:
-        """Record each server's Describe on its first connection; say once if its precision is not the variant's."""
-        for address, client in zip(self.servers, self.clients):
-            info = getattr(client, "server_info", None)  # the StreamClient's latest Describe (None before one)
-            if info is None or address in self._server_info:
-                continue
-            self._server_info[address] = {"backend": info.backend, "device": info.device, "precision": info.precision}
-            note = precision_mismatch(self.config.server_precision_hint, address, info.precision)
-            if note is not None:
-                CONSOLE.print(note, soft_wrap=True)  # one line, whatever the terminal's width
-
-    def _observe_last_step(self) -> None:
-        """Account the step that just ended: its render time against its duration (budget, render share)."""
-        starts = self._step_starts
-        if len(starts) >= 2 and len(starts) > self._steps_seen:
-            step_s = starts[-1] - starts[-2]
-            if self.budget is not None:
-                self.budget.observe_step(step_s, self._render_s)
-            self._render_total_s += self._render_s
-            self._steps_total_s += step_s
-        self._steps_seen = len(starts)
-        self._render_s = 0.0
 
     def _log(self, step: int) -> None:
         metrics = self.edit_metrics()
@@ -364,7 +303,7 @@ class In2nPipeline(VanillaPipeline):
                 writer.put_scalar(name=f"Edits/{name}", scalar=value, step=step)
         if self.config.log_every > 0 and step % self.config.log_every == 0:
             line = "in2n: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in metrics.items())
-            if len(self.clients) > 1:  # edits per server (per device)
+            if len(self.edit_servers.clients) > 1:  # edits per server (per device)
                 line += "; by server: " + ", ".join(
                     f"{s['address']} ({s['device'] or '?'}) {s['edits_applied']}" for s in self.server_metrics()
                 )
@@ -380,34 +319,31 @@ class In2nPipeline(VanillaPipeline):
     def update_dataset_sync(self, step: int) -> None:
         """The reference behaviour: every edit_rate steps, render edit_count views and wait for each edit."""
         if self.schedule is None:
-            self._start_update(step)
-            for client in self.clients:
-                client.close()
-            self.clients = []
-            self._sync_client = EditClient(
-                self.servers[0], timeout_s=self.config.edit_timeout_s or 3600.0, **self._connection_args()
-            )
+            self._start_update(step, sync=True)
         assert self.schedule is not None and self.renderer is not None
         if step % self.config.edit_rate != 0:
             return
-        dm = self.datamanager
+        servers = self.edit_servers
+        address = servers.addresses[0]
         for _ in range(self.config.edit_count):
             view = self.schedule.next_view(step)
             render = self.renderer.render_now(view)
+            if view in self.recorder.views:
+                self.recorder.record_after(view, render)
             request_id = f"sync-{self._edit_number}"
             self.schedule.submitted(request_id, view, step)
+            servers.note_sent(address)
             try:
-                reply = self._sync_client.edit(self._wire(render), self._wire_original(view)[0], self._params(), view_id=view)
+                reply = servers.sync_client.edit(self._wire(render), self._wire_original(view)[0], self._params(), view_id=view)
             except ImageFormatError as e:  # an answer whose image could not be decoded: rejected
-                self.schedule.reject(request_id, f"bad response: {e}")
+                self.apply_edit(address, request_id, view, None, f"bad response: {e}", malformed=True)
                 continue
             except Exception as e:  # the server failed or went away: the view waits for the next round
-                self.schedule.failed(request_id, str(e))
+                self.apply_edit(address, request_id, view, None, str(e))
                 continue
             finally:
                 self._edit_number += 1
-            if self.schedule.accept(request_id, view, reply.image, tuple(dm.images.shape[1:])) is not None:
-                dm.swap_image(view, torch.from_numpy(np.ascontiguousarray(reply.image, dtype=np.float32)))
+            self.apply_edit(address, request_id, view, reply.image)
 
     # -- reporting and shutdown ---------------------------------------------------------------
 
@@ -424,20 +360,14 @@ class In2nPipeline(VanillaPipeline):
             "edits_in_flight_peak": self._peak_in_flight,
             "views_edited": len(s.edits_per_view),
             "edit_latency_s": round(self._latency_s, 3) if self._latency_s is not None else 0.0,
-            "render_steps": self._render_steps,
-            "render_share": round(self._render_total_s / self._steps_total_s, 4) if self._steps_total_s > 0 else 0.0,
+            "render_steps": self.clock.render_steps,
+            "render_share": self.clock.render_share,
         }
 
     def server_metrics(self) -> List[dict]:
         """Per server: address, the backend, device and precision its Describe reported ("" before it answered),
-        edits sent to it (by this run's clients), applied and failed."""
-        rows = []
-        sent = {a: self._submitted_to.get(id(c), 0) for a, c in zip(self.servers, self.clients)}
-        for address in self.servers:
-            info = self._server_info.get(address, {"backend": "", "device": "", "precision": ""})
-            counts = self._server_edits.get(address, {"edits_applied": 0, "edits_failed": 0})
-            rows.append({"address": address, **info, "edits_sent": sent.get(address, 0), **counts})
-        return rows
+        edits sent to it, applied and failed."""
+        return self.edit_servers.metrics()
 
     def write_report(self, final: bool = True) -> None:
         """Write the evolution sheet (and, when final, fresh after-renders) into <run>/edit_report.
@@ -543,7 +473,7 @@ class In2nPipeline(VanillaPipeline):
 
     def step_times(self) -> np.ndarray:
         """Wall time of each whole training step so far, in seconds ([S-1])."""
-        return np.diff(np.asarray(self._step_starts, dtype=np.float64))
+        return self.clock.step_times()
 
     def _finish(self, step: int) -> None:
         if self.schedule is not None:
@@ -552,12 +482,7 @@ class In2nPipeline(VanillaPipeline):
         if self.run_dir is not None:
             (self.run_dir / "edit_report").mkdir(parents=True, exist_ok=True)
             np.save(self.run_dir / "edit_report" / "step_times.npy", self.step_times())
-        for client in self.clients:
-            client.close()
-        self.clients = []
-        if self._sync_client is not None:
-            self._sync_client.close()
-            self._sync_client = None
+        self.edit_servers.close()
 
     def get_training_callbacks(self, attrs: TrainingCallbackAttributes) -> List[TrainingCallback]:
         callbacks = super().get_training_callbacks(attrs)
@@ -566,7 +491,7 @@ class In2nPipeline(VanillaPipeline):
         callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN], self._finish))
         callbacks.append(
             TrainingCallback(
-                [TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], lambda step: self._step_starts.append(time.perf_counter())
+                [TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], lambda step: self.clock.step_started()
             )
         )
         return callbacks

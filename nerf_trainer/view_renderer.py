@@ -9,13 +9,17 @@ rays of that view are made.
 
 `RenderBudget` decides, from measured times, which steps render a chunk at
 all, so that rendering takes a given share of the training time whatever the
-hardware.
+hardware; `StepClock` measures those times (step starts, render time per step)
+and the share rendering took.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+import time
+from typing import List, Optional
+
+import numpy as np
 
 import torch
 from nerfstudio.models.base_model import Model
@@ -141,3 +145,54 @@ class RenderBudget:
             self.balance = min(self.balance + self.allowance, self.allowance)
         self.steps += 1
         self.render_steps += int(render_s > 0)
+
+
+class StepClock:
+    """Training-step timing: when each step started, how long it spent rendering, the render share.
+
+    `step_started()` runs at the start of every training step; the update calls `observe_last_step()`
+    once per step before it renders, and `rendered(seconds)` when it rendered a chunk. With a `budget`,
+    each observed step is also fed to it, and `may_render()` asks it.
+    """
+
+    def __init__(self, budget: Optional[RenderBudget] = None) -> None:
+        self.budget = budget
+        self.starts: List[float] = []  # time.perf_counter() at the start of each training step
+        self.render_steps = 0  # steps that rendered a chunk of a view to edit
+        self._render_s = 0.0  # time spent rendering in the current step
+        self._steps_seen = 0  # step starts already accounted
+        self._render_total_s = 0.0  # time spent rendering views to edit, over the accounted steps
+        self._steps_total_s = 0.0  # duration of the accounted steps
+
+    def step_started(self) -> None:
+        self.starts.append(time.perf_counter())
+
+    def observe_last_step(self) -> None:
+        """Account the step that just ended: its render time against its duration (budget, render share)."""
+        starts = self.starts
+        if len(starts) >= 2 and len(starts) > self._steps_seen:
+            step_s = starts[-1] - starts[-2]
+            if self.budget is not None:
+                self.budget.observe_step(step_s, self._render_s)
+            self._render_total_s += self._render_s
+            self._steps_total_s += step_s
+        self._steps_seen = len(starts)
+        self._render_s = 0.0
+
+    def may_render(self) -> bool:
+        """Whether this step may render a chunk (always without a budget)."""
+        return self.budget is None or self.budget.may_render()
+
+    def rendered(self, seconds: float) -> None:
+        """This step spent `seconds` rendering a chunk."""
+        self._render_s = seconds
+        self.render_steps += 1
+
+    @property
+    def render_share(self) -> float:
+        """Render time / step time over the accounted steps (0 before any)."""
+        return round(self._render_total_s / self._steps_total_s, 4) if self._steps_total_s > 0 else 0.0
+
+    def step_times(self) -> np.ndarray:
+        """Wall time of each whole training step so far, in seconds ([S-1])."""
+        return np.diff(np.asarray(self.starts, dtype=np.float64))

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from conftest import NS_TRAIN, QUIET
-from testing_support import dead_address
 from diffusion_server.client import StreamResult
 from protos.in2n.v1 import edit_service_pb2 as pb
 
@@ -25,7 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def test_precision_mismatch_is_one_line_naming_the_server_and_both_precisions():
-    from nerf_trainer.pipeline import precision_mismatch
+    from nerf_trainer.servers import precision_mismatch
 
     assert precision_mismatch("fp16", "h:1", "fp16") is None
     assert precision_mismatch("fp16", "h:1", "n/a") is None  # palette, identity: no IP2P, no precision
@@ -37,7 +36,7 @@ def test_precision_mismatch_is_one_line_naming_the_server_and_both_precisions():
 def test_a_real_server_reports_its_precision_to_the_stream_client(edit_server_factory):
     """tiny-ip2p started with --precision bf16: the stream client's Describe says bf16, which an fp16 variant names."""
     from diffusion_server.client import StreamClient
-    from nerf_trainer.pipeline import precision_mismatch
+    from nerf_trainer.servers import precision_mismatch
 
     server = edit_server_factory("tiny-ip2p", extra_args=["--precision", "bf16"])
     with StreamClient(server.address) as client:
@@ -97,8 +96,8 @@ def two_server_pipeline(tiny_scene, trainer_env):
     from nerf_trainer.datamanager import In2nDataManagerConfig
     from nerf_trainer.model import In2nModelConfig
     from nerf_trainer.pipeline import In2nPipelineConfig
+    from nerf_trainer.servers import EditServers
 
-    dead = [dead_address() for _ in range(2)]
     old_home = os.environ.get("TORCH_HOME")
     os.environ["TORCH_HOME"] = trainer_env["TORCH_HOME"]  # the planted AlexNet for nerfacto's LPIPS metric
     try:
@@ -109,7 +108,7 @@ def two_server_pipeline(tiny_scene, trainer_env):
                 num_levels=4, log2_hashmap_size=12, max_res=64, hidden_dim=16, hidden_dim_color=16,
                 use_lpips=False, average_init_density=0.01,
             ),  # fmt: skip
-            edit_server=",".join(dead), render_chunk_rays=0, edit_seed=0, edit_rate=1, max_in_flight=2,
+            edit_server="server-a:1,server-b:1", render_chunk_rays=0, edit_seed=0, edit_rate=1, max_in_flight=2,
             sheet_views=2, log_every=0, instruction="make it grayscale", server_precision_hint="fp16",
         )
         pipe = config.setup(device="cpu", test_mode="val")
@@ -118,11 +117,12 @@ def two_server_pipeline(tiny_scene, trainer_env):
             os.environ.pop("TORCH_HOME")
         else:
             os.environ["TORCH_HOME"] = old_home
-    pipe.update_dataset(0)  # starts the update (real clients to dead ports), then swap in scripted ones
-    for client in pipe.clients:
-        client.close()
+    # One of the two servers unreachable at first; the test brings it up.
+    stand_ins = {"server-a:1": CappedClient(2), "server-b:1": CappedClient(2, reachable=False)}
+    pipe.edit_servers = EditServers.from_config(pipe.config, make_client=stand_ins.__getitem__)
+    pipe.update_dataset(0)  # starts the update: the two stand-in clients
     yield pipe
-    pipe.clients = []
+    pipe.edit_servers.close()
 
 
 def run_steps(pipe, start: int, count: int) -> int:
@@ -134,8 +134,7 @@ def run_steps(pipe, start: int, count: int) -> int:
 def test_the_window_grows_with_the_servers_the_trainer_can_reach(two_server_pipeline, capsys):
     pipe = two_server_pipeline
     # One of the two servers unreachable: the trainer keeps the reachable one's window full, no more.
-    up, down = CappedClient(2), CappedClient(2, reachable=False)
-    pipe.clients = [up, down]
+    up, down = pipe.edit_servers.clients
     step = run_steps(pipe, 1, 12)
     assert (up.in_flight, down.in_flight, len(pipe.schedule.in_flight)) == (2, 0, 2)
     # The second server comes up: the window grows to both servers' and both are kept full.
@@ -149,14 +148,14 @@ def test_the_window_grows_with_the_servers_the_trainer_can_reach(two_server_pipe
     down.answer_all()
     step = run_steps(pipe, step, 1)
     rows = {row["address"]: row for row in pipe.server_metrics()}
-    assert [rows[a]["edits_applied"] for a in pipe.servers] == [2, 2]
-    assert [rows[a]["precision"] for a in pipe.servers] == ["fp16", "fp32"]
-    assert all(rows[a]["device"] == "cpu" for a in pipe.servers)
+    assert [rows[a]["edits_applied"] for a in pipe.edit_servers.addresses] == [2, 2]
+    assert [rows[a]["precision"] for a in pipe.edit_servers.addresses] == ["fp16", "fp32"]
+    assert all(rows[a]["device"] == "cpu" for a in pipe.edit_servers.addresses)
     # The fp32 server (the variant is fp16) was named once, in one line, whatever the steps after.
     run_steps(pipe, step, 5)
     out = capsys.readouterr().out
     notes = [line for line in out.splitlines() if "runs IP2P in" in line]
-    assert len(notes) == 1 and pipe.servers[1] in notes[0] and "fp32" in notes[0], out
+    assert len(notes) == 1 and pipe.edit_servers.addresses[1] in notes[0] and "fp32" in notes[0], out
 
 
 # -- a real trainer run against two real servers -------------------------------------------------------

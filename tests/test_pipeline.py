@@ -1,8 +1,8 @@
 """The in2n pipeline in-process: what may touch the training images, and the viewer controls.
 
 The pipeline (real nerfstudio data manager and model, tiny scene) talks to a
-scripted stand-in for the stream client, so each test decides exactly what
-comes back. The real client against real servers is covered in test_trainer.py.
+scripted stand-in for the stream client (or, in sync mode, the blocking client),
+passed in through its EditServers, so each test decides exactly what comes back. The real client against real servers is covered in test_trainer.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from diffusion_server.client import StreamResult, original_key
-from testing_support import dead_address
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -46,13 +45,29 @@ class ScriptedClient:
         pass
 
 
-@pytest.fixture(scope="module")
-def pipeline(tiny_scene, trainer_env):
+class ScriptedEditClient:
+    """Stands in for the blocking EditClient of sync mode: answers every edit with the render made gray."""
+
+    def __init__(self) -> None:
+        self.views = []  # view_id of each edit asked for
+
+    def edit(self, render, original, params, view_id=0):
+        from diffusion_server.client import EditReply
+
+        self.views.append(view_id)
+        gray = render.astype(np.float32).mean(axis=-1, keepdims=True).repeat(3, axis=-1) / 255.0  # [H, W, 3]
+        return EditReply(f"s{len(self.views)}", view_id, gray, timestep=0, timings={})
+
+    def close(self) -> None:
+        pass
+
+
+def make_pipeline(tiny_scene, trainer_env, **overrides):
+    """A tiny in2n pipeline (tiny scene, tiny nerfacto) on the CPU; `overrides` go to In2nPipelineConfig."""
     from nerf_trainer.datamanager import In2nDataManagerConfig
     from nerf_trainer.model import In2nModelConfig
     from nerf_trainer.pipeline import In2nPipelineConfig
 
-    dead = dead_address()
     old_home = os.environ.get("TORCH_HOME")
     os.environ["TORCH_HOME"] = trainer_env["TORCH_HOME"]  # the planted AlexNet for nerfacto's LPIPS metric
     try:
@@ -63,26 +78,31 @@ def pipeline(tiny_scene, trainer_env):
                 num_levels=4, log2_hashmap_size=12, max_res=64, hidden_dim=16, hidden_dim_color=16,
                 use_lpips=False, average_init_density=0.01,
             ),  # fmt: skip
-            edit_server=dead, render_chunk_rays=0, edit_seed=0, edit_rate=1, sheet_views=2, log_every=0,
-            instruction="make it grayscale",
-        )
-        pipe = config.setup(device="cpu", test_mode="val")
+            **{"edit_server": "scripted:1", "render_chunk_rays": 0, "edit_seed": 0, "edit_rate": 1, "sheet_views": 2,
+               "log_every": 0, "instruction": "make it grayscale", **overrides},
+        )  # fmt: skip
+        return config.setup(device="cpu", test_mode="val")
     finally:
         if old_home is None:
             os.environ.pop("TORCH_HOME")
         else:
             os.environ["TORCH_HOME"] = old_home
-    pipe.update_dataset(0)  # starts the update (real clients to a dead port), then swap in the scripted one
-    for client in pipe.clients:
-        client.close()
-    pipe.clients = [ScriptedClient()]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_scene, trainer_env):
+    from nerf_trainer.servers import EditServers
+
+    pipe = make_pipeline(tiny_scene, trainer_env)
+    pipe.edit_servers = EditServers.from_config(pipe.config, make_client=lambda address: ScriptedClient())
+    pipe.update_dataset(0)  # starts the update: one scripted client
     yield pipe
-    pipe.clients = []
+    pipe.edit_servers.close()
 
 
 def submit_one(pipeline, step: int):
     """Run update slices until one more edit is sent; returns (request_id, view, render, original, params)."""
-    client = pipeline.clients[0]
+    client = pipeline.edit_servers.clients[0]
     count = len(client.sent)
     for k in range(10):
         pipeline.update_dataset(step + k)
@@ -97,9 +117,9 @@ def test_a_submission_carries_the_render_and_the_untouched_original(pipeline):
     assert render.shape == original.shape == tuple(dm.images.shape[1:]) and render.dtype == np.uint8
     expected = (dm.original_images[view].numpy() * 255 + 0.5).astype(np.uint8)
     assert np.array_equal(original, expected)
-    assert pipeline.clients[0].keys[-1] == original_key(original)  # computed by the trainer, once per view
+    assert pipeline.edit_servers.clients[0].keys[-1] == original_key(original)  # computed by the trainer, once per view
     assert params.instruction == "make it grayscale" and params.seed is not None
-    pipeline.clients[0].replies.append(StreamResult(request_id, view, np.zeros(render.shape, np.float32)))
+    pipeline.edit_servers.clients[0].replies.append(StreamResult(request_id, view, np.zeros(render.shape, np.float32)))
     pipeline.update_dataset(200)
     assert torch.count_nonzero(dm.images[view]) == 0  # swapped in
 
@@ -119,13 +139,13 @@ def test_a_bad_edit_is_rejected_without_touching_the_dataset_and_its_view_requeu
     before = dm.images.clone()
     rejected = pipeline.schedule.stats.rejected
     image, view_id = make_bad(render.shape, view)
-    pipeline.clients[0].replies.append(StreamResult(request_id, view_id % dm.num_views, image))
+    pipeline.edit_servers.clients[0].replies.append(StreamResult(request_id, view_id % dm.num_views, image))
     _, next_view, _, _, _ = submit_one(pipeline, 400)
     assert torch.equal(dm.images, before), why
     assert pipeline.schedule.stats.rejected == rejected + 1
     assert next_view == view  # re-queued first
     # leave nothing in flight for the next test
-    pipeline.clients[0].replies.append(StreamResult(pipeline.clients[0].sent[-1][0], next_view, None, error_code=None))
+    pipeline.edit_servers.clients[0].replies.append(StreamResult(pipeline.edit_servers.clients[0].sent[-1][0], next_view, None, error_code=None))
     pipeline.update_dataset(500)
 
 
@@ -173,12 +193,12 @@ def test_nan_out_of_range_and_empty_answers_count_as_rejected_edits(pipeline):
     pb_grpc.add_EditServiceServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    scripted = pipeline.clients
+    scripted = pipeline.edit_servers.clients
     client = StreamClient(f"127.0.0.1:{port}", max_in_flight=2).start()
     dm, stats = pipeline.datamanager, pipeline.schedule.stats
     before, rejected, failed = dm.images.clone(), stats.rejected, stats.failed
     try:
-        pipeline.clients = [client]
+        pipeline.edit_servers.clients = [client]
         deadline, step = time.monotonic() + 120, 1000
         while stats.rejected < rejected + 3 and time.monotonic() < deadline:
             pipeline.update_dataset(step)  # a training step's slice: render, send, take in what came back
@@ -187,13 +207,36 @@ def test_nan_out_of_range_and_empty_answers_count_as_rejected_edits(pipeline):
     finally:
         client.close()
         server.stop(None)
-        pipeline.clients = scripted
+        pipeline.edit_servers.clients = scripted
         for request_id in list(pipeline.schedule.in_flight):  # leave nothing in flight for the next test
             pipeline.schedule.failed(request_id, "test over")
     assert service.answered >= 3
     assert stats.rejected >= rejected + 3 and failed_meanwhile == 0, (stats.rejected - rejected, failed_meanwhile)
     assert pipeline.edit_metrics()["edits_rejected"] == stats.rejected
     assert torch.equal(dm.images, before)
+
+
+def test_sync_edits_are_swapped_in_counted_and_recorded_for_the_evolution_sheet(tiny_scene, trainer_env):
+    """Sync mode applies its edits through the same function as async: the dataset, the counters (also per
+    server) and the evolution sheet's recorder all see them."""
+    from nerf_trainer.servers import EditServers
+
+    pipe = make_pipeline(tiny_scene, trainer_env, edit_mode="sync", edit_count=2)
+    sync = ScriptedEditClient()
+    pipe.edit_servers = EditServers.from_config(pipe.config, make_sync_client=lambda address: sync)
+    dm = pipe.datamanager
+    for step in range(dm.num_views):  # edit_rate 1, edit_count 2: every view edited at least once
+        pipe.update_dataset_sync(step)
+    assert pipe.edit_servers.clients == [] and len(sync.views) == 2 * dm.num_views
+    metrics = pipe.edit_metrics()
+    assert metrics["edits_applied"] == len(sync.views) and metrics["views_edited"] == dm.num_views
+    assert torch.allclose(dm.images, dm.images.mean(dim=-1, keepdim=True).expand_as(dm.images))  # gray, swapped in
+    for view in pipe.recorder.views:  # each tracked view's edits, as the sheet shows them (at most sheet_max_edits)
+        assert len(pipe.recorder.edits[view]) == min(sync.views.count(view), pipe.config.sheet_max_edits) > 0
+        assert np.array_equal(pipe.recorder.edits[view][-1], (dm.images[view].numpy() * 255 + 0.5).astype(np.uint8))
+    (row,) = pipe.server_metrics()
+    assert (row["address"], row["edits_sent"], row["edits_applied"]) == ("scripted:1", len(sync.views), len(sync.views))
+    pipe.edit_servers.close()
 
 
 def test_viewer_controls_change_the_next_edits(pipeline):

@@ -1,0 +1,155 @@
+"""The trainer's connections to its diffusion servers: addresses, token and TLS, readiness, the client pool.
+
+`EditServers` owns one `StreamClient` per server (async mode) or one `EditClient` to the first
+server (sync mode), routes each edit to the least loaded server, counts edits per server and
+says once, in one line, when a server runs another IP2P precision than the variant's.
+The clients are made by `make_client` / `make_sync_client`, so tests can pass stand-ins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+from nerfstudio.utils.rich_utils import CONSOLE
+
+from diffusion_server.client import EditClient, StreamClient, StreamResult
+
+
+def precision_mismatch(expected: str, address: str, reported: str) -> Optional[str]:
+    """The one line a trainer prints when the server at `address` runs another IP2P precision than its variant's.
+
+    None when they agree, or when the server's backend has no precision ("n/a": palette, identity).
+    """
+    if not reported or reported == "n/a" or reported == expected:
+        return None
+    return (
+        f"in2n: the server at {address} runs IP2P in {reported}, this variant is defined with {expected} "
+        f"(start the server with --precision {expected}); editing goes on"
+    )
+
+
+def parse_addresses(edit_server: str) -> List[str]:
+    """The server addresses of a comma-separated pipeline.edit_server (checked when editing starts)."""
+    return [a.strip() for a in edit_server.split(",") if a.strip()]
+
+
+class EditServers:
+    """The diffusion servers one trainer edits with, and what it counts per server."""
+
+    def __init__(
+        self,
+        addresses: List[str],
+        max_in_flight: int = 2,
+        precision_hint: str = "fp32",
+        tls: bool = False,
+        root_cert: Optional[Path] = None,
+        token: Optional[str] = None,
+        sync_timeout_s: float = 3600.0,
+        make_client: Optional[Callable[[str], object]] = None,
+        make_sync_client: Optional[Callable[[str], object]] = None,
+    ) -> None:
+        """make_client(address) -> a started StreamClient (or a stand-in with can_submit, in_flight, submit, poll,
+        close, server_info); make_sync_client(address) -> an EditClient (or a stand-in with edit, close)."""
+        self.addresses = list(addresses)
+        self.max_in_flight = max_in_flight
+        self.precision_hint = precision_hint
+        self.connection = {"token": token, "root_cert": root_cert, "tls": tls}
+        self.sync_timeout_s = sync_timeout_s
+        self.make_client = make_client or self._stream_client
+        self.make_sync_client = make_sync_client or self._edit_client
+        self.clients: List = []  # one per address once started (async mode)
+        self.sync_client = None  # an EditClient to the first server (sync mode)
+        self.sent: Dict[str, int] = {}  # address -> edits sent to it
+        self.counts: Dict[str, Dict[str, int]] = {}  # address -> {"edits_applied": n, "edits_failed": n}
+        self.info: Dict[str, Dict[str, str]] = {}  # address -> backend, device, precision (its first Describe)
+
+    @classmethod
+    def from_config(cls, config, **factories) -> "EditServers":
+        """From an In2nPipelineConfig; the bearer token comes from $IN2N_TOKEN (never saved in config.yml)."""
+        return cls(
+            parse_addresses(config.edit_server), max_in_flight=config.max_in_flight,
+            precision_hint=config.server_precision_hint, tls=config.edit_server_tls,
+            root_cert=config.edit_server_root_cert, token=os.environ.get("IN2N_TOKEN") or None,
+            sync_timeout_s=config.edit_timeout_s or 3600.0, **factories,
+        )  # fmt: skip
+
+    def _stream_client(self, address: str) -> StreamClient:
+        return StreamClient(address, max_in_flight=self.max_in_flight, **self.connection).start()
+
+    def _edit_client(self, address: str) -> EditClient:
+        return EditClient(address, timeout_s=self.sync_timeout_s, **self.connection)
+
+    def check(self) -> None:
+        """Raise ValueError when no server is named (before editing starts)."""
+        if not self.addresses:
+            raise ValueError("pipeline.edit_server names no server")
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Raise RuntimeError unless every server answers within timeout_s (pipeline.require_server)."""
+        for address in self.addresses:
+            with EditClient(address, **self.connection) as probe:
+                try:
+                    probe.wait_ready(timeout_s=timeout_s)
+                except TimeoutError:
+                    raise RuntimeError(
+                        f"in2n: no diffusion server ready at {address} after {timeout_s:.0f} s "
+                        f"(pipeline.require_server is on); start one with "
+                        f"`python -m diffusion_server --port {address.rsplit(':', 1)[-1]}`"
+                    ) from None
+
+    def start(self, sync: bool = False) -> None:
+        """Connect: one stream client per server, or (sync) one blocking client to the first server."""
+        if sync:
+            self.sync_client = self.make_sync_client(self.addresses[0])
+        else:
+            self.clients = [self.make_client(a) for a in self.addresses]
+
+    def free_client(self) -> Optional[Tuple[str, object]]:
+        """(address, client) of the connected client with the fewest edits in flight, the one sent the fewest so far
+        among equals (so every server gets work even when one could keep up alone); servers that went away are
+        routed around. None when no client can take an edit."""
+        free = [(a, c) for a, c in zip(self.addresses, self.clients) if c.can_submit()]
+        return min(free, key=lambda ac: (ac[1].in_flight, self.sent.get(ac[0], 0))) if free else None
+
+    def note_sent(self, address: str) -> None:
+        self.sent[address] = self.sent.get(address, 0) + 1
+
+    def count(self, address: str, name: str) -> None:
+        """Add one to a server's edits_applied or edits_failed."""
+        counts = self.counts.setdefault(address, {"edits_applied": 0, "edits_failed": 0})
+        counts[name] += 1
+
+    def poll(self) -> Iterator[Tuple[str, StreamResult]]:
+        """(address, result) of every answer that has arrived, over all servers."""
+        return iter([(a, r) for a, c in zip(self.addresses, self.clients) for r in c.poll()])
+
+    def note_describes(self) -> None:
+        """Record each server's Describe on its first connection; say once if its precision is not the variant's."""
+        for address, client in zip(self.addresses, self.clients):
+            info = getattr(client, "server_info", None)  # the StreamClient's latest Describe (None before one)
+            if info is None or address in self.info:
+                continue
+            self.info[address] = {"backend": info.backend, "device": info.device, "precision": info.precision}
+            note = precision_mismatch(self.precision_hint, address, info.precision)
+            if note is not None:
+                CONSOLE.print(note, soft_wrap=True)  # one line, whatever the terminal's width
+
+    def metrics(self) -> List[dict]:
+        """Per server: address, the backend, device and precision its Describe reported ("" before it answered),
+        edits sent to it, applied and failed."""
+        rows = []
+        for address in self.addresses:
+            info = self.info.get(address, {"backend": "", "device": "", "precision": ""})
+            counts = self.counts.get(address, {"edits_applied": 0, "edits_failed": 0})
+            rows.append({"address": address, **info, "edits_sent": self.sent.get(address, 0), **counts})
+        return rows
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.clients = []
+        if self.sync_client is not None:
+            self.sync_client.close()
+            self.sync_client = None
