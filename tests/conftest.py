@@ -260,3 +260,30 @@ def pretrained(tiny_scene, trainer_env, tmp_path_factory) -> Path:
     load_dir = out / "tiny" / "nerfacto" / "pre" / "nerfstudio_models"
     assert list(load_dir.glob("step-*.ckpt")), f"no checkpoint in {load_dir}"
     return load_dir
+
+
+def make_pipeline(tiny_scene, trainer_env, **overrides):
+    """A tiny in2n pipeline (tiny scene, tiny nerfacto) on the CPU; `overrides` go to In2nPipelineConfig."""
+    from nerf_trainer.datamanager import In2nDataManagerConfig
+    from nerf_trainer.model import In2nModelConfig
+    from nerf_trainer.pipeline import In2nPipelineConfig
+
+    old_home = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = trainer_env["TORCH_HOME"]  # the planted AlexNet for nerfacto's LPIPS metric
+    try:
+        config = In2nPipelineConfig(
+            datamanager=In2nDataManagerConfig(data=tiny_scene, train_num_rays_per_batch=128),
+            model=In2nModelConfig(
+                implementation="torch", num_nerf_samples_per_ray=8, num_proposal_samples_per_ray=(16, 8),
+                num_levels=4, log2_hashmap_size=12, max_res=64, hidden_dim=16, hidden_dim_color=16,
+                use_lpips=False, average_init_density=0.01,
+            ),  # fmt: skip
+            **{"edit_server": "scripted:1", "render_chunk_rays": 0, "edit_seed": 0, "edit_rate": 1, "sheet_views": 2,
+               "log_every": 0, "instruction": "make it grayscale", **overrides},
+        )  # fmt: skip
+        return config.setup(device="cpu", test_mode="val")
+    finally:
+        if old_home is None:
+            os.environ.pop("TORCH_HOME")
+        else:
+            os.environ["TORCH_HOME"] = old_home

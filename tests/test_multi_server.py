@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import NS_TRAIN, QUIET
+from conftest import NS_TRAIN, QUIET, make_pipeline
 from diffusion_server.client import StreamResult
 from protos.in2n.v1 import edit_service_pb2 as pb
 
@@ -93,30 +93,10 @@ class CappedClient:
 @pytest.fixture(scope="module")
 def two_server_pipeline(tiny_scene, trainer_env):
     """An in2n pipeline (tiny scene, tiny nerfacto) configured for two servers, variant precision fp16."""
-    from nerf_trainer.datamanager import In2nDataManagerConfig
-    from nerf_trainer.model import In2nModelConfig
-    from nerf_trainer.pipeline import In2nPipelineConfig
     from nerf_trainer.servers import EditServers
 
-    old_home = os.environ.get("TORCH_HOME")
-    os.environ["TORCH_HOME"] = trainer_env["TORCH_HOME"]  # the planted AlexNet for nerfacto's LPIPS metric
-    try:
-        config = In2nPipelineConfig(
-            datamanager=In2nDataManagerConfig(data=tiny_scene, train_num_rays_per_batch=128),
-            model=In2nModelConfig(
-                implementation="torch", num_nerf_samples_per_ray=8, num_proposal_samples_per_ray=(16, 8),
-                num_levels=4, log2_hashmap_size=12, max_res=64, hidden_dim=16, hidden_dim_color=16,
-                use_lpips=False, average_init_density=0.01,
-            ),  # fmt: skip
-            edit_server="server-a:1,server-b:1", render_chunk_rays=0, edit_seed=0, edit_rate=1, max_in_flight=2,
-            sheet_views=2, log_every=0, instruction="make it grayscale", server_precision_hint="fp16",
-        )
-        pipe = config.setup(device="cpu", test_mode="val")
-    finally:
-        if old_home is None:
-            os.environ.pop("TORCH_HOME")
-        else:
-            os.environ["TORCH_HOME"] = old_home
+    pipe = make_pipeline(tiny_scene, trainer_env, edit_server="server-a:1,server-b:1", max_in_flight=2,
+                         server_precision_hint="fp16")  # fmt: skip
     # One of the two servers unreachable at first; the test brings it up.
     stand_ins = {"server-a:1": CappedClient(2), "server-b:1": CappedClient(2, reachable=False)}
     pipe.edit_servers = EditServers.from_config(pipe.config, make_client=stand_ins.__getitem__)
