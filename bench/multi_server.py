@@ -35,18 +35,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from _server import BenchServer, machine  # noqa: E402
+from testing_support import TINY_NERFACTO, demo_scene_and_pretrained  # noqa: E402
 from in2n_demo.run import NS_TRAIN, ensure_lpips_backbone  # noqa: E402
 
-TINY_NERFACTO = [
-    "--pipeline.model.implementation", "torch",
-    "--pipeline.model.num-nerf-samples-per-ray", "16",
-    "--pipeline.model.num-proposal-samples-per-ray", "32", "16",
-    "--pipeline.model.num-levels", "4",
-    "--pipeline.model.log2-hashmap-size", "12",
-    "--pipeline.model.max-res", "128",
-    "--pipeline.model.hidden-dim", "16",
-    "--pipeline.model.hidden-dim-color", "16",
-]  # fmt: skip
 QUIET = ["--vis", "tensorboard", "--machine.device-type", "cpu", "--steps-per-save", "1000000",
          "--steps-per-eval-image", "1000000", "--steps-per-eval-batch", "1000000", "--steps-per-eval-all-images", "1000000"]  # fmt: skip
 
@@ -74,18 +65,8 @@ class BenchConfig:
 
 
 def pretrain(cfg: BenchConfig, env: dict) -> tuple:
-    from in2n_demo.demo_scene import DemoSceneConfig, make_demo_scene
-
-    scene = cfg.workdir / "scene"
-    if not (scene / "transforms.json").exists():
-        make_demo_scene(DemoSceneConfig(output=scene, num_views=24, size=32))
-    load_dir = cfg.workdir / "pre" / "bench" / "nerfacto" / "pre" / "nerfstudio_models"
-    if not list(load_dir.glob("*.ckpt")):
-        subprocess.run([NS_TRAIN, "nerfacto", "--data", str(scene), "--output-dir", str(cfg.workdir / "pre"),
-                        "--experiment-name", "bench", "--timestamp", "pre", "--max-num-iterations", "150",
-                        "--pipeline.datamanager.train-num-rays-per-batch", "256", *QUIET, *TINY_NERFACTO],
-                       env=env, check=True, capture_output=True)  # fmt: skip
-    return scene, load_dir
+    return demo_scene_and_pretrained(cfg.workdir, NS_TRAIN, env, num_views=24, size=32, steps=150, rays=256,
+                                     flags=[*QUIET, *TINY_NERFACTO])  # fmt: skip
 
 
 def run_once(cfg: BenchConfig, scene: Path, load_dir: Path, addresses: List[str], name: str, env: dict) -> Dict:

@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from diffusion_server.backends.base import BackendInfo, EditBackend, EditResult  # noqa: E402
 from in2n_demo.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone  # noqa: E402
-from testing_support import InProcessServer  # noqa: E402
+from testing_support import InProcessServer, demo_scene_and_pretrained  # noqa: E402
 
 
 @dataclass
@@ -136,21 +136,13 @@ def summarize(runs: list, per_round: List[dict]) -> List[dict]:
 
 
 def main(cfg: BenchConfig) -> None:
-    from in2n_demo.demo_scene import DemoSceneConfig, make_demo_scene
-
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     ensure_lpips_backbone(env, cfg.workdir)
-    scene = cfg.workdir / "scene"
-    if not (scene / "transforms.json").exists():
-        make_demo_scene(DemoSceneConfig(output=scene, num_views=24, size=64))
-    load_dir = cfg.workdir / "pre" / "bench" / "nerfacto" / "pre" / "nerfstudio_models"
-    if not list(load_dir.glob("*.ckpt")):
-        subprocess.run([NS_TRAIN, "nerfacto", "--data", str(scene), "--output-dir", str(cfg.workdir / "pre"),
-                        "--experiment-name", "bench", "--timestamp", "pre", "--vis", "tensorboard",
-                        "--machine.device-type", "cpu", "--max-num-iterations", "200", "--steps-per-save", "200",
-                        "--pipeline.datamanager.train-num-rays-per-batch", "512", *SMALL_NERFACTO],
-                       env=env, check=True, capture_output=True)  # fmt: skip
+    scene, load_dir = demo_scene_and_pretrained(
+        cfg.workdir, NS_TRAIN, env, num_views=24, size=64, steps=200, rays=512,
+        flags=["--vis", "tensorboard", "--machine.device-type", "cpu", "--steps-per-save", "200", *SMALL_NERFACTO],
+    )
     if cfg.rounds < 1:
         raise SystemExit(f"--rounds must be >= 1, got {cfg.rounds}")
     server = InProcessServer(SleepBackend(cfg.edit_ms / 1e3), device="cpu")

@@ -1,4 +1,5 @@
-"""What tests/ and bench/ share: free ports, a process's RSS, a gated fake backend, an in-process server.
+"""What tests/ and bench/ share: free ports, a process's RSS, a gated fake backend, an in-process server,
+the tiny nerfacto flags and a demo scene with a pretrained nerfacto.
 
 A top-level package (not shipped: pyproject lists only the project's packages) so that both can import it
 the same way: tests through conftest's sys.path entry for the repo root, bench scripts (run as
@@ -8,8 +9,10 @@ the same way: tests through conftest's sys.path entry for the repo root, bench s
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
-from typing import List, Optional
+from pathlib import Path
+from typing import List, Sequence, Tuple
 
 import grpc
 import numpy as np
@@ -106,3 +109,35 @@ class InProcessServer:
 
 
 __all__ = ["GateBackend", "InProcessServer", "dead_address", "free_port", "rss_bytes"]
+
+
+# nerfacto smaller than make run's: a few hundred steps in well under a minute on one CPU thread.
+TINY_NERFACTO = [
+    "--pipeline.model.implementation", "torch",
+    "--pipeline.model.num-nerf-samples-per-ray", "16",
+    "--pipeline.model.num-proposal-samples-per-ray", "32", "16",
+    "--pipeline.model.num-levels", "4",
+    "--pipeline.model.log2-hashmap-size", "12",
+    "--pipeline.model.max-res", "128",
+    "--pipeline.model.hidden-dim", "16",
+    "--pipeline.model.hidden-dim-color", "16",
+]  # fmt: skip
+
+
+def demo_scene_and_pretrained(
+    workdir: Path, ns_train: str, env: dict, *, num_views: int, size: int, steps: int, rays: int, flags: Sequence[str]
+) -> Tuple[Path, Path]:
+    """(scene, load_dir): the demo scene in workdir/scene and a nerfacto pretrained on it by a real `ns-train`,
+    each made only when workdir does not hold it yet. `flags`: the rest of ns-train's arguments (model size, ...)."""
+    from in2n_demo.demo_scene import DemoSceneConfig, make_demo_scene
+
+    scene = workdir / "scene"
+    if not (scene / "transforms.json").exists():
+        make_demo_scene(DemoSceneConfig(output=scene, num_views=num_views, size=size))
+    load_dir = workdir / "pre" / "bench" / "nerfacto" / "pre" / "nerfstudio_models"
+    if not list(load_dir.glob("*.ckpt")):
+        subprocess.run([ns_train, "nerfacto", "--data", str(scene), "--output-dir", str(workdir / "pre"),
+                        "--experiment-name", "bench", "--timestamp", "pre", "--max-num-iterations", str(steps),
+                        "--pipeline.datamanager.train-num-rays-per-batch", str(rays), *flags],
+                       env=env, check=True, capture_output=True)  # fmt: skip
+    return scene, load_dir

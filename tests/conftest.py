@@ -30,6 +30,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from testing_support import TINY_NERFACTO  # noqa: E402  (re-exported: tests import it from conftest)
+
 # Nothing in the tests may download weights.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -207,17 +209,6 @@ def shared_palette_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 # ==================================================================================================
 
 NS_TRAIN = str(Path(sys.executable).with_name("ns-train"))
-# nerfacto smaller than make run's: a few hundred steps in well under a minute on one CPU thread.
-TINY_NERFACTO = [
-    "--pipeline.model.implementation", "torch",
-    "--pipeline.model.num-nerf-samples-per-ray", "16",
-    "--pipeline.model.num-proposal-samples-per-ray", "32", "16",
-    "--pipeline.model.num-levels", "4",
-    "--pipeline.model.log2-hashmap-size", "12",
-    "--pipeline.model.max-res", "128",
-    "--pipeline.model.hidden-dim", "16",
-    "--pipeline.model.hidden-dim-color", "16",
-]  # fmt: skip
 QUIET = ["--vis", "tensorboard", "--machine.device-type", "cpu", "--steps-per-eval-image", "1000000",
          "--steps-per-eval-batch", "1000000", "--steps-per-eval-all-images", "1000000"]  # fmt: skip
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
