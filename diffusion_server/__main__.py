@@ -26,12 +26,18 @@ def _unknown_backend(argv: List[str]) -> Optional[str]:
     return None
 
 
+def refuse_unknown_backend(argv: List[str], prog: str) -> bool:
+    """Print the one-line error for an unknown --backend (before tyro's long one); True when refused."""
+    unknown = _unknown_backend(argv)
+    if unknown is not None:
+        print(f"{prog}: error: --backend {unknown!r} is unknown; choose one of {', '.join(BACKEND_NAMES)}", file=sys.stderr)
+    return unknown is not None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
-    unknown = _unknown_backend(args)
-    if unknown is not None:
-        print(f"diffusion_server: error: --backend {unknown!r} is unknown; choose one of {', '.join(BACKEND_NAMES)}", file=sys.stderr)
+    if refuse_unknown_backend(args, "diffusion_server"):
         return 2
     config = tyro.cli(ServerConfig, args=args, prog="python -m diffusion_server")
     return run_cli(config)

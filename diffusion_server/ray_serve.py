@@ -361,14 +361,11 @@ def run(config: RayServeConfig) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     import tyro
 
-    from diffusion_server.__main__ import _unknown_backend
-    from diffusion_server.backends import BACKEND_NAMES
+    from diffusion_server.__main__ import refuse_unknown_backend
     from diffusion_server.server import configure_logging
 
     args = list(sys.argv[1:] if argv is None else argv)
-    unknown = _unknown_backend(args)
-    if unknown is not None:
-        print(f"diffusion_server.ray_serve: error: --backend {unknown!r} is unknown; choose one of {', '.join(BACKEND_NAMES)}", file=sys.stderr)
+    if refuse_unknown_backend(args, "diffusion_server.ray_serve"):
         return 2
     config = tyro.cli(RayServeConfig, args=args, prog="python -m diffusion_server.ray_serve")
     configure_logging(config.log_level, config.log_format)
