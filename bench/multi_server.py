@@ -59,7 +59,10 @@ class BenchConfig:
     max_in_flight: int = 2
     """Edits outstanding per server (--pipeline.max-in-flight)."""
     render_chunk_rays: int = 4096
-    """Rays of the next view rendered per step (4096: a whole 32x32 view in one step)."""
+    """Rays of the next view per model call (4096: a whole 32x32 view in one chunk; 128: eight chunks, which the
+    trainer's render pace spreads over steps, as a 512x512 view on a GPU is)."""
+    results: str = "multi_server.json"
+    """File name of the figures, under bench/results/."""
     workdir: Path = Path(tempfile.gettempdir()) / "in2n_bench_multi_server"
     """Scratch folder (scene, pretrained model, runs)."""
 
@@ -91,6 +94,7 @@ def run_once(cfg: BenchConfig, scene: Path, load_dir: Path, addresses: List[str]
         "edits_applied": stats.get("edits_applied", 0),
         "peak_in_flight": stats.get("edits_in_flight_peak", 0),
         "render_share": stats.get("render_share", 0.0),
+        "render_chunks_per_step": stats.get("render_chunks_per_step", 0),
         "per_server": [row["edits_applied"] for row in stats.get("servers", [])] if addresses else [],
     }
 
@@ -122,7 +126,7 @@ def main(cfg: BenchConfig) -> None:
 
 
 def report(cfg: BenchConfig, results: Dict[int, List[Dict]], rounds: int, elapsed_s: float) -> None:
-    """Print the table over the first `rounds` rounds and write bench/results/multi_server.json."""
+    """Print the table over the first `rounds` rounds and write bench/results/<cfg.results>."""
     rows = []
     for n in cfg.servers:
         edits_ratio = [results[n][r]["edits_per_s"] / results[cfg.servers[0]][r]["edits_per_s"] for r in range(rounds)]
@@ -136,19 +140,20 @@ def report(cfg: BenchConfig, results: Dict[int, List[Dict]], rounds: int, elapse
             "peak_in_flight": max(x["peak_in_flight"] for x in results[n]),
             "per_server": results[n][-1]["per_server"],
             "render_share": spread([x["render_share"] for x in results[n]]),
+            "render_chunks_per_step": [x["render_chunks_per_step"] for x in results[n]],
         })  # fmt: skip
     off = spread([x["steps_per_s"] for x in results[0]])
     print(f"\nmachine: {machine()}; {elapsed_s:.0f} s in all; delay {cfg.delay_ms:g} ms, "
           f"{cfg.steps} steps a run, {rounds} of {cfg.rounds} rounds; no editing: {off} steps/s\n")  # fmt: skip
     print(f"| servers | edits/s | ideal ({cfg.delay_ms:g} ms an edit) | edits/s vs 1 server | steps/s vs no editing | "
-          "peak in flight | edits per server (last round) | render share |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+          "peak in flight | edits per server (last round) | render share | chunks a step at the end (per round) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['servers']} | {row['edits_per_s']} | {row['ideal_edits_per_s']} | {row['edits_ratio']} | "
-              f"{row['steps_ratio']} | {row['peak_in_flight']} | {row['per_server']} | {row['render_share']} |")  # fmt: skip
+              f"{row['steps_ratio']} | {row['peak_in_flight']} | {row['per_server']} | {row['render_share']} | {row['render_chunks_per_step']} |")  # fmt: skip
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "multi_server.json").write_text(json.dumps(
+    (out / cfg.results).write_text(json.dumps(
         {"machine": machine(), "config": {k: str(v) for k, v in vars(cfg).items()}, "rounds_done": rounds,
          "off_steps_per_s": off, "rows": rows, "runs": {str(n): v for n, v in results.items()}}, indent=2))  # fmt: skip
 

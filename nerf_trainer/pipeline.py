@@ -43,7 +43,7 @@ from nerf_trainer.dataset_update import DatasetUpdateSchedule
 from nerf_trainer.model import In2nModelConfig
 from nerf_trainer.report import EvolutionRecorder, to_uint8
 from nerf_trainer.servers import EditServers
-from nerf_trainer.view_renderer import RenderBudget, StepClock, ViewRenderer
+from nerf_trainer.view_renderer import RenderBudget, RenderPace, StepClock, ViewRenderer
 
 
 @dataclass
@@ -99,7 +99,12 @@ class In2nPipelineConfig(VanillaPipelineConfig):
     log_every: int = 100
     """Print an edit status line (applied, in flight, failed, latency) every this many steps (0: never)."""
     render_chunk_rays: int = 4096
-    """Rays of the next view to edit rendered per training step (0: a whole view in one step)."""
+    """Rays of the next view to edit per model call when rendering it between training steps (0: a whole view
+    in one call)."""
+    render_max_chunks_per_step: int = 0
+    """Most chunks of that view one training step renders. 0: adapt, view by view, so that a view is ready when
+    a server can take one, up to the pace of the edit schedule (edit_rate / edit_count steps a view); 1: one
+    chunk a step, the smoothest steps and the fewest edits."""
     render_budget: float = 0.0
     """Share of the training time spent rendering views to edit (e.g. 0.05): steps render a chunk only
     while measured render time stays within it, on any hardware; 0: every step may render a chunk."""
@@ -128,6 +133,7 @@ class In2nPipeline(VanillaPipeline):
         self.clock = StepClock(RenderBudget(config.render_budget) if config.render_budget > 0 else None)
         self.schedule: Optional[DatasetUpdateSchedule] = None
         self.renderer: Optional[ViewRenderer] = None
+        self.pace: Optional[RenderPace] = None  # chunks of the view being prepared rendered per step
         self.recorder: Optional[EvolutionRecorder] = None
         self.run_dir: Optional[Path] = None
         self._edit_number = 0
@@ -148,6 +154,8 @@ class In2nPipeline(VanillaPipeline):
             raise ValueError("pipeline.instruction must not be empty")
         if not 0.0 <= c.lower_bound <= c.upper_bound <= 1.0:
             raise ValueError(f"need 0 <= pipeline.lower_bound <= pipeline.upper_bound <= 1, got {c.lower_bound}, {c.upper_bound}")
+        if c.render_max_chunks_per_step < 0:
+            raise ValueError(f"pipeline.render_max_chunks_per_step must be >= 0 (0: adapt), got {c.render_max_chunks_per_step}")
         if not 0.0 <= c.render_budget < 1.0:
             raise ValueError(f"pipeline.render_budget must be in [0, 1), got {c.render_budget}")
         if c.diffusion_steps < 1:
@@ -186,6 +194,8 @@ class In2nPipeline(VanillaPipeline):
         if self._restored_schedule is not None:
             self.schedule.load_state_dict(self._restored_schedule)
         self.renderer = ViewRenderer(self.model, dm.train_ray_generator, h, w, self.config.render_chunk_rays)
+        cap = RenderPace.schedule_cap(self.renderer.chunks_per_view, self.config.edit_rate, self.config.edit_count)
+        self.pace = RenderPace(min(cap, self.config.render_max_chunks_per_step or cap))
         views = np.linspace(0, n - 1, num=min(self.config.sheet_views, n)).round().astype(int).tolist()
         self.recorder = EvolutionRecorder(views, dm.original_images, self.config.sheet_max_edits)
         for view in views:
@@ -270,15 +280,18 @@ class In2nPipeline(VanillaPipeline):
                 error = result.error_message
             self.apply_edit(address, result.request_id, result.view_id, result.image, error, result.malformed)
         self.clock.observe_last_step()
+        if not self.renderer.busy and servers.free_client() is not None and self.schedule.may_start(step):
+            self.renderer.start(self.schedule.next_view(step))  # and render its first chunk in this same step
         if self.renderer.busy:
             if not self.clock.may_render():
                 self._log(step)
                 return  # over the render budget: this step trains only
             view = self.renderer.view
             started = time.perf_counter()
-            rendered = self.renderer.advance()
+            rendered = self.renderer.advance(self.pace.chunks)
             self.clock.rendered(time.perf_counter() - started)
             if rendered is not None:
+                self.pace.view_done(server_waited=servers.any_idle())
                 if view in self.recorder.views:
                     self.recorder.record_after(view, rendered)
                 free = servers.free_client()
@@ -292,8 +305,6 @@ class In2nPipeline(VanillaPipeline):
                     self._peak_in_flight = max(self._peak_in_flight, len(self.schedule.in_flight))
                 else:  # the server went away while rendering: try this view again later
                     self.schedule.requeue(view)
-        elif servers.free_client() is not None and self.schedule.may_start(step):
-            self.renderer.start(self.schedule.next_view(step))
         self._log(step)
 
     def _log(self, step: int) -> None:
@@ -362,6 +373,7 @@ class In2nPipeline(VanillaPipeline):
             "edit_latency_s": round(self._latency_s, 3) if self._latency_s is not None else 0.0,
             "render_steps": self.clock.render_steps,
             "render_share": self.clock.render_share,
+            "render_chunks_per_step": self.pace.chunks if self.pace is not None else 0,
         }
 
     def server_metrics(self) -> List[dict]:

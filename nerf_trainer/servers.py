@@ -113,6 +113,10 @@ class EditServers:
         free = [(a, c) for a, c in zip(self.addresses, self.clients) if c.can_submit()]
         return min(free, key=lambda ac: (ac[1].in_flight, self.sent.get(ac[0], 0))) if free else None
 
+    def any_idle(self) -> bool:
+        """Whether a connected server has no edit at it (it is waiting for the trainer's next render)."""
+        return any(c.can_submit() and c.in_flight == 0 for c in self.clients)
+
     def note_sent(self, address: str) -> None:
         self.sent[address] = self.sent.get(address, 0) + 1
 

@@ -7,7 +7,9 @@ ceil(H * W / chunk_rays) steps. Rays come from the training ray generator
 with the camera optimizer's pose correction applied, exactly as the training
 rays of that view are made.
 
-`RenderBudget` decides, from measured times, which steps render a chunk at
+`RenderPace` sets how many chunks a step renders, view by view, so that a view
+is ready when a server can take one (and no sooner than the edit schedule can
+use it). `RenderBudget` decides, from measured times, which steps render at
 all, so that rendering takes a given share of the training time whatever the
 hardware; `StepClock` measures those times (step starts, render time per step)
 and the share rendering took.
@@ -54,15 +56,23 @@ class ViewRenderer:
         self._done = 0
         self.view = view
 
+    @property
+    def chunks_per_view(self) -> int:
+        return math.ceil(self.height * self.width / self.chunk_rays)
+
     @torch.no_grad()
-    def advance(self) -> Optional[torch.Tensor]:
-        """Render the next chunk; returns the finished view ([H, W, 3] float32 on CPU) once complete."""
+    def advance(self, chunks: int = 1) -> Optional[torch.Tensor]:
+        """Render the next `chunks` chunks (one model call each); returns the finished view ([H, W, 3] float32 on
+        CPU) once complete."""
         assert self.view is not None and self._pixels is not None and self._rgb is not None
-        end = min(self._done + self.chunk_rays, self._pixels.shape[0])
-        pixels = self._pixels[self._done : end]
-        indices = torch.cat([torch.full((len(pixels), 1), self.view, dtype=torch.long), pixels], dim=-1)  # [R, 3]
-        self._rgb[self._done : end] = self.render_rays(indices)
-        self._done = end
+        for _ in range(max(1, chunks)):
+            end = min(self._done + self.chunk_rays, self._pixels.shape[0])
+            pixels = self._pixels[self._done : end]
+            indices = torch.cat([torch.full((len(pixels), 1), self.view, dtype=torch.long), pixels], dim=-1)  # [R, 3]
+            self._rgb[self._done : end] = self.render_rays(indices)
+            self._done = end
+            if self._done == self._pixels.shape[0]:
+                break
         if self._done < self._pixels.shape[0]:
             return None
         image = self._rgb.view(self.height, self.width, 3).clamp(0.0, 1.0)
@@ -99,6 +109,40 @@ class ViewRenderer:
         finally:
             self.model.train(was_training)
         return outputs["rgb"].float().cpu()
+
+
+class RenderPace:
+    """How many chunks of the view being prepared one training step renders, so that views are ready when a
+    server can take one, and no sooner than needed.
+
+    One chunk a step spreads a 512x512 view over 64 steps at 4096 rays a chunk: fewer views than the edit
+    schedule (one every edit_rate steps) and the servers can use. So the pace adapts, view by view: a view
+    finished while a server sat idle (nothing at it: it waited for this render) doubles the chunks per
+    step; a view finished while every server still had work lowers them by one. It never exceeds
+    `max_chunks`, which the pipeline sets so that a view takes at least as many steps as the schedule spaces
+    its starts (edit_rate / edit_count): faster renders than that would only wait. A render budget, when set,
+    still bounds the share of time all this takes (it pays for every chunk a step renders).
+    """
+
+    def __init__(self, max_chunks: int) -> None:
+        if max_chunks < 1:
+            raise ValueError(f"max_chunks must be >= 1, got {max_chunks}")
+        self.max_chunks = max_chunks
+        self.chunks = 1  # chunks per step now
+        self.peak = 1  # most chunks per step so far
+
+    def view_done(self, server_waited: bool) -> None:
+        """A view was finished; `server_waited`: some server had nothing to do at that moment."""
+        if server_waited:
+            self.chunks = min(2 * self.chunks, self.max_chunks)
+        else:
+            self.chunks = max(1, self.chunks - 1)
+        self.peak = max(self.peak, self.chunks)
+
+    @staticmethod
+    def schedule_cap(chunks_per_view: int, edit_rate: int, edit_count: int) -> int:
+        """Chunks per step that render one view in the steps the schedule spaces its starts: >= 1."""
+        return max(1, min(chunks_per_view, math.ceil(chunks_per_view * edit_count / max(1, edit_rate))))
 
 
 class RenderBudget:

@@ -67,7 +67,8 @@ class ScriptedEditClient:
 def pipeline(tiny_scene, trainer_env):
     from nerf_trainer.servers import EditServers
 
-    pipe = make_pipeline(tiny_scene, trainer_env)
+    # A window wide enough that edits the tests leave unanswered never stop the next test from sending.
+    pipe = make_pipeline(tiny_scene, trainer_env, max_in_flight=64)
     pipe.edit_servers = EditServers.from_config(pipe.config, make_client=lambda address: ScriptedClient())
     pipe.update_dataset(0)  # starts the update: one scripted client
     yield pipe
@@ -266,3 +267,92 @@ def test_render_budget_holds_its_share_whatever_a_chunk_costs(chunk_s):
     else:
         assert 0.045 <= share <= 0.05 + 2 * chunk_s / step_total, share  # the last chunk may still be owed
         assert 0 < budget.render_steps < budget.steps
+
+
+# -- the render pace -----------------------------------------------------------------------------
+
+
+def test_render_pace_doubles_while_a_server_waits_and_eases_off_when_none_does():
+    from nerf_trainer.view_renderer import RenderPace
+
+    pace = RenderPace(max_chunks=16)
+    assert pace.chunks == 1
+    for expected in (2, 4, 8, 16, 16):  # every view finished while a server sat idle: twice the pace, capped
+        pace.view_done(server_waited=True)
+        assert pace.chunks == expected
+    for expected in (15, 14):  # finished while every server had work: one chunk less
+        pace.view_done(server_waited=False)
+        assert pace.chunks == expected
+    for _ in range(20):
+        pace.view_done(server_waited=False)
+    assert pace.chunks == 1 and pace.peak == 16
+    # The schedule's pace: a 64-chunk view started every 10 steps needs 7 chunks a step, no more.
+    assert RenderPace.schedule_cap(64, edit_rate=10, edit_count=1) == 7
+    assert RenderPace.schedule_cap(64, edit_rate=1, edit_count=1) == 64
+    assert RenderPace.schedule_cap(64, edit_rate=1, edit_count=4) == 64  # never more than a view a step
+    assert RenderPace.schedule_cap(1, edit_rate=10, edit_count=1) == 1
+    with pytest.raises(ValueError, match="max_chunks"):
+        RenderPace(0)
+
+
+class CountingClient(ScriptedClient):
+    """A ScriptedClient whose in_flight counts what it was sent and has not answered (it never answers)."""
+
+    busy = True
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.sent) if self.busy else 0
+
+    @in_flight.setter
+    def in_flight(self, value) -> None:
+        pass
+
+
+@pytest.mark.parametrize("server_waits", [True, False])
+def test_views_render_faster_while_a_server_waits_up_to_the_schedules_pace(tiny_scene, trainer_env, server_waits):
+    """A real pipeline, a view of 64 chunks (32x32, 16 rays a chunk), a start allowed every 4 steps.
+
+    A server with nothing at it (it waits for the trainer): each view is rendered at twice the pace of the
+    one before, until a view takes the 4 steps the schedule spaces its starts; the view is started and its
+    first chunk rendered in the same step. A server that always has work: one chunk a step.
+    """
+    from nerf_trainer.servers import EditServers
+
+    pipe = make_pipeline(tiny_scene, trainer_env, render_chunk_rays=16, edit_rate=4, max_in_flight=64)
+    client = CountingClient()
+    client.busy = not server_waits
+    pipe.edit_servers = EditServers.from_config(pipe.config, make_client=lambda address: client)
+    sent_at = []
+    for step in range(200):
+        before = len(client.sent)
+        pipe.update_dataset(step)
+        sent_at += [step] * (len(client.sent) - before)
+    assert pipe.renderer.chunks_per_view == 64
+    steps_per_view = np.diff([-1] + sent_at).tolist()  # the first view starts at step 0
+    if server_waits:
+        assert steps_per_view[:5] == [64, 32, 16, 8, 4], steps_per_view
+        assert set(steps_per_view[5:]) == {4} and pipe.pace.chunks == pipe.pace.max_chunks == 16
+        assert pipe.edit_metrics()["render_chunks_per_step"] == 16
+    else:
+        # The first view finds the server empty (nothing sent yet): the second goes twice as fast; from then
+        # on the server always has work, so the pace eases back to one chunk a step.
+        assert steps_per_view == [64, 32, 64] and pipe.pace.chunks == 1
+    for _, view, render, _, _ in client.sent:  # every view sent whole, and as rendered at once
+        assert render.shape == (32, 32, 3)
+    pipe.edit_servers.close()
+
+
+def test_one_chunk_a_step_when_asked(tiny_scene, trainer_env):
+    """--pipeline.render-max-chunks-per-step 1 keeps the old pace even while the server waits."""
+    from nerf_trainer.servers import EditServers
+
+    pipe = make_pipeline(tiny_scene, trainer_env, render_chunk_rays=256, render_max_chunks_per_step=1, max_in_flight=64)
+    client = CountingClient()
+    client.busy = False
+    pipe.edit_servers = EditServers.from_config(pipe.config, make_client=lambda address: client)
+    for step in range(12):
+        pipe.update_dataset(step)
+    assert len(client.sent) == 3 and pipe.pace.chunks == 1  # 4 chunks a view, one a step
+    with pytest.raises(ValueError, match="render_max_chunks_per_step"):
+        make_pipeline(tiny_scene, trainer_env, render_max_chunks_per_step=-1)
