@@ -40,6 +40,7 @@ from in2n_contract import (
     ORIGINAL_NOT_CACHED,
     ORIGINAL_REQUIRED,
     SERVICE_NAME,
+    STREAM_IDLE,
     EditParams,
     max_message_bytes_for,
     pb,
@@ -578,6 +579,7 @@ class StreamClient:
         log.info("stream client connected to %s%s", self.address, f"; re-sent {len(resend)} request(s)" if resend else "")
         reason = "the server ended the stream"
         code = None
+        idle_close = False  # the server closed a stream with nothing in flight: routine, not a fault
         try:
             for response in conn.call:
                 responses += 1
@@ -585,6 +587,7 @@ class StreamClient:
         except grpc.RpcError as e:
             code = e.code()
             details = " ".join((e.details() or "").split())  # one line (Ray's details span several)
+            idle_close = code == grpc.StatusCode.UNAVAILABLE and details.startswith(STREAM_IDLE)
             reason = f"{code.name}: {details[:200] + '...' if len(details) > 200 else details}"
         finally:
             with self._lock:
@@ -607,8 +610,9 @@ class StreamClient:
             conn.shut()
         if not closing:
             kept = f", {len(self._to_resend)} kept to re-send" if self._to_resend else ""
-            log.warning("stream to %s broke (%s); %d request(s) in flight handed back%s; reconnecting",
-                        self.address, reason, len(lost), kept)
+            level = logging.INFO if idle_close and not lost else logging.WARNING
+            log.log(level, "stream to %s broke (%s); %d request(s) in flight handed back%s; reconnecting",
+                    self.address, reason, len(lost), kept)
         return responses > 0 or time.monotonic() - opened >= 1.0
 
     def _keep_for_resend(self) -> set:

@@ -45,7 +45,7 @@ from diffusion_server.validation import (
     tolerant_deserializer,
 )
 from diffusion_server.worker import EditWorker
-from in2n_contract import SERVICE_NAME, pb, pb_grpc
+from in2n_contract import SERVICE_NAME, STREAM_IDLE, pb, pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +379,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
             self._metrics.streams_idle_closed.inc()  # type: ignore[attr-defined]
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,
-            f"stream idle for {idle_s:g} s (no request and nothing in flight; the server's --stream-idle-timeout-s): "
+            f"{STREAM_IDLE} {idle_s:g} s (no request and nothing in flight; the server's --stream-idle-timeout-s): "
             "closed by the server; open a new stream to send more edits",
         )
 

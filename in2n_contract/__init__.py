@@ -59,6 +59,10 @@ ORIGINAL_REQUIRED = "original is required"
 """Start of the INVALID_ARGUMENT message of a request without original and without original_key
 (what a server without the cache answers to a request that leaves the original out)."""
 
+STREAM_IDLE = "stream idle for"
+"""Start of the UNAVAILABLE message with which the server closes a stream idle past its
+--stream-idle-timeout-s (nothing read, nothing in flight); the client opens a new one when it has work."""
+
 __all__ = [
     "DEFAULT_DIFFUSION_STEPS",
     "DEFAULT_GUIDANCE_SCALE",
@@ -70,6 +74,7 @@ __all__ = [
     "MESSAGE_HEADROOM_BYTES",
     "ORIGINAL_NOT_CACHED",
     "ORIGINAL_REQUIRED",
+    "STREAM_IDLE",
     "SERVICE_NAME",
     "max_message_bytes_for",
     "pb",

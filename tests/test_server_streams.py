@@ -17,6 +17,7 @@ Waiting is on RPC results with deadlines, or a poll of the server's metrics with
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import re
 import urllib.request
@@ -29,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from diffusion_server.backends.base import EditParams
 from diffusion_server.client import StreamClient, original_key
+from in2n_contract import STREAM_IDLE
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 from testing_support import GateBackend, InProcessServer, free_port, rss_bytes
@@ -110,7 +112,7 @@ async def _idle_timeout_scenario(address: str) -> None:
         for call in (silent, busy):
             assert await call.code() == grpc.StatusCode.UNAVAILABLE
             details = await call.details()
-            assert "idle" in details and "--stream-idle-timeout-s" in details, details
+            assert details.startswith(STREAM_IDLE) and "--stream-idle-timeout-s" in details, details
 
 
 def test_idle_stream_is_closed_with_unavailable(edit_server_factory) -> None:
@@ -118,6 +120,29 @@ def test_idle_stream_is_closed_with_unavailable(edit_server_factory) -> None:
     server = edit_server_factory(backend="identity", extra_args=["--delay-ms", "1500", "--stream-idle-timeout-s", "0.5"])
     asyncio.run(_idle_timeout_scenario(server.address))
     assert "Traceback" not in server.output()
+
+
+def test_the_client_takes_an_idle_close_calmly_and_edits_on(edit_server_factory, caplog) -> None:
+    """The server closing an idle stream with nothing in flight is routine: the client says so at INFO (not
+    WARNING), hands nothing back as failed, and its next edit goes through on a new stream."""
+    server = edit_server_factory(backend="identity", extra_args=["--stream-idle-timeout-s", "0.5"])
+    image = random_image(16, 16)
+    caplog.set_level(logging.INFO, logger="diffusion_server.client")
+    with StreamClient(server.address, max_in_flight=1) as client:
+        wait_until(client.can_submit, "the client connected")
+        first = client.submit(0, image, image, EditParams("x"))
+        assert collect(client, 1)[first].image is not None
+
+        def closed_for_idleness() -> bool:
+            return any(STREAM_IDLE in r.getMessage() for r in caplog.records)
+
+        wait_until(closed_for_idleness, "the server closed the idle stream")
+        idle_records = [r for r in caplog.records if STREAM_IDLE in r.getMessage()]
+        assert all(r.levelno == logging.INFO for r in idle_records), [(r.levelname, r.getMessage()) for r in idle_records]
+        wait_until(client.can_submit, "the client reconnected")
+        second = client.submit(1, image, image, EditParams("x"))
+        results = collect(client, 1)
+        assert results[second].image is not None and client.failed == 0
 
 
 # -- item 2: a client that never reads ----------------------------------------------------------------
