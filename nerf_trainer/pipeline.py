@@ -4,9 +4,11 @@ Every training step, before its own work, the pipeline does a bounded, non-block
 slice of the update:
 
 1. swap in the edits that have arrived (one copy each into the image buffer);
-2. if a view is being rendered, render its next chunk of rays; when the view is
-   complete, send it with its original image to the server (a queue push);
-3. if an edit slot is free, start rendering the next view in the edit order.
+2. if no view is being rendered and an edit slot is free, start the next view
+   in the edit order;
+3. render the next chunks of rays of that view (as many as the render pace
+   says: more while a server waits for it); when the view is complete, send
+   it with its original image to the server (a queue push).
 
 No step ever waits on the network: the gRPC stream lives on the client's threads.
 """
