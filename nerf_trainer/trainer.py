@@ -64,9 +64,16 @@ class CheckpointWriteError(RuntimeError):
         self.errno = errno_
 
 
+# numpy's scalar constructor, as pickles name it: numpy.core.multiarray.scalar under numpy 1, numpy._core.multiarray.scalar
+# under numpy 2. Both are allowed, so a checkpoint saved under either numpy loads under the other (pretrained on one
+# machine, edited on another).
+SCALAR_PICKLE_NAMES = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")
+
+
 def checkpoint_safe_globals() -> list:
     """The numpy types nerfstudio checkpoints contain, for torch.serialization.safe_globals."""
-    return [np.core.multiarray.scalar, np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.int64))]
+    scalar = np.float64(0).__reduce__()[0]  # numpy's scalar constructor, whatever numpy calls its module
+    return [*((scalar, name) for name in SCALAR_PICKLE_NAMES), np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.int64))]
 
 
 def pretrained_config_path(config: TrainerConfig) -> Optional[Path]:
