@@ -102,7 +102,7 @@ def test_trainer_runs_every_mode(report: dict) -> None:
     for key in ("scene_and_pretrain_s", "server_start_s"):
         _positive(setup[key], f"trainer.setup.{key}")
     runs = {r["mode"]: r for r in tr["runs"]}
-    assert [(r["mode"], r["round"]) for r in tr["runs"]] == [("off", 0), ("async", 0), ("sync", 0)]
+    assert [(r["mode"], r["round"]) for r in tr["runs"]] == [("async", 0), ("sync", 0), ("off", 0)]
     steps = report["config"]["trainer_steps"] - 1 - report["config"]["warmup_steps"]  # step_times: one per step after the first
     for mode, r in runs.items():
         assert r["steps_timed"] == steps, r
