@@ -291,6 +291,9 @@ def damage(path: Path, error: BaseException) -> str:
         return "empty file"
     if isinstance(error, OSError):
         return f"unreadable: {error.strerror or error}"
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if refused:  # a whole file, holding a type the weights-only load does not allow
+        return f"holds {refused.group(1)}, which a weights-only load does not allow"
     return f"damaged or truncated ({size} bytes, not a complete torch file)"
 
 

@@ -7,6 +7,8 @@ numpy-2 one (the bare GPU machine of bench/gpu) must still pass read_checkpoint'
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -28,3 +30,11 @@ def test_read_checkpoint_takes_numpy_scalars_under_either_numpy_name(tmp_path, n
     loaded = read_checkpoint(path)
     assert loaded["step"] == 3 and loaded["scalers"]["scale"] == 0.5 and isinstance(loaded["scalers"]["scale"], np.float64)
     assert torch.equal(loaded["pipeline"]["w"], torch.ones(2))
+
+
+def test_a_checkpoint_holding_a_type_not_allowed_says_which_not_damaged(tmp_path):
+    path = tmp_path / "step-000000003.ckpt"
+    torch.save({"step": 3, "pipeline": {}, "optimizers": {}, "scalers": {"odd": Fraction(1, 2)}}, path)
+
+    with pytest.raises(ValueError, match=r"holds fractions\.Fraction, which a weights-only load does not allow"):
+        read_checkpoint(path)
