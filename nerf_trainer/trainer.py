@@ -64,9 +64,16 @@ class CheckpointWriteError(RuntimeError):
         self.errno = errno_
 
 
+# numpy's scalar constructor, as pickles name it: numpy.core.multiarray.scalar under numpy 1, numpy._core.multiarray.scalar
+# under numpy 2. Both are allowed, so a checkpoint saved under either numpy loads under the other (pretrained on one
+# machine, edited on another).
+SCALAR_PICKLE_NAMES = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")
+
+
 def checkpoint_safe_globals() -> list:
     """The numpy types nerfstudio checkpoints contain, for torch.serialization.safe_globals."""
-    return [np.core.multiarray.scalar, np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.int64))]
+    scalar = np.float64(0).__reduce__()[0]  # numpy's scalar constructor, whatever numpy calls its module
+    return [*((scalar, name) for name in SCALAR_PICKLE_NAMES), np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.int64))]
 
 
 def pretrained_config_path(config: TrainerConfig) -> Optional[Path]:
@@ -284,6 +291,9 @@ def damage(path: Path, error: BaseException) -> str:
         return "empty file"
     if isinstance(error, OSError):
         return f"unreadable: {error.strerror or error}"
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if refused:  # a whole file, holding a type the weights-only load does not allow
+        return f"holds {refused.group(1)}, which a weights-only load does not allow"
     return f"damaged or truncated ({size} bytes, not a complete torch file)"
 
 

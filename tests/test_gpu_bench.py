@@ -1,7 +1,9 @@
 """Smoke test of bench/gpu/run.sh: the GPU benchmark's every step, with tiny components on the CPU.
 
 It checks the JSON's structure and that each figure is a positive finite number (GPU memory:
-null on the CPU); not the figures themselves (they are a tiny model's on a shared CPU).
+null on the CPU); not the figures themselves (they are a tiny model's on a shared CPU). The trainer
+part runs for real (in2n-tiny, a 32 x 32 scene, a few steps a mode, the tiny IP2P server); its scene,
+pretraining and models go to the test's own temporary folder (TMPDIR), nothing cached from before.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ def _speed(point: dict, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("gpu-bench") / "gpu_bench.json"
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", LIMIT_S="880")
+    folder = tmp_path_factory.mktemp("gpu-bench")
+    out = folder / "gpu_bench.json"
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", LIMIT_S="880", TMPDIR=str(folder))
     env.pop("OUT", None)
     proc = subprocess.run(
-        ["bash", "bench/gpu/run.sh", "--tiny", "--device", "cpu", "--compile-backend", "eager", "--no-trainer", "--out", str(out),
+        ["bash", "bench/gpu/run.sh", "--tiny", "--device", "cpu", "--compile-backend", "eager", "--out", str(out),
          "--budget-s", "100000"],  # every section, however loaded the machine
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
@@ -91,5 +94,38 @@ def test_server_rows(report: dict) -> None:
         assert r["peak_gpu_bytes"] is None
 
 
-def test_trainer_skip_is_recorded(report: dict) -> None:
-    assert report["trainer"] == {"skipped": "--no-trainer"}
+def test_trainer_runs_every_mode(report: dict) -> None:
+    tr = report["trainer"]
+    assert "skipped" not in tr and "stopped" not in tr, tr
+    setup = tr["setup"]
+    assert setup["method"] == "in2n-tiny" and setup["server_precision"] == "bf16"  # in2n-tiny's fp16, on the CPU
+    for key in ("scene_and_pretrain_s", "server_start_s"):
+        _positive(setup[key], f"trainer.setup.{key}")
+    runs = {r["mode"]: r for r in tr["runs"]}
+    assert [(r["mode"], r["round"]) for r in tr["runs"]] == [("async", 0), ("sync", 0), ("off", 0)]
+    steps = report["config"]["trainer_steps"] - 1 - report["config"]["warmup_steps"]  # step_times: one per step after the first
+    for mode, r in runs.items():
+        assert r["steps_timed"] == steps, r
+        for key in ("steps_per_s", "median_step_ms", "p99_step_ms", "wall_s", "loop_s", "peak_rss_bytes"):
+            _positive(r[key], f"trainer.{mode}.{key}")
+        assert r["p99_over_median"] >= 1 and r["edits_failed"] == 0, r
+        assert 0 <= r["render_share"] < 1 and r["peak_gpu_bytes"] is None, r
+    assert runs["off"]["edits_applied"] == 0 and runs["off"]["render_share"] == 0
+    assert runs["sync"]["edits_applied"] >= 1  # sync waits for each edit: the server answered
+    _positive(tr["server_peak"]["peak_rss_bytes"], "trainer.server_peak.peak_rss_bytes")
+
+
+def test_trainer_summary_and_end_to_end(report: dict) -> None:
+    tr = report["trainer"]
+    modes = tr["modes"]
+    assert set(modes) == {"off", "async", "sync"} and modes["off"]["ratio_to_off"] == 1.0
+    for mode, m in modes.items():
+        assert m["rounds"] == 1
+        _positive(m["steps_per_s"], f"trainer.modes.{mode}.steps_per_s")
+        _positive(m["ratio_to_off"], f"trainer.modes.{mode}.ratio_to_off")
+        assert m["steps_per_s"] == next(r["steps_per_s"] for r in tr["runs"] if r["mode"] == mode)  # one round: its run
+    e2e = tr["end_to_end"]
+    assert e2e["rounds"] == 1
+    for key in ("async_wall_s", "sync_wall_s", "sync_over_async_wall", "async_loop_s", "sync_loop_s", "sync_over_async_loop"):
+        _positive(e2e[key], f"trainer.end_to_end.{key}")
+    assert e2e["sync_edits_applied"] == next(r["edits_applied"] for r in tr["runs"] if r["mode"] == "sync")

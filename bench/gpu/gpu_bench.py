@@ -12,7 +12,10 @@ time is recorded with its reason, and the others still run):
   one at a time, with the fraction of the compute floor reached;
 - editor.precision_memory: peak GPU memory of one edit at fp16 and at fp32;
 - editor.server: `python -m diffusion_server --max-batch B` over gRPC: edits/s, p50 latency, peak memory;
-- trainer: recorded as skipped, with why (its wheels do not fit: bench/gpu/README.md, "The trainer part").
+- trainer: `ns-train in2n` on the demo scene against the diffusion server on the same device, edits off,
+  async and sync, interleaved rounds: steps/s, step-time percentiles, edits applied, render share, each
+  process's peak GPU memory; and the end-to-end wall time of the same job, async against sync;
+- editor.compile last (its time is the least certain).
 
 Full size: SD 1.5's UNet (8 input channels), its VAE, CLIP ViT-L/14 text encoder, random weights,
 512 x 512, 20 steps, guidance 7.5 / 1.5, fp16. Nothing here asserts a time.
@@ -24,6 +27,9 @@ import argparse
 import json
 import os
 import platform
+import shlex
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,12 +62,30 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile lever (eager: fast, for the smoke test)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode of the compile lever (e.g. max-autotune: CUDA graphs; slow to compile)")
     p.add_argument("--no-server", action="store_true", help="skip the gRPC server section")
-    p.add_argument("--no-trainer", action="store_true", help="skip the trainer section (not in this script: recorded as skipped either way)")
+    p.add_argument("--no-trainer", action="store_true", help="skip the trainer section")
+    p.add_argument("--trainer-steps", type=int, default=0, help="in2n steps per run (default 100, tiny 24)")
+    p.add_argument("--trainer-rounds", type=int, default=0, help="interleaved rounds of async, sync, off (default 2, tiny 1), as time allows")
+    p.add_argument("--trainer-budget-s", type=float, default=0,
+                   help="seconds the trainer section may take (default 180, tiny 600); on a GPU the editor's optional sections stop at --budget-s minus this")
+    p.add_argument("--pretrain-steps", type=int, default=0, help="nerfacto steps of the pretraining (default 200, tiny 20)")
+    p.add_argument("--trainer-views", type=int, default=0, help="views of the demo scene (default 60, tiny 16)")
+    p.add_argument("--trainer-side", type=int, default=0, help="side of the demo scene's images (default 512, tiny 32)")
+    p.add_argument("--edit-rate", type=int, default=10, help="the trainer's --pipeline.edit-rate (its default: 10)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="steps left out of each run's step times (default 20, tiny 4)")
     a = p.parse_args(argv)
     a.side = a.side or (32 if a.tiny else 512)
     a.batches = a.batches or ([1, 2] if a.tiny else [1, 4, 8, 16])
     a.steps = a.steps or (4 if a.tiny else 20)
     a.repeats = a.repeats or (2 if a.tiny else 5)
+    a.trainer_steps = a.trainer_steps or (24 if a.tiny else 100)
+    a.trainer_rounds = a.trainer_rounds or (1 if a.tiny else 2)
+    a.trainer_budget_s = a.trainer_budget_s or (600.0 if a.tiny else 180.0)
+    a.pretrain_steps = a.pretrain_steps or (20 if a.tiny else 200)
+    a.trainer_views = a.trainer_views or (16 if a.tiny else 60)
+    a.trainer_side = a.trainer_side or (32 if a.tiny else 512)
+    a.warmup_steps = a.warmup_steps or (4 if a.tiny else 20)
+    if a.warmup_steps >= a.trainer_steps - 1:
+        p.error(f"--warmup-steps ({a.warmup_steps}) must leave timed steps of --trainer-steps ({a.trainer_steps})")
     if not a.out:
         a.out = os.path.join(os.environ["OUT"], "gpu_bench.json") if os.environ.get("OUT") else str(
             REPO / "bench" / "results" / ("gpu_bench_tiny.json" if a.tiny else "gpu_bench.json"))  # fmt: skip
@@ -75,6 +99,9 @@ class Report:
         self.path = path
         self.start = time.monotonic()
         self.budget_s = args.budget_s
+        # run.sh's own limit (GPU_BENCH_LIMIT_S: what LIMIT_S leaves when this starts): nothing may run past it.
+        limit = float(os.environ.get("GPU_BENCH_LIMIT_S") or 0)
+        self.hard_deadline = self.start + limit - 15 if limit else float("inf")
         self.doc: Dict = {"machine": machine(args.device), "config": {k: v for k, v in vars(args).items()}, "editor": {}}
         self.save()
 
@@ -173,7 +200,8 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
 # ---------------------------------------------------------------------------------------------- editor
 
 
-def editor_sections(rep: Report, args: argparse.Namespace) -> None:
+def editor_sections(rep: Report, args: argparse.Namespace) -> Optional[Callable[[], None]]:
+    """The editor's sections; returns the compile lever's section, which main runs after the trainer's."""
     from bench.gpu.models import random_components, save_components, unet_tflop_per_row
     from diffusion_server.backends.base import EditItem, EditParams
     from diffusion_server.backends.ip2p import Ip2pBackend
@@ -289,8 +317,8 @@ def editor_sections(rep: Report, args: argparse.Namespace) -> None:
 
     rep.section(ed, "vae", vae_cost)
 
-    # The server runs before compile: compile's time is the least certain (minutes), and the
-    # JSON keeps whatever finished if the run is cut short.
+    # The server (and the trainer, in main) run before compile: compile's time is the least certain
+    # (minutes), and the JSON keeps whatever finished if the run is cut short.
     folder = os.path.join(tempfile.gettempdir(), "in2n-gpu-bench", "model-full" if full else "model-tiny")
     save_components(parts, folder, backend.dtype)
     if device.type == "cuda":
@@ -298,28 +326,81 @@ def editor_sections(rep: Report, args: argparse.Namespace) -> None:
     if not args.no_server:
         rep.section(ed, "server", lambda: server_section(rep, args, folder))
 
-    if not args.no_compile:
-        def compile_lever() -> Dict:
-            import torch._dynamo as dynamo
-            from torch._dynamo.utils import counters
+    if args.no_compile:
+        return None
 
-            dynamo.reset()
-            t0 = time.monotonic()
-            backend.optimize(compile=True, warmup_side=args.side, compile_backend=args.compile_backend, compile_mode=args.compile_mode)
-            compile_s = time.monotonic() - t0
-            points = []
-            for b in mid:  # each batch size compiles once, in its untimed warm-up call
-                if rep.elapsed() > rep.budget_s:
-                    break
-                points.append(batch_point(b, "compile"))
-            before = int(counters["frames"]["ok"])
-            again = batch_point(mid[0], "compile")  # a size seen before, new seeds and timesteps: no compile
-            recompiles = int(counters["frames"]["ok"]) - before
-            backend.unet = getattr(backend.unet, "_orig_mod", backend.unet)
-            return {"compile_s": round(compile_s, 1), "backend": args.compile_backend, "mode": args.compile_mode, "points": points,
-                    "again": again, "recompiles_at_a_seen_size": recompiles}  # fmt: skip
+    def compile_lever() -> Dict:
+        import torch._dynamo as dynamo
+        from torch._dynamo.utils import counters
 
-        rep.section(ed, "compile", compile_lever)
+        dynamo.reset()
+        t0 = time.monotonic()
+        backend.optimize(compile=True, warmup_side=args.side, compile_backend=args.compile_backend, compile_mode=args.compile_mode)
+        compile_s = time.monotonic() - t0
+        points = []
+        for b in mid:  # each batch size compiles once, in its untimed warm-up call
+            if rep.elapsed() > rep.budget_s:
+                break
+            points.append(batch_point(b, "compile"))
+        before = int(counters["frames"]["ok"])
+        again = batch_point(mid[0], "compile")  # a size seen before, new seeds and timesteps: no compile
+        recompiles = int(counters["frames"]["ok"]) - before
+        backend.unet = getattr(backend.unet, "_orig_mod", backend.unet)
+        return {"compile_s": round(compile_s, 1), "backend": args.compile_backend, "mode": args.compile_mode, "points": points,
+                "again": again, "recompiles_at_a_seen_size": recompiles}  # fmt: skip
+
+    return lambda: rep.section(ed, "compile", compile_lever)
+
+
+class ServerProcess:
+    """bench/gpu/serve.py (`python -m diffusion_server` writing its peak memory to a file) in the background,
+    on 127.0.0.1 and a free port, its log in a file (not a pipe: a chatty server never blocks on it)."""
+
+    def __init__(self, args: argparse.Namespace, folder: str, tmp: Path, precision: str, extra: List[str]) -> None:
+        self.port_file, self.mem_file, self.log_path = tmp / "port", tmp / "mem.json", tmp / "server.log"
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+        if args.device == "cpu":
+            env.setdefault("OMP_NUM_THREADS", "1")
+        cmd = [sys.executable, str(REPO / "bench" / "gpu" / "serve.py"), str(self.mem_file), "--backend", "ip2p", "--model", folder,
+               "--device", args.device, "--precision", precision, "--host", "127.0.0.1", "--port", "0",
+               "--port-file", str(self.port_file), "--log-level", "warning", *extra]  # fmt: skip
+        self.t_start = time.monotonic()
+        self.log = open(self.log_path, "w+")
+        self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
+
+    def wait_address(self, timeout_s: float = 180.0) -> str:
+        """"127.0.0.1:PORT" once the server has written its port (it serves from then on)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.port_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.log.seek(0)
+                raise RuntimeError(f"server did not start: {self.log.read()[-1000:]}")
+            time.sleep(0.05)
+        self.start_s = time.monotonic() - self.t_start
+        return f"127.0.0.1:{int(self.port_file.read_text())}"
+
+    def peaks(self, after: float, timeout_s: float = 10.0) -> Dict:
+        """The peaks the server wrote after wall time `after` (time.time()), or the latest within timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        mem: Dict = {}
+        while time.monotonic() < deadline:
+            try:
+                mem = json.loads(self.mem_file.read_text())
+            except (OSError, ValueError):
+                mem = {}
+            if mem.get("t", 0) > after:
+                break
+            time.sleep(0.05)
+        return mem
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
 
 
 def server_section(rep: Report, args: argparse.Namespace, folder: str) -> List[Dict]:
@@ -332,26 +413,10 @@ def server_section(rep: Report, args: argparse.Namespace, folder: str) -> List[D
             rows.append({"max_batch": batch, "skipped": "time budget spent"})
             continue
         with tempfile.TemporaryDirectory(prefix="in2n-gpu-serve-") as tmp:
-            port_file, mem_file = Path(tmp) / "port", Path(tmp) / "mem.json"
-            env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
-            if args.device == "cpu":
-                env.setdefault("OMP_NUM_THREADS", "1")
-            cmd = [sys.executable, str(REPO / "bench" / "gpu" / "serve.py"), str(mem_file), "--backend", "ip2p", "--model", folder,
-                   "--device", args.device, "--precision", "fp16" if args.device.startswith("cuda") else "fp32",
-                   "--max-batch", str(batch), "--max-delay-ms", "0", "--max-queued", "64", "--host", "127.0.0.1",
-                   "--port", "0", "--port-file", str(port_file), "--log-level", "warning"]  # fmt: skip
-            t_start = time.monotonic()
-            log = open(Path(tmp) / "server.log", "w+")  # a file, not a pipe: a chatty server never blocks on it
-            proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, text=True)
+            server = ServerProcess(args, folder, Path(tmp), "fp16" if args.device.startswith("cuda") else "fp32",
+                                   ["--max-batch", str(batch), "--max-delay-ms", "0", "--max-queued", "64"])  # fmt: skip
             try:
-                deadline = time.monotonic() + 180
-                while not port_file.exists():
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        log.seek(0)
-                        raise RuntimeError(f"server did not start: {log.read()[-1000:]}")
-                    time.sleep(0.05)
-                start_s = time.monotonic() - t_start
-                address = f"127.0.0.1:{int(port_file.read_text())}"
+                address = server.wait_address()
                 views = images(args.side, 8, seed=2)
                 renders = [(r * 255).astype(np.uint8) for r, _ in views]
                 originals = [(o * 255).astype(np.uint8) for _, o in views]
@@ -383,45 +448,221 @@ def server_section(rep: Report, args: argparse.Namespace, folder: str) -> List[D
                     run(2 * batch, 10_000)  # warm-up: the first batches of this size
                     count = max(3 * batch, 8 if not args.tiny else 4)
                     seconds, lat = run(count, 0)
-                t_end = time.time()
-                deadline = time.monotonic() + 10
-                mem: Dict = {}
-                while time.monotonic() < deadline:  # the peaks written after the last edit
-                    try:
-                        mem = json.loads(mem_file.read_text())
-                    except (OSError, ValueError):
-                        mem = {}
-                    if mem.get("t", 0) > t_end:
-                        break
-                    time.sleep(0.05)
+                mem = server.peaks(after=time.time())  # the peaks written after the last edit
                 rows.append({"max_batch": batch, "edits": count, "edits_per_s": round(count / seconds, 3),
-                             "p50_latency_ms": round(statistics.median(lat) * 1e3, 1), "start_s": round(start_s, 1),
+                             "p50_latency_ms": round(statistics.median(lat) * 1e3, 1), "start_s": round(server.start_s, 1),
                              "peak_gpu_bytes": mem.get("peak_gpu_bytes"), "peak_rss_bytes": mem.get("peak_rss_bytes")})  # fmt: skip
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                log.close()
+                server.close()
         rep.save()
     return rows
 
 
+def model_folder(args: argparse.Namespace) -> str:
+    """The random IP2P saved in diffusers' layout for `--backend ip2p --model FOLDER` (full size, or tiny with
+    --tiny): the editor section's folder, written here when that section did not get that far."""
+    from bench.gpu.models import random_components, save_components
+
+    folder = os.path.join(tempfile.gettempdir(), "in2n-gpu-bench", "model-full" if not args.tiny else "model-tiny")
+    if not os.path.exists(os.path.join(folder, "scheduler", "scheduler_config.json")):
+        dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+        parts = random_components(not args.tiny, device=args.device, seed=0)
+        save_components(parts, folder, dtype)
+        del parts
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return folder
+
+
 # ---------------------------------------------------------------------------------------------- trainer
+
+TRAINER_MODES = ("async", "sync", "off")  # each round runs them in this order: the pair that matters most first
 
 
 def trainer_section(rep: Report, args: argparse.Namespace) -> Dict:
-    """The trainer and end-to-end figures: not in this script (see bench/gpu/README.md, "The trainer part")."""
-    try:
-        import nerfstudio  # noqa: F401
+    """`ns-train in2n` against this project's diffusion server on the same device: edits off, async and sync.
 
-        importable = "importable here"
-    except ImportError as e:
-        importable = f"not importable here ({e})"
-    return {"skipped": f"the trainer part (ns-train in2n on the GPU, end to end) is not in this script: the wheels ns-train imports "
-                       f"(opencv-python-headless alone 48 MB) do not fit the 64 MiB a bare machine receives; nerfstudio is {importable}. "
-                       "CPU figures: bench/trainer_throughput.py; see bench/gpu/README.md, 'The trainer part'"}  # fmt: skip
+    Full: in2n (default nerfacto size, 16384 rays a step, LPIPS) on the demo scene at 512 x 512, 60 views,
+    pretrained by nerfacto for a few hundred steps; the server runs the full-size random IP2P at the
+    variant's precision. Tiny (--tiny): in2n-tiny with TINY_NERFACTO, 256 rays, a 32 x 32 scene, the tiny IP2P.
+    Every run is a fresh ns-train process of --trainer-steps steps from the same pretrained checkpoint;
+    rounds of (async, sync, off) follow each other while the section's time allows. Partial results are
+    kept: a failure or time-out is recorded in "skipped" beside the runs that finished.
+    """
+    from in2n_demo.run import ensure_lpips_backbone, torch_device_args
+    from nerf_trainer.variants import server_precision
+    from testing_support import TINY_NERFACTO, demo_scene_and_pretrained
+
+    t_section = time.monotonic()
+    deadline = min(t_section + args.trainer_budget_s, rep.hard_deadline)
+    method = "in2n-tiny" if args.tiny else "in2n"
+    cuda = args.device.startswith("cuda")
+    precision, _ = server_precision(method, "cuda" if cuda else "cpu")
+    model_flags = list(TINY_NERFACTO) if args.tiny else []  # full: nerfacto's default size
+    rays_flags = ["--pipeline.datamanager.train-num-rays-per-batch", "256", "--pipeline.render-chunk-rays", "256"] if args.tiny else []
+    workdir = Path(tempfile.gettempdir()) / "in2n-gpu-bench" / (
+        f"trainer{'-tiny' if args.tiny else ''}-{args.trainer_side}px-{args.trainer_views}v-{args.pretrain_steps}")  # fmt: skip
+    workdir.mkdir(parents=True, exist_ok=True)
+    device_args, device_env = torch_device_args(args.device)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **device_env,
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))  # fmt: skip
+    ensure_lpips_backbone(env, workdir)  # nerfacto's LPIPS metric wants AlexNet weights: random ones, no download
+    ns_train = workdir / "ns-train"  # this interpreter, bench/gpu/train.py (methods registered, peak-memory hook)
+    ns_train.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(REPO / 'bench' / 'gpu' / 'train.py'))} \"$@\"\n")
+    ns_train.chmod(0o755)
+    try:
+        from importlib.util import find_spec
+
+        hash_grid = "tcnn" if find_spec("tinycudann") else "torch (tinycudann not installed: nerfstudio's fallback)"
+    except (ImportError, ValueError):
+        hash_grid = "torch"
+    setup: Dict = {"method": method, "device": args.device, "scene": f"demo scene, {args.trainer_views} views, {args.trainer_side}x{args.trainer_side}",
+                   "model": "TINY_NERFACTO (testing_support)" if args.tiny else "nerfacto default size", "hash_grid": hash_grid,
+                   "rays_per_step": 256 if args.tiny else 16384, "pretrain_steps": args.pretrain_steps, "steps_per_run": args.trainer_steps,
+                   "warmup_steps": args.warmup_steps, "edit_rate": args.edit_rate, "server": f"ip2p, random {'tiny' if args.tiny else 'full-size'} weights",
+                   "server_precision": precision, "diffusion_steps": "the trainer's default", "max_in_flight": "the trainer's default",
+                   "peak_gpu_memory": "torch.cuda.max_memory_allocated of each process (bench/gpu/train.py, bench/gpu/serve.py)"}  # fmt: skip
+    # Progress shows in the JSON as it goes; "skipped" says where a run cut off by run.sh's time limit stopped,
+    # and goes once the section is done.
+    out: Dict = {"setup": setup, "runs": [], "skipped": "cut off while making the scene and pretraining"}
+    rep.doc["trainer"] = out
+    rep.save()
+    tmp = Path(tempfile.mkdtemp(prefix="in2n-gpu-trainer-"))
+    server: Optional[ServerProcess] = None
+    try:
+        # The server loads while the scene is made and nerfacto pretrains.
+        server = ServerProcess(args, model_folder(args), tmp, precision, [])
+        t0 = time.monotonic()
+        flags = ["--vis", "tensorboard", *device_args, "--steps-per-save", str(args.pretrain_steps), "--steps-per-eval-batch", "1000000",
+                 "--steps-per-eval-image", "1000000", "--steps-per-eval-all-images", "1000000", *model_flags]  # fmt: skip
+        try:
+            scene, load_dir = demo_scene_and_pretrained(workdir, str(ns_train), env, num_views=args.trainer_views, size=args.trainer_side,
+                                                        steps=args.pretrain_steps, rays=256 if args.tiny else 4096, flags=flags)  # fmt: skip
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(f"pretraining failed ({e.returncode}): {(e.stderr or b'')[-1500:].decode(errors='replace')}") from None
+        setup["scene_and_pretrain_s"] = round(time.monotonic() - t0, 1)
+        address = server.wait_address()
+        setup["server_start_s"] = round(server.start_s, 1)
+        out["skipped"] = "cut off during the ns-train runs"
+        rep.save()
+        runs: List[Dict] = out["runs"]
+        for round_ in range(args.trainer_rounds):
+            for mode in TRAINER_MODES:
+                # The first round is always tried (a run still going at the deadline is stopped); a later one only
+                # when its runs fit, judged by the same mode's earlier runs.
+                need = 1.2 * max(r["wall_s"] for r in runs if r["mode"] == mode) + 5 if round_ else 0.0
+                if round_ and time.monotonic() + need > deadline:
+                    out["stopped"] = f"round {round_} {mode} would need about {need:.0f} s, {max(0.0, deadline - time.monotonic()):.0f} s left"
+                    break
+                try:
+                    runs.append(trainer_run(args, workdir, ns_train, env, method, mode, round_, scene, load_dir, address,
+                                            [*device_args, *model_flags, *rays_flags], deadline))  # fmt: skip
+                except RunTimeout as e:
+                    out["stopped"] = str(e)
+                    break
+                rep.save()
+            if "stopped" in out:
+                break
+        out["server_peak"] = {k: v for k, v in server.peaks(after=time.time()).items() if k != "t"}
+        out["modes"] = trainer_summary(runs)
+        out["end_to_end"] = end_to_end(runs, args)
+        del out["skipped"]
+    except Exception as e:  # noqa: BLE001 - recorded beside the runs that finished
+        out["skipped"] = f"{type(e).__name__}: {str(e).strip()[:1500]}"
+        out["traceback"] = traceback.format_exc()[-2000:]
+    finally:
+        if server is not None:
+            server.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+class RunTimeout(RuntimeError):
+    """An ns-train run stopped at the trainer section's deadline."""
+
+
+def trainer_run(args: argparse.Namespace, workdir: Path, ns_train: Path, env: Dict, method: str, mode: str, round_: int, scene: Path,
+                load_dir: Path, address: str, flags: List[str], deadline: float) -> Dict:  # fmt: skip
+    """One `ns-train <method>` of --trainer-steps steps in `mode`: its step times, edit counters, wall time and peaks."""
+    name = f"{mode}-r{round_}"
+    run_dir = workdir / "runs" / "bench" / method / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    peak_file = workdir / f"peaks-{name}.json"
+    peak_file.unlink(missing_ok=True)
+    cmd = [str(ns_train), method, "--load-dir", str(load_dir), "--data", str(scene), "--output-dir", str(workdir / "runs"),
+           "--experiment-name", "bench", "--timestamp", name, "--vis", "tensorboard", "--max-num-iterations", str(args.trainer_steps),
+           "--steps-per-save", "1000000", "--steps-per-eval-image", "1000000", "--steps-per-eval-batch", "1000000",
+           "--steps-per-eval-all-images", "1000000", "--pipeline.edit-server", address, "--pipeline.require-server", "True",
+           "--pipeline.instruction", "turn it into bronze", "--pipeline.edit-mode", mode, "--pipeline.edit-rate", str(args.edit_rate),
+           "--pipeline.log-every", "0", *flags]  # fmt: skip
+    log_path = workdir / f"{name}.log"
+    t0 = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=dict(env, IN2N_PEAK_FILE=str(peak_file)), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        try:
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RunTimeout(f"{name}: ns-train still running at the section's deadline (after {time.monotonic() - t0:.0f} s)") from None
+    wall = time.monotonic() - t0
+    if code != 0:
+        raise RuntimeError(f"{name}: ns-train exited with {code}: {log_path.read_text()[-1500:]}")
+    report = run_dir / "edit_report"
+    times = np.load(report / "step_times.npy")  # [S-1] seconds, whole steps
+    stats = json.loads((report / "edit_stats.json").read_text()) if (report / "edit_stats.json").exists() else {}  # none when off
+    timed_steps = times[args.warmup_steps :]
+    peaks = json.loads(peak_file.read_text()) if peak_file.exists() else {}
+    med, p99 = float(np.median(timed_steps)), float(np.percentile(timed_steps, 99))
+    return {"mode": mode, "round": round_, "steps_timed": int(len(timed_steps)), "steps_per_s": round(1 / float(timed_steps.mean()), 3),
+            "median_step_ms": round(med * 1e3, 2), "p99_step_ms": round(p99 * 1e3, 2), "p99_over_median": round(p99 / med, 3),
+            "edits_applied": int(stats.get("edits_applied", 0)), "edits_failed": int(stats.get("edits_failed", 0)),
+            "render_share": float(stats.get("render_share", 0.0)), "wall_s": round(wall, 2), "loop_s": round(float(times.sum()), 2),
+            "peak_gpu_bytes": peaks.get("peak_gpu_bytes"), "peak_rss_bytes": peaks.get("peak_rss_bytes")}  # fmt: skip
+
+
+def trainer_summary(runs: List[Dict]) -> Dict:
+    """Per mode: median steps/s over rounds, each round's ratio to that round's "off" (median and range),
+    the rounds' p99 / median step, edits applied, render share and peak memory (medians / max)."""
+    out: Dict = {}
+    off = {r["round"]: r for r in runs if r["mode"] == "off"}
+    for mode in TRAINER_MODES:
+        rows = [r for r in runs if r["mode"] == mode]
+        if not rows:
+            continue
+        ratios = [r["steps_per_s"] / off[r["round"]]["steps_per_s"] for r in rows if r["round"] in off]
+        gpu = [r["peak_gpu_bytes"] for r in rows if r["peak_gpu_bytes"] is not None]
+        out[mode] = {"rounds": len(rows), "steps_per_s": round(statistics.median(r["steps_per_s"] for r in rows), 3),
+                     "ratio_to_off": round(statistics.median(ratios), 3) if ratios else None,
+                     "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)] if ratios else None,
+                     "median_step_ms": round(statistics.median(r["median_step_ms"] for r in rows), 2),
+                     "p99_step_ms": round(statistics.median(r["p99_step_ms"] for r in rows), 2),
+                     "p99_over_median": round(statistics.median(r["p99_over_median"] for r in rows), 3),
+                     "edits_applied": statistics.median(r["edits_applied"] for r in rows),
+                     "render_share": round(statistics.median(r["render_share"] for r in rows), 4),
+                     "peak_gpu_bytes": max(gpu) if gpu else None, "peak_rss_bytes": max(r["peak_rss_bytes"] or 0 for r in rows) or None}  # fmt: skip
+    return out
+
+
+def end_to_end(runs: List[Dict], args: argparse.Namespace) -> Dict:
+    """The same fixed job (--trainer-steps steps from the same checkpoint, the default edit rate) async against
+    sync: whole-process wall time (start-up included) and training-loop time, per round, then medians."""
+    pairs = []
+    for round_ in sorted({r["round"] for r in runs}):
+        a = next((r for r in runs if r["round"] == round_ and r["mode"] == "async"), None)
+        s = next((r for r in runs if r["round"] == round_ and r["mode"] == "sync"), None)
+        if a and s:
+            pairs.append((a, s))
+    if not pairs:
+        return {"skipped": "no round with both an async and a sync run"}
+    med = lambda xs: round(statistics.median(xs), 3)  # noqa: E731
+    return {"job": f"{args.trainer_steps} in2n steps from the pretrained checkpoint, edit rate {args.edit_rate} (async: at most)", "rounds": len(pairs),
+            "async_wall_s": med([a["wall_s"] for a, _ in pairs]), "sync_wall_s": med([s["wall_s"] for _, s in pairs]),
+            "sync_over_async_wall": med([s["wall_s"] / a["wall_s"] for a, s in pairs]),
+            "async_loop_s": med([a["loop_s"] for a, _ in pairs]), "sync_loop_s": med([s["loop_s"] for _, s in pairs]),
+            "sync_over_async_loop": med([s["loop_s"] / a["loop_s"] for a, s in pairs]),
+            "async_edits_applied": med([a["edits_applied"] for a, _ in pairs]), "sync_edits_applied": med([s["edits_applied"] for _, s in pairs])}  # fmt: skip
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -433,17 +674,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(1)  # on a small shared CPU, more threads run far slower
     rep = Report(args.out, args)
     print(f"bench/gpu: writing {args.out}", file=sys.stderr, flush=True)
+    compile_section = None
+    full_budget = rep.budget_s
+    if args.device.startswith("cuda") and not args.no_trainer:
+        rep.budget_s = max(0.0, full_budget - args.trainer_budget_s)  # the editor's optional sections leave the trainer its time
     try:
-        editor_sections(rep, args)
+        compile_section = editor_sections(rep, args)
     except Exception as e:  # noqa: BLE001 - the JSON says what failed
         rep.doc["editor"]["error"] = f"{type(e).__name__}: {e}"
         rep.doc["editor"]["traceback"] = traceback.format_exc()[-3000:]
         rep.save()
+    rep.budget_s = full_budget
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the editor's weights stay (compile uses them); its cached blocks go
     if args.no_trainer:
         rep.doc["trainer"] = {"skipped": "--no-trainer"}
         rep.save()
     else:
         rep.section(rep.doc, "trainer", lambda: trainer_section(rep, args))
+    if compile_section is not None:
+        compile_section()
     rep.save()
     print(f"bench/gpu: done in {rep.elapsed():.0f} s -> {args.out}", file=sys.stderr)
     return 0

@@ -3,17 +3,17 @@
 #   bash bench/gpu/run.sh                      # CUDA machine: full-size random IP2P, 512x512, fp16
 #   bash bench/gpu/run.sh --tiny --device cpu  # tiny components on the CPU (the smoke test)
 # Output: $OUT/gpu_bench.json when OUT is set, else bench/results/gpu_bench[_tiny].json.
-# Wheels in .whl/ (bench/gpu/fetch_wheels.sh) are installed to a scratch folder first when diffusers
-# is not importable (a bare machine). Whatever else: bench/gpu/README.md.
+# Wheels in .whl/ (bench/gpu/fetch_wheels.sh) are installed to a scratch folder first when diffusers or
+# nerfstudio is not importable (a bare machine). Whatever else: bench/gpu/README.md.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
 LIMIT_S=${LIMIT_S:-460}  # the whole run, wheel set-up included, stays inside one 8-minute call
 SITE=${SITE:-/tmp/in2n-bench-site}
 WHEELS=${WHEELS:-.whl}  # or a folder of the same wheels for another Python (a dry run on 3.11)
-if ! "$PYTHON" -c "import diffusers, tyro, grpc_health, prometheus_client" 2>/dev/null; then
+if ! "$PYTHON" -c "import diffusers, tyro, grpc_health, prometheus_client, nerfstudio, gsplat, nerfacc, viser, fpsample" 2>/dev/null; then
   if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    echo "bench/gpu/run.sh: diffusers & co. are not installed and $WHEELS holds no wheels; run bench/gpu/fetch_wheels.sh first" >&2
+    echo "bench/gpu/run.sh: diffusers, nerfstudio & co. are not installed and $WHEELS holds no wheels; run bench/gpu/fetch_wheels.sh first" >&2
     exit 2
   fi
   echo "bench/gpu/run.sh: installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $SITE" >&2
@@ -22,4 +22,5 @@ if ! "$PYTHON" -c "import diffusers, tyro, grpc_health, prometheus_client" 2>/de
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec timeout -k 10 "$((LIMIT_S - SECONDS))" "$PYTHON" bench/gpu/gpu_bench.py "$@"
+export GPU_BENCH_LIMIT_S=$((LIMIT_S - SECONDS))  # the script ends its trainer runs before this
+exec timeout -k 10 "$GPU_BENCH_LIMIT_S" "$PYTHON" bench/gpu/gpu_bench.py "$@"

@@ -28,12 +28,20 @@ def peaks() -> dict:
     return {"peak_gpu_bytes": gpu, "peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "t": time.time()}
 
 
+def write_once(path: str) -> None:
+    """Write peaks() to `path`, replaced atomically."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(peaks()))
+    os.replace(tmp, path)
+
+
 def write_peaks(path: str) -> None:
     while True:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(json.dumps(peaks()))
-        os.replace(tmp, path)
+        try:
+            write_once(path)
+        except AttributeError:  # torch still importing (in sys.modules, torch.cuda not there yet): next time
+            pass
         time.sleep(0.2)
 
 
