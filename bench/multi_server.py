@@ -61,6 +61,8 @@ class BenchConfig:
     render_chunk_rays: int = 4096
     """Rays of the next view per model call (4096: a whole 32x32 view in one chunk; 128: eight chunks, which the
     trainer's render pace spreads over steps, as a 512x512 view on a GPU is)."""
+    max_chunks_per_step: int = 0
+    """--pipeline.render-max-chunks-per-step (0: the adaptive render pace; 1: one chunk a step, as before it)."""
     results: str = "multi_server.json"
     """File name of the figures, under bench/results/."""
     workdir: Path = Path(tempfile.gettempdir()) / "in2n_bench_multi_server"
@@ -80,7 +82,8 @@ def run_once(cfg: BenchConfig, scene: Path, load_dir: Path, addresses: List[str]
            "--pipeline.datamanager.train-num-rays-per-batch", "256",
            "--pipeline.edit-server", ",".join(addresses or ["127.0.0.1:1"]), "--pipeline.instruction", "make it sepia",
            "--pipeline.edit-rate", "1", "--pipeline.max-in-flight", str(cfg.max_in_flight),
-           "--pipeline.render-chunk-rays", str(cfg.render_chunk_rays), "--pipeline.log-every", "0",
+           "--pipeline.render-chunk-rays", str(cfg.render_chunk_rays),
+           "--pipeline.render-max-chunks-per-step", str(cfg.max_chunks_per_step), "--pipeline.log-every", "0",
            *mode, *QUIET]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
