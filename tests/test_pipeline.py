@@ -27,7 +27,8 @@ class ScriptedClient:
         self.sent = []  # (request_id, view_id, render, original, params)
         self.keys = []  # the original_key passed with each submission
         self.replies = []
-        self.in_flight = 0
+
+    in_flight = 0  # nothing at the server: an idle one, waiting for the next render
 
     def can_submit(self) -> bool:
         return True
@@ -295,18 +296,12 @@ def test_render_pace_doubles_while_a_server_waits_and_eases_off_when_none_does()
         RenderPace(0)
 
 
-class CountingClient(ScriptedClient):
+class BusyClient(ScriptedClient):
     """A ScriptedClient whose in_flight counts what it was sent and has not answered (it never answers)."""
-
-    busy = True
 
     @property
     def in_flight(self) -> int:
-        return len(self.sent) if self.busy else 0
-
-    @in_flight.setter
-    def in_flight(self, value) -> None:
-        pass
+        return len(self.sent)
 
 
 @pytest.mark.parametrize("server_waits", [True, False])
@@ -320,8 +315,7 @@ def test_views_render_faster_while_a_server_waits_up_to_the_schedules_pace(tiny_
     from nerf_trainer.servers import EditServers
 
     pipe = make_pipeline(tiny_scene, trainer_env, render_chunk_rays=16, edit_rate=4, max_in_flight=64)
-    client = CountingClient()
-    client.busy = not server_waits
+    client = ScriptedClient() if server_waits else BusyClient()
     pipe.edit_servers = EditServers.from_config(pipe.config, make_client=lambda address: client)
     sent_at = []
     for step in range(200):
@@ -348,8 +342,7 @@ def test_one_chunk_a_step_when_asked(tiny_scene, trainer_env):
     from nerf_trainer.servers import EditServers
 
     pipe = make_pipeline(tiny_scene, trainer_env, render_chunk_rays=256, render_max_chunks_per_step=1, max_in_flight=64)
-    client = CountingClient()
-    client.busy = False
+    client = ScriptedClient()  # idle: the pace would grow, if allowed
     pipe.edit_servers = EditServers.from_config(pipe.config, make_client=lambda address: client)
     for step in range(12):
         pipe.update_dataset(step)
