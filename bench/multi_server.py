@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
 
-import numpy as np
 import tyro
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +34,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from _server import BenchServer, machine  # noqa: E402
-from testing_support import TINY_NERFACTO, demo_scene_and_pretrained  # noqa: E402
+from testing_support import TINY_NERFACTO, demo_scene_and_pretrained, read_edit_report  # noqa: E402
 from in2n_demo.run import NS_TRAIN, ensure_lpips_backbone  # noqa: E402
 
 QUIET = ["--vis", "tensorboard", "--machine.device-type", "cpu", "--steps-per-save", "1000000",
@@ -89,8 +88,7 @@ def run_once(cfg: BenchConfig, scene: Path, load_dir: Path, addresses: List[str]
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     report = out / "bench" / "in2n-tiny" / name / "edit_report"
-    times = np.load(report / "step_times.npy")
-    stats = json.loads((report / "edit_stats.json").read_text()) if (report / "edit_stats.json").exists() else {}
+    times, stats = read_edit_report(report)
     return {
         "steps_per_s": float(1.0 / times[cfg.warmup :].mean()),
         "edits_per_s": stats.get("edits_applied", 0) / float(times.sum()),

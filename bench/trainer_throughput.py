@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from diffusion_server.backends.base import BackendInfo, EditBackend, EditResult  # noqa: E402
 from in2n_demo.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone  # noqa: E402
-from testing_support import InProcessServer, demo_scene_and_pretrained  # noqa: E402
+from testing_support import InProcessServer, demo_scene_and_pretrained, read_edit_report  # noqa: E402
 
 
 @dataclass
@@ -103,9 +103,8 @@ def run_mode(cfg: BenchConfig, load_dir: Path, scene: Path, port: int, mode: str
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     report = out / "bench" / "in2n-tiny" / name / "edit_report"
-    stats = json.loads((report / "edit_stats.json").read_text()) if (report / "edit_stats.json").exists() else {}
-    times = np.load(report / "step_times.npy")[cfg.warmup :]
-    return times, stats.get("edits_applied", 0), stats.get("render_share", 0.0)
+    times, stats = read_edit_report(report)
+    return times[cfg.warmup :], stats.get("edits_applied", 0), stats.get("render_share", 0.0)
 
 
 def interleaved_ratios(per_round: List[dict], key: object, base: object) -> List[float]:

@@ -8,6 +8,7 @@ the same way: tests through conftest's sys.path entry for the repo root, bench s
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import threading
@@ -122,6 +123,14 @@ TINY_NERFACTO = [
     "--pipeline.model.hidden-dim", "16",
     "--pipeline.model.hidden-dim-color", "16",
 ]  # fmt: skip
+
+
+def read_edit_report(report: Path) -> Tuple[np.ndarray, dict]:
+    """(step_times, edit_stats) of an in2n run's edit_report folder: the wall time of each whole training step
+    after the first ([S-1] seconds) and edit_stats.json's counters ({} when the run did not edit)."""
+    stats_file = report / "edit_stats.json"
+    stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+    return np.load(report / "step_times.npy"), stats
 
 
 def demo_scene_and_pretrained(

@@ -584,6 +584,7 @@ class RunTimeout(RuntimeError):
 def trainer_run(args: argparse.Namespace, workdir: Path, ns_train: Path, env: Dict, method: str, mode: str, round_: int, scene: Path,
                 load_dir: Path, address: str, flags: List[str], deadline: float) -> Dict:  # fmt: skip
     """One `ns-train <method>` of --trainer-steps steps in `mode`: its step times, edit counters, wall time and peaks."""
+    from testing_support import read_edit_report
     name = f"{mode}-r{round_}"
     run_dir = workdir / "runs" / "bench" / method / name
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -610,8 +611,7 @@ def trainer_run(args: argparse.Namespace, workdir: Path, ns_train: Path, env: Di
     if code != 0:
         raise RuntimeError(f"{name}: ns-train exited with {code}: {log_path.read_text()[-1500:]}")
     report = run_dir / "edit_report"
-    times = np.load(report / "step_times.npy")  # [S-1] seconds, whole steps
-    stats = json.loads((report / "edit_stats.json").read_text()) if (report / "edit_stats.json").exists() else {}  # none when off
+    times, stats = read_edit_report(report)  # [S-1] seconds, whole steps; stats: {} when off
     timed_steps = times[args.warmup_steps :]
     peaks = json.loads(peak_file.read_text()) if peak_file.exists() else {}
     med, p99 = float(np.median(timed_steps)), float(np.percentile(timed_steps, 99))
