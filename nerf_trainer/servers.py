@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+import grpc
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from diffusion_server.client import EditClient, EditFailed, StreamClient, StreamResult
@@ -150,7 +151,9 @@ class EditServers:
             return
         try:
             info = self.sync_client.describe()
-        except EditFailed:  # not up yet, or gone: the edits say so; asked again before the next round
+        except EditFailed as e:  # not up yet, or gone: the edits say so; asked again before the next round
+            if e.code == grpc.StatusCode.UNIMPLEMENTED:  # a server without Describe: nothing to check, not asked again
+                self.info[address] = {"backend": "", "device": "", "precision": ""}
             return
         self._note(address, info)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -132,9 +133,11 @@ def test_a_bad_edit_is_rejected_without_touching_the_dataset_and_its_view_requeu
     pipeline.update_dataset(500)
 
 
-def lying_edit_service(precision: str = "n/a"):
+def lying_edit_service(precision: Optional[str] = "n/a"):
     """An EditService whose Edit and stream answer every request with a bad image, cycling NaN, out of range, no
-    pixels; its Describe reports a tiny-ip2p on the CPU in `precision`."""
+    pixels; its Describe reports a tiny-ip2p on the CPU in `precision` (None: Describe is UNIMPLEMENTED)."""
+    import grpc
+
     from protos.in2n.v1 import edit_service_pb2 as pb
     from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 
@@ -158,6 +161,8 @@ def lying_edit_service(precision: str = "n/a"):
 
         def Describe(self, request, context):
             self.described += 1
+            if precision is None:
+                context.abort(grpc.StatusCode.UNIMPLEMENTED, "no Describe here")
             return pb.DescribeResponse(backend="tiny-ip2p", device="cpu", precision=precision)
 
         def Edit(self, request, context):
@@ -184,7 +189,7 @@ def lying_server():
 
     servers = []
 
-    def start(precision: str = "n/a"):
+    def start(precision: Optional[str] = "n/a"):
         service = lying_edit_service(precision)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         pb_grpc.add_EditServiceServicer_to_server(service, server)
@@ -273,6 +278,21 @@ def test_sync_mode_checks_the_precision_once_and_rejects_undecodable_answers(tin
     metrics = pipe.edit_metrics()
     assert service.answered == 6 and (metrics["edits_rejected"], metrics["edits_failed"], metrics["edits_applied"]) == (6, 0, 0)
     assert torch.equal(dm.images, before)
+
+
+def test_sync_mode_asks_a_server_without_describe_once(tiny_scene, trainer_env, lying_server, capsys):
+    """A server whose Describe is UNIMPLEMENTED: nothing to check, nothing printed, not asked again each round."""
+    from diffusion_server.client import EditClient
+    from nerf_trainer.servers import EditServers
+
+    address, service = lying_server(None)
+    pipe = make_pipeline(tiny_scene, trainer_env, edit_mode="sync", edit_server=address, server_precision_hint="fp16")
+    pipe.edit_servers = EditServers.from_config(pipe.config, make_sync_client=lambda a: EditClient(a, timeout_s=60))
+    for step in range(3):
+        pipe.update_dataset_sync(step)
+    pipe.edit_servers.close()
+    assert service.described == 1 and service.answered == 3
+    assert "runs IP2P in" not in capsys.readouterr().out
 
 
 def test_viewer_controls_change_the_next_edits(pipeline):
