@@ -8,19 +8,22 @@ sampled from the current buffer at every step, so supervision mixes edited
 and not yet edited views.
 
 Before nerfstudio reads the scene, `check_scene` looks at it: transforms.json
-readable and with frames, every image present, readable and of one size. A
-problem is a `SceneError` naming the file, which `ns-train` prints as one line.
+readable and with frames, each with a 4x4 pose and the intrinsics nerfstudio
+requires, every image present, readable and of one size. A problem is a
+`SceneError` naming the file, which `ns-train` prints as one line.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Type
 
 import torch
 from PIL import Image
+from nerfstudio.cameras.cameras import CAMERA_MODEL_TO_TYPE
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
@@ -40,11 +43,81 @@ class SceneError(ValueError):
     """A scene nerfstudio cannot train on; the message names the file and the problem, in one line."""
 
 
+INTRINSICS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
+"""Camera intrinsics nerfstudio's parser requires, each at top level (all frames) or in every frame."""
+DISTORTION = ("k1", "k2", "k3", "k4", "p1", "p2")
+"""Optional distortion coefficients (0 when absent); where given, they must be numbers."""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _intrinsic_problem(key: str, value) -> Optional[str]:
+    """Why `value` cannot be intrinsic `key` (None when it can): focal lengths > 0, sizes whole numbers > 0."""
+    if not _is_number(value):
+        return f"must be a finite number, got {_brief(value)}"
+    if key in ("fl_x", "fl_y", "w", "h") and value <= 0:
+        return f"must be > 0, got {value}"
+    if key in ("w", "h") and value != int(value):
+        return f"must be a whole number of pixels, got {value}"
+    return None
+
+
+def _is_pose(matrix) -> bool:
+    """Whether `matrix` is a 4x4 list of lists of finite numbers (nerfstudio 1.1.5 needs 4x4: a 3x4 fails in
+    its pose centring)."""
+    return (
+        isinstance(matrix, list) and len(matrix) == 4
+        and all(isinstance(row, list) and len(row) == 4 and all(_is_number(x) for x in row) for row in matrix)
+    )  # fmt: skip
+
+
+def _brief(value) -> str:
+    """A short description of a JSON value for an error line."""
+    if isinstance(value, list):
+        rows = [len(v) if isinstance(v, list) else type(v).__name__ for v in value[:6]]
+        return f"a list of {len(value)} ({', '.join(map(str, rows))}{', ...' if len(value) > 6 else ''})"
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_cameras(meta_path: Path, meta: dict) -> None:
+    """SceneError unless nerfstudio's parser can build every frame's camera: a known camera_model, a 4x4 pose,
+    each required intrinsic at top level or in the frame, every intrinsic and distortion coefficient a number."""
+    camera_model = meta.get("camera_model", "OPENCV")  # absent: a perspective camera
+    if not isinstance(camera_model, str) or camera_model not in CAMERA_MODEL_TO_TYPE:
+        raise SceneError(f"{meta_path}: unknown \"camera_model\" {_brief(camera_model)} (one of {', '.join(CAMERA_MODEL_TO_TYPE)})")
+    for key in INTRINSICS + DISTORTION:  # at top level they hold for every frame
+        problem = _intrinsic_problem(key, meta[key]) if key in meta else None
+        if problem:
+            raise SceneError(f"{meta_path}: \"{key}\" {problem}")
+    for k, frame in enumerate(meta["frames"]):
+        where = f"{meta_path}: frame {k} ({frame['file_path']})"  # check_scene saw a dict with both keys
+        if not _is_pose(frame["transform_matrix"]):
+            raise SceneError(f"{where}: \"transform_matrix\" must be 4x4 finite numbers (4 rows of 4), "
+                             f"got {_brief(frame['transform_matrix'])}")  # fmt: skip
+        # Like nerfstudio: any distortion key at top level means the frames' are not read.
+        distortion_fixed = any(key in meta for key in DISTORTION + ("distortion_params",))
+        for key in INTRINSICS + (() if distortion_fixed else DISTORTION):
+            if key in meta:
+                continue
+            if key not in frame:
+                if key in INTRINSICS:
+                    raise SceneError(f"{where}: no \"{key}\" (nerfstudio needs it at top level or in every frame)")
+                continue
+            problem = _intrinsic_problem(key, frame[key])
+            if problem:
+                raise SceneError(f"{where}: \"{key}\" {problem}")
+
+
 def check_scene(data: Path, images: bool = True) -> Tuple[int, Optional[Tuple[int, int]]]:
     """Check a nerfstudio scene (a folder with transforms.json, or the .json itself) before it is parsed.
 
     Returns (number of frames, (width, height) of the images, None when `images` is False). Raises
-    SceneError, naming the file, when transforms.json is missing or malformed or lists no frames, or (with
+    SceneError, naming the file, when transforms.json is missing or malformed or lists no frames, when a frame's
+    transform_matrix is not 4x4 finite numbers, when an intrinsic nerfstudio requires (fl_x, fl_y, cx, cy, w,
+    h) is neither at top level nor in the frame, or an intrinsic is not a number, or (with
     `images`) an image is missing, unreadable or of another size than the first (in2n trains on one buffer
     of equally sized images).
     """
@@ -61,10 +134,12 @@ def check_scene(data: Path, images: bool = True) -> Tuple[int, Optional[Tuple[in
     frames = meta.get("frames") if isinstance(meta, dict) else None
     if not isinstance(frames, list) or not frames:
         raise SceneError(f"{meta_path}: no frames (\"frames\" must be a non-empty list)")
-    first: Optional[Tuple[Path, Tuple[int, int]]] = None
     for k, frame in enumerate(frames):
         if not isinstance(frame, dict) or not isinstance(frame.get("file_path"), str) or "transform_matrix" not in frame:
             raise SceneError(f"{meta_path}: frame {k} needs a \"file_path\" and a \"transform_matrix\"")
+    _check_cameras(meta_path, meta)
+    first: Optional[Tuple[Path, Tuple[int, int]]] = None
+    for k, frame in enumerate(frames):
         image = base / frame["file_path"]
         if not images:
             continue

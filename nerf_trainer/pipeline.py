@@ -114,7 +114,8 @@ class In2nPipelineConfig(VanillaPipelineConfig):
     """Element type of images sent to the server (uint8: 3 bytes a pixel)."""
     server_precision_hint: Literal["fp32", "fp16", "bf16"] = "fp32"
     """IP2P precision this variant is defined with; the server decides (its --precision): a server that reports
-    another is named once, in one line, when it first connects, and training goes on."""
+    another is named once, in one line, when it first connects, and training goes on (fp16 served as bf16 on the
+    CPU, the project's CPU half precision, is not another)."""
     sheet_views: int = 4
     """Views shown in the dataset-evolution sheet (original | edits over time | current render)."""
     sheet_max_edits: int = 6
@@ -337,6 +338,7 @@ class In2nPipeline(VanillaPipeline):
         if step % self.config.edit_rate != 0:
             return
         servers = self.edit_servers
+        servers.note_sync_describe()  # the variant's precision check, once, as in async mode
         address = servers.addresses[0]
         for _ in range(self.config.edit_count):
             view = self.schedule.next_view(step)

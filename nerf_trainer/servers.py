@@ -2,7 +2,8 @@
 
 `EditServers` owns one `StreamClient` per server (async mode) or one `EditClient` to the first
 server (sync mode), routes each edit to the least loaded server, counts edits per server and
-says once, in one line, when a server runs another IP2P precision than the variant's.
+says once, in one line, when a server runs another IP2P precision than the variant's (asked of
+the stream clients' Describe, or in sync mode of the blocking client's, before the first edit).
 The clients are made by `make_client` / `make_sync_client`, so tests can pass stand-ins.
 """
 
@@ -12,21 +13,27 @@ import os
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+import grpc
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from diffusion_server.client import EditClient, StreamClient, StreamResult
+from diffusion_server.client import EditClient, EditFailed, StreamClient, StreamResult
+from nerf_trainer.variants import precision_on
 
 
-def precision_mismatch(expected: str, address: str, reported: str) -> Optional[str]:
+def precision_mismatch(expected: str, address: str, reported: str, device: str = "") -> Optional[str]:
     """The one line a trainer prints when the server at `address` runs another IP2P precision than its variant's.
 
-    None when they agree, or when the server's backend has no precision ("n/a": palette, identity).
+    None when they agree, when a half-precision (fp16) variant's server runs bf16 on the CPU (the project's CPU
+    stand-in for fp16: nerf_trainer/variants.py), or when the server's backend has no precision ("n/a": palette,
+    identity). `device` is the server's (its Describe); the advice is what `make run` would start there.
     """
-    if not reported or reported == "n/a" or reported == expected:
+    if not reported or reported == "n/a" or reported in (expected, precision_on(expected, device)):
         return None
+    advice = precision_on(expected, device)
     return (
-        f"in2n: the server at {address} runs IP2P in {reported}, this variant is defined with {expected} "
-        f"(start the server with --precision {expected}); editing goes on"
+        f"in2n: the server at {address} runs IP2P in {reported}{f' on {device}' if device else ''}, this variant is "
+        f"defined with {expected}{f' ({advice} on the CPU)' if advice != expected else ''} "
+        f"(start the server with --precision {advice}); editing goes on"
     )
 
 
@@ -133,12 +140,28 @@ class EditServers:
         """Record each server's Describe on its first connection; say once if its precision is not the variant's."""
         for address, client in zip(self.addresses, self.clients):
             info = getattr(client, "server_info", None)  # the StreamClient's latest Describe (None before one)
-            if info is None or address in self.info:
-                continue
-            self.info[address] = {"backend": info.backend, "device": info.device, "precision": info.precision}
-            note = precision_mismatch(self.precision_hint, address, info.precision)
-            if note is not None:
-                CONSOLE.print(note, soft_wrap=True)  # one line, whatever the terminal's width
+            if info is not None and address not in self.info:
+                self._note(address, info)
+
+    def note_sync_describe(self) -> None:
+        """Sync mode: ask the server's Describe until it answers once (a server not up yet is asked again next
+        time); say once if its precision is not the variant's."""
+        address = self.addresses[0]
+        if self.sync_client is None or address in self.info:
+            return
+        try:
+            info = self.sync_client.describe()
+        except EditFailed as e:  # not up yet, or gone: the edits say so; asked again before the next round
+            if e.code == grpc.StatusCode.UNIMPLEMENTED:  # a server without Describe: nothing to check, not asked again
+                self.info[address] = {"backend": "", "device": "", "precision": ""}
+            return
+        self._note(address, info)
+
+    def _note(self, address: str, info) -> None:
+        self.info[address] = {"backend": info.backend, "device": info.device, "precision": info.precision}
+        note = precision_mismatch(self.precision_hint, address, info.precision, info.device)
+        if note is not None:
+            CONSOLE.print(note, soft_wrap=True)  # one line, whatever the terminal's width
 
     def metrics(self) -> List[dict]:
         """Per server: address, the backend, device and precision its Describe reported ("" before it answered),

@@ -23,13 +23,19 @@ VARIANT_PRECISION: Dict[str, str] = {"in2n": "fp32", "in2n-small": "fp16", "in2n
 """The IP2P precision (the server's --precision) of each variant, as the method defines it."""
 
 
+def precision_on(precision: str, device: str) -> str:
+    """The precision a server on `device` ("cpu", "cuda:0", ...) runs for a variant defined with `precision`:
+    bf16 for fp16 on the CPU, else `precision` itself."""
+    return "bf16" if precision == "fp16" and device.split(":")[0] == "cpu" else precision
+
+
 def server_precision(method: str, device: str) -> Tuple[str, str]:
     """(precision the server on `device` runs for `method`, a one-line reason when it is not the variant's, else "")."""
     if method not in VARIANT_PRECISION:
         raise ValueError(f"method must be one of {', '.join(VARIANT_PRECISION)}, got {method!r}")
     precision = VARIANT_PRECISION[method]
-    if precision == "fp16" and device == "cpu":
-        return "bf16", (
+    if precision_on(precision, device) != precision:
+        return precision_on(precision, device), (
             f"{method} is defined with fp16 IP2P; on the CPU its server runs bf16 instead "
             f"(the CPU's half precision: fp16 has few CPU kernels and runs slower than fp32 there)"
         )

@@ -29,12 +29,33 @@ def test_precision_mismatch_is_one_line_naming_the_server_and_both_precisions():
     assert precision_mismatch("fp16", "h:1", "fp16") is None
     assert precision_mismatch("fp16", "h:1", "n/a") is None  # palette, identity: no IP2P, no precision
     assert precision_mismatch("fp16", "h:1", "") is None  # a server that did not say
-    line = precision_mismatch("fp32", "gpu-box:50051", "fp16")
-    assert "\n" not in line and "gpu-box:50051" in line and "fp16" in line and "fp32" in line
+    line = precision_mismatch("fp32", "gpu-box:50051", "fp16", "cuda:0")
+    assert "\n" not in line and "gpu-box:50051" in line and "fp16" in line and "--precision fp32" in line
+    # Half precision on the CPU is bf16 (what make run starts there): no note; fp16 itself is the variant's too.
+    assert precision_mismatch("fp16", "h:1", "bf16", "cpu") is None
+    assert precision_mismatch("fp16", "h:1", "fp16", "cpu") is None
+    # Real mismatches still get the line, with the advice make run would follow on that device.
+    line = precision_mismatch("fp16", "h:1", "fp32", "cpu")
+    assert "runs IP2P in fp32 on cpu" in line and "--precision bf16" in line and "--precision fp16" not in line, line
+    line = precision_mismatch("fp16", "h:1", "bf16", "cuda:0")  # on a GPU, fp16 is native: bf16 is not the variant's
+    assert "runs IP2P in bf16 on cuda:0" in line and "--precision fp16" in line, line
+    line = precision_mismatch("fp32", "h:1", "bf16", "cpu")  # in2n is full precision everywhere
+    assert "bf16" in line and "--precision fp32" in line, line
+
+
+def test_the_advice_is_the_precision_make_run_starts_for_each_variant_and_device():
+    """Whatever make run (plan_servers, server_precision) starts for a variant on a device is never a mismatch."""
+    from nerf_trainer.servers import precision_mismatch
+    from nerf_trainer.variants import VARIANT_PRECISION, server_precision
+
+    for method, precision in VARIANT_PRECISION.items():
+        for device in ("cpu", "cuda:0", "cuda:1"):
+            assert precision_mismatch(precision, "h:1", server_precision(method, device)[0], device) is None
 
 
 def test_a_real_server_reports_its_precision_to_the_stream_client(edit_server_factory):
-    """tiny-ip2p started with --precision bf16: the stream client's Describe says bf16, which an fp16 variant names."""
+    """tiny-ip2p started with --precision bf16: the stream client's Describe says bf16 on cpu, the fp16 variants'
+    precision there (no note), which the fp32 variant names."""
     from diffusion_server.client import StreamClient
     from nerf_trainer.servers import precision_mismatch
 
@@ -45,7 +66,9 @@ def test_a_real_server_reports_its_precision_to_the_stream_client(edit_server_fa
             time.sleep(0.05)
         assert client.server_info is not None, "no Describe within 60 s"
         assert client.server_info.precision == "bf16" and client.server_info.device == "cpu"
-    assert "bf16" in precision_mismatch("fp16", server.address, client.server_info.precision)
+    info = client.server_info
+    assert precision_mismatch("fp16", server.address, info.precision, info.device) is None
+    assert "bf16" in precision_mismatch("fp32", server.address, info.precision, info.device)
 
 
 # -- the pipeline with two scripted servers ---------------------------------------------------------

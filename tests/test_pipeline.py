@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -52,6 +53,13 @@ class ScriptedEditClient:
 
     def __init__(self) -> None:
         self.views = []  # view_id of each edit asked for
+        self.describes = 0  # Describe calls
+
+    def describe(self):
+        from protos.in2n.v1 import edit_service_pb2 as pb
+
+        self.describes += 1
+        return pb.DescribeResponse(backend="scripted", device="cpu", precision="n/a")
 
     def edit(self, render, original, params, view_id=0):
         from diffusion_server.client import EditReply
@@ -125,52 +133,85 @@ def test_a_bad_edit_is_rejected_without_touching_the_dataset_and_its_view_requeu
     pipeline.update_dataset(500)
 
 
-def lying_edit_service():
-    """An EditService whose stream answers every request with a bad image, cycling NaN, out of range, no pixels."""
+def lying_edit_service(precision: Optional[str] = "n/a"):
+    """An EditService whose Edit and stream answer every request with a bad image, cycling NaN, out of range, no
+    pixels; its Describe reports a tiny-ip2p on the CPU in `precision` (None: Describe is UNIMPLEMENTED)."""
+    import grpc
+
     from protos.in2n.v1 import edit_service_pb2 as pb
     from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 
     class LyingEditService(pb_grpc.EditServiceServicer):
         answered = 0
+        described = 0
+
+        def bad_answer(self, request):
+            h, w = request.render.height, request.render.width
+            kind = self.answered % 3
+            if kind == 0:
+                pixels = np.full((h, w, 3), np.nan, np.float32)
+            elif kind == 1:
+                pixels = np.full((h, w, 3), 2.0, np.float32)
+            else:
+                pixels = np.zeros((0, 0, 3), np.float32)
+            image = pb.Image(height=pixels.shape[0], width=pixels.shape[1], channels=3, dtype=pb.DTYPE_FLOAT32,
+                             data=pixels.tobytes())  # fmt: skip
+            self.answered += 1
+            return pb.EditResponse(request_id=request.request_id, view_id=request.view_id, edited=image)
+
+        def Describe(self, request, context):
+            self.described += 1
+            if precision is None:
+                context.abort(grpc.StatusCode.UNIMPLEMENTED, "no Describe here")
+            return pb.DescribeResponse(backend="tiny-ip2p", device="cpu", precision=precision)
+
+        def Edit(self, request, context):
+            return self.bad_answer(request)
 
         def StreamEdit(self, requests, context):
             for request in requests:
-                h, w = request.edit.render.height, request.edit.render.width
-                kind = self.answered % 3
-                if kind == 0:
-                    pixels = np.full((h, w, 3), np.nan, np.float32)
-                elif kind == 1:
-                    pixels = np.full((h, w, 3), 2.0, np.float32)
-                else:
-                    pixels = np.zeros((0, 0, 3), np.float32)
-                image = pb.Image(height=pixels.shape[0], width=pixels.shape[1], channels=3, dtype=pb.DTYPE_FLOAT32,
-                                 data=pixels.tobytes())  # fmt: skip
-                self.answered += 1
                 yield pb.StreamEditResponse(
-                    request_id=request.edit.request_id, view_id=request.edit.view_id, edited=pb.EditResponse(edited=image)
+                    request_id=request.edit.request_id, view_id=request.edit.view_id, edited=self.bad_answer(request.edit)
                 )
 
     return LyingEditService()
 
 
-def test_nan_out_of_range_and_empty_answers_count_as_rejected_edits(pipeline):
-    """A real StreamClient against a real (in-process) gRPC server that answers NaN, out-of-range and zero-size
-    images: the client refuses them when decoding; the pipeline counts each as rejected (README's word), not
-    failed, and the training images stay untouched."""
+@pytest.fixture
+def lying_server():
+    """A real gRPC server (in-process, 127.0.0.1, ephemeral port) running `lying_edit_service(precision)`; call it
+    with the precision; yields (address, service)."""
     from concurrent import futures
 
     import grpc
 
-    from diffusion_server.client import StreamClient
     from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 
-    service = lying_edit_service()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_EditServiceServicer_to_server(service, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    servers = []
+
+    def start(precision: Optional[str] = "n/a"):
+        service = lying_edit_service(precision)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        pb_grpc.add_EditServiceServicer_to_server(service, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}", service
+
+    yield start
+    for server in servers:
+        server.stop(None)
+
+
+def test_nan_out_of_range_and_empty_answers_count_as_rejected_edits(pipeline, lying_server):
+    """A real StreamClient against a real (in-process) gRPC server that answers NaN, out-of-range and zero-size
+    images: the client refuses them when decoding; the pipeline counts each as rejected (README's word), not
+    failed, and the training images stay untouched."""
+    from diffusion_server.client import StreamClient
+
+    address, service = lying_server()
     scripted = pipeline.edit_servers.clients
-    client = StreamClient(f"127.0.0.1:{port}", max_in_flight=2).start()
+    client = StreamClient(address, max_in_flight=2).start()
     dm, stats = pipeline.datamanager, pipeline.schedule.stats
     before, rejected, failed = dm.images.clone(), stats.rejected, stats.failed
     try:
@@ -182,7 +223,6 @@ def test_nan_out_of_range_and_empty_answers_count_as_rejected_edits(pipeline):
         failed_meanwhile = stats.failed - failed
     finally:
         client.close()
-        server.stop(None)
         pipeline.edit_servers.clients = scripted
         for request_id in list(pipeline.schedule.in_flight):  # leave nothing in flight for the next test
             pipeline.schedule.failed(request_id, "test over")
@@ -204,6 +244,7 @@ def test_sync_edits_are_swapped_in_counted_and_recorded_for_the_evolution_sheet(
     for step in range(dm.num_views):  # edit_rate 1, edit_count 2: every view edited at least once
         pipe.update_dataset_sync(step)
     assert pipe.edit_servers.clients == [] and len(sync.views) == 2 * dm.num_views
+    assert sync.describes == 1  # the precision check: once, at the first round
     metrics = pipe.edit_metrics()
     assert metrics["edits_applied"] == len(sync.views) and metrics["views_edited"] == dm.num_views
     assert torch.allclose(dm.images, dm.images.mean(dim=-1, keepdim=True).expand_as(dm.images))  # gray, swapped in
@@ -213,6 +254,45 @@ def test_sync_edits_are_swapped_in_counted_and_recorded_for_the_evolution_sheet(
     (row,) = pipe.server_metrics()
     assert (row["address"], row["edits_sent"], row["edits_applied"]) == ("scripted:1", len(sync.views), len(sync.views))
     pipe.edit_servers.close()
+
+
+def test_sync_mode_checks_the_precision_once_and_rejects_undecodable_answers(tiny_scene, trainer_env, lying_server, capsys):
+    """Sync mode with the real blocking EditClient against a real (in-process) gRPC server that reports fp32 and
+    answers every Edit with a NaN, out-of-range or zero-size image: the fp16 variant's trainer names the server's
+    precision once, in one line, at the first round (as async mode does), and counts every answer as rejected
+    (not failed), the training images untouched."""
+    from diffusion_server.client import EditClient
+    from nerf_trainer.servers import EditServers
+
+    address, service = lying_server("fp32")
+    pipe = make_pipeline(tiny_scene, trainer_env, edit_mode="sync", edit_server=address, server_precision_hint="fp16")
+    pipe.edit_servers = EditServers.from_config(pipe.config, make_sync_client=lambda a: EditClient(a, timeout_s=60))
+    dm = pipe.datamanager
+    before = dm.images.clone()
+    for step in range(6):  # edit_rate 1: a round each step
+        pipe.update_dataset_sync(step)
+    pipe.edit_servers.close()
+    notes = [line for line in capsys.readouterr().out.splitlines() if "runs IP2P in" in line]
+    assert len(notes) == 1 and address in notes[0] and "fp32" in notes[0] and "fp16" in notes[0], notes
+    assert service.described == 1 and pipe.server_metrics()[0]["precision"] == "fp32"
+    metrics = pipe.edit_metrics()
+    assert service.answered == 6 and (metrics["edits_rejected"], metrics["edits_failed"], metrics["edits_applied"]) == (6, 0, 0)
+    assert torch.equal(dm.images, before)
+
+
+def test_sync_mode_asks_a_server_without_describe_once(tiny_scene, trainer_env, lying_server, capsys):
+    """A server whose Describe is UNIMPLEMENTED: nothing to check, nothing printed, not asked again each round."""
+    from diffusion_server.client import EditClient
+    from nerf_trainer.servers import EditServers
+
+    address, service = lying_server(None)
+    pipe = make_pipeline(tiny_scene, trainer_env, edit_mode="sync", edit_server=address, server_precision_hint="fp16")
+    pipe.edit_servers = EditServers.from_config(pipe.config, make_sync_client=lambda a: EditClient(a, timeout_s=60))
+    for step in range(3):
+        pipe.update_dataset_sync(step)
+    pipe.edit_servers.close()
+    assert service.described == 1 and service.answered == 3
+    assert "runs IP2P in" not in capsys.readouterr().out
 
 
 def test_viewer_controls_change_the_next_edits(pipeline):

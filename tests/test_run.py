@@ -1,12 +1,14 @@
 """`make run` / `make serve` (in2n_demo/run.py): what they start for each variant and each list of edit devices.
 
 The plans and commands are checked as data (no training); `make serve` is run for real with two
-identity servers; the variants' definitions (precision, LPIPS, rays, patch) are read from the
-registered nerfstudio methods. One real `ns-train` run with two servers is in test_multi_server.py.
+identity servers; `make run METHOD=in2n-small` is run for real end to end (tiny IP2P, tiny scene, a few
+steps); the variants' definitions (precision, LPIPS, rays, patch) are read from the registered nerfstudio
+methods. One real `ns-train` run with two servers is in test_multi_server.py.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -164,3 +166,41 @@ def test_make_serve_starts_one_server_per_device_and_stops_them(tmp_path):
     for p in (port, port + 1):  # both servers are gone: their ports are free again
         with socket.socket() as s:
             s.bind(("127.0.0.1", p))
+
+
+def test_make_run_in2n_small_starts_its_server_in_its_precision_and_trains_that_variant(
+    tiny_scene, pretrained, trainer_env, tmp_path
+):
+    """`python -m in2n_demo.run --method in2n-small --backend tiny-ip2p` (make run METHOD=in2n-small), for real,
+    reusing the session's pretrained nerfacto: the server runs the variant's half precision for the CPU (bf16,
+    in its command and its own banner), ns-train trains in2n-small (its run's config.yml), edits come back and
+    are applied (the results' edit_stats.json), and the trainer does not call bf16 a mismatch for in2n-small."""
+    import yaml
+
+    # make run finds a pretrained nerfacto under outputs/pretrain/<scene>/nerfacto/<run>/nerfstudio_models
+    name = tiny_scene.resolve().name
+    pre_run = tmp_path / "outputs" / "pretrain" / name / "nerfacto" / "pre"
+    pre_run.parent.mkdir(parents=True)
+    pre_run.symlink_to(pretrained.parent, target_is_directory=True)
+    port = free_port()
+    cmd = [sys.executable, "-m", "in2n_demo.run", "--method", "in2n-small", "--backend", "tiny-ip2p",
+           "--scene", str(tiny_scene), "--outputs", str(tmp_path / "outputs"), "--steps", "24", "--port", str(port),
+           "--instruction", "make it sepia"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=trainer_env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert f"using the pretrained nerfacto in {pre_run / 'nerfstudio_models'}" in out  # reused, not trained again
+    # The server: started with the variant's precision on the CPU, and running it.
+    [server_cmd] = [line for line in out.splitlines() if line.startswith("$ ") and "-m diffusion_server" in line]
+    assert "--backend tiny-ip2p" in server_cmd and "--device cpu --precision bf16" in server_cmd, server_cmd
+    [results] = [p for p in (tmp_path / "outputs" / name).iterdir() if p.is_dir()]
+    assert "device=cpu, precision=bf16" in (results / "server.log").read_text()
+    # The trainer: in2n-small, against that server, with edits applied; bf16 on the CPU is not a mismatch.
+    [config_file] = (tmp_path / "outputs" / "edits" / name / "in2n-small").glob("*/config.yml")
+    config = yaml.load(config_file.read_text(), Loader=yaml.Loader)
+    assert config.method_name == "in2n-small" and config.pipeline.server_precision_hint == "fp16"
+    assert config.pipeline.model.use_lpips and config.pipeline.edit_server == f"127.0.0.1:{port}"
+    stats = json.loads((results / "edit_stats.json").read_text())
+    assert stats["edits_applied"] >= 1, stats
+    assert [row["precision"] for row in stats["servers"]] == ["bf16"]
+    assert "runs IP2P in" not in out, out[-4000:]

@@ -1,7 +1,8 @@
 """Bad scenes are refused before training, in one line naming the file: `check_scene` and a real `ns-train` start.
 
 Each case is a copy of the tiny scene with one thing broken: transforms.json malformed, not
-listing frames, an image missing, unreadable or truncated, or images of two sizes.
+listing frames, with a pose that is not 4x4 finite numbers, a required intrinsic missing or not a number;
+an image missing, unreadable or truncated, or images of two sizes.
 """
 
 from __future__ import annotations
@@ -62,6 +63,39 @@ def mixed_sizes(scene: Path) -> Path:
     return image
 
 
+def edit_meta(scene: Path, change) -> Path:
+    """Apply change(meta) to the scene's transforms.json (still valid JSON); returns its path."""
+    path = scene / "transforms.json"
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))  # NaN is written as NaN, which Python's json reads back
+    return path
+
+
+def set_frame(k: int, key: str, value):
+    return lambda scene: edit_meta(scene, lambda meta: meta["frames"][k].__setitem__(key, value))
+
+
+def drop_top(key: str):
+    return lambda scene: edit_meta(scene, lambda meta: meta.pop(key))
+
+
+def set_top(key: str, value):
+    return lambda scene: edit_meta(scene, lambda meta: meta.__setitem__(key, value))
+
+
+def widths_per_frame_but_one(scene: Path) -> Path:
+    """w moved into the frames, forgotten in frame 7."""
+
+    def change(meta):
+        w = meta.pop("w")
+        for k, frame in enumerate(meta["frames"]):
+            if k != 7:
+                frame["w"] = w
+
+    return edit_meta(scene, change)
+
+
 CASES = {
     "malformed transforms.json": (malformed_json, "malformed JSON"),
     "no frames": (no_frames, "no frames"),
@@ -69,7 +103,23 @@ CASES = {
     "unreadable image": (unreadable_image, "unreadable image"),
     "truncated image": (truncated_image, "unreadable image"),
     "images of two sizes": (mixed_sizes, "40x32 pixels"),
-}
+    # transforms.json that parses but that nerfstudio's parser would stop on with a traceback:
+    "2x3 transform_matrix": (set_frame(2, "transform_matrix", [[1, 0, 0], [0, 1, 0]]),
+                             'frame 2 (images/frame_00003.png): "transform_matrix" must be 4x4'),
+    "3x4 transform_matrix": (set_frame(0, "transform_matrix", [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]]),
+                             'frame 0 (images/frame_00001.png): "transform_matrix" must be 4x4'),
+    "string transform_matrix": (set_frame(5, "transform_matrix", "identity"),
+                                'frame 5 (images/frame_00006.png): "transform_matrix" must be 4x4'),
+    "NaN in transform_matrix": (set_frame(1, "transform_matrix", [[1, 0, 0, float("nan")], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]),
+                                'frame 1 (images/frame_00002.png): "transform_matrix" must be 4x4 finite numbers'),
+    "no fl_x anywhere": (drop_top("fl_x"), 'frame 0 (images/frame_00001.png): no "fl_x"'),
+    "no h anywhere": (drop_top("h"), 'no "h"'),
+    "w missing in one frame": (widths_per_frame_but_one, 'frame 7 (images/frame_00008.png): no "w"'),
+    "string fl_y": (set_top("fl_y", "35.2"), '"fl_y" must be a finite number, got "35.2"'),
+    "fractional h": (set_top("h", 31.5), '"h" must be a whole number of pixels'),
+    "string distortion": (set_top("k1", "0"), '"k1" must be a finite number, got "0"'),
+    "unknown camera_model": (set_top("camera_model", "pinhole"), 'unknown "camera_model" "pinhole"'),
+}  # fmt: skip
 
 
 def broken_copy(tiny_scene: Path, tmp_path: Path, case: str) -> tuple:
@@ -83,6 +133,25 @@ def broken_copy(tiny_scene: Path, tmp_path: Path, case: str) -> tuple:
 def test_a_good_scene_passes(tiny_scene):
     assert check_scene(tiny_scene) == (16, (32, 32))
     assert check_scene(tiny_scene / "transforms.json") == (16, (32, 32))
+
+
+def test_intrinsics_in_every_frame_and_no_camera_model_pass(tiny_scene, tmp_path):
+    """What nerfstudio's parser accepts passes: intrinsics per frame instead of at top level, no camera_model
+    (a perspective camera), integral floats for w and h, per-frame distortion ignored under a top-level one."""
+    scene, _, _ = broken_copy(tiny_scene, tmp_path, "malformed transforms.json")
+    shutil.copy(tiny_scene / "transforms.json", scene / "transforms.json")  # undo the damage
+
+    def change(meta):
+        intrinsics = {key: meta.pop(key) for key in ("fl_x", "fl_y", "cx", "cy", "w", "h", "camera_model")}
+        for frame in meta["frames"]:
+            frame.update({key: v for key, v in intrinsics.items() if key != "camera_model"}, w=32.0, k1="ignored")
+
+    edit_meta(scene, change)
+    assert check_scene(scene) == (16, (32, 32))
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+
+    cameras = NerfstudioDataParserConfig(data=scene, eval_mode="all").setup().get_dataparser_outputs("train").cameras
+    assert cameras.width.flatten().tolist() == [32] * 16  # nerfstudio's own parser reads it too
 
 
 def test_without_images_only_transforms_json_is_checked(tiny_scene, tmp_path):
@@ -109,7 +178,7 @@ def test_a_scene_folder_without_transforms_json_says_so(tmp_path):
         check_scene(tmp_path)
 
 
-@pytest.mark.parametrize("case", ["images of two sizes", "truncated image"])
+@pytest.mark.parametrize("case", ["images of two sizes", "truncated image", "2x3 transform_matrix"])
 def test_ns_train_refuses_a_broken_scene_in_one_line_before_training(tiny_scene, trainer_env, tmp_path, case):
     """A real `ns-train in2n-tiny` start: non-zero exit, the one line on stderr, no traceback, no training step."""
     scene, culprit, words = broken_copy(tiny_scene, tmp_path, case)

@@ -69,7 +69,9 @@ def table(entries: List[Tuple[str, str, str]]) -> str:
 def render() -> str:
     sys.path.insert(0, str(REPO))
     from diffusion_server.config import ServerConfig
+    from nerf_trainer.model import In2nModelConfig
     from nerf_trainer.pipeline import In2nPipelineConfig
+    from nerf_trainer.trainer import In2nTrainerConfig
 
     return f"""# Options
 
@@ -78,10 +80,24 @@ Generated from the config dataclasses by `python tools/gen_options.py` (do not e
 
 ## The trainer: `ns-train in2n` (and `in2n-small`, `in2n-tiny`)
 
-The edit's own options, `--pipeline.*`. nerfstudio's options (`--max-num-iterations`, `--load-dir`,
-`--pipeline.model.*`, `--pipeline.datamanager.*`, ...) are in `ns-train in2n --help`.
+Every option in2n adds to nerfstudio's: the run's, the edit's (`--pipeline.*`) and the model's
+(`--pipeline.model.*`). nerfstudio's own options (`--max-num-iterations`, `--load-dir`,
+`--pipeline.datamanager.*`, nerfacto's `--pipeline.model.*`, ...) are in `ns-train in2n --help`.
+The defaults below are the dataclasses'; each variant sets some of them (its IP2P precision in
+`--pipeline.server-precision-hint`, LPIPS, patch size; see the variant table in
+[method.md](method.md#the-three-variants)).
+
+### The run (`In2nTrainerConfig`)
+
+{table(rows(In2nTrainerConfig, "--"))}
+
+### The edit (`In2nPipelineConfig`)
 
 {table(rows(In2nPipelineConfig, "--pipeline.", skip=("datamanager", "model")))}
+
+### The model's losses (`In2nModelConfig`)
+
+{table(rows(In2nModelConfig, "--pipeline.model."))}
 
 ## The diffusion server: `python -m diffusion_server`
 
