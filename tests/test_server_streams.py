@@ -5,7 +5,7 @@ Real `python -m diffusion_server` processes on 127.0.0.1 (ephemeral ports), real
 - hundreds of idle StreamEdit streams: health, Describe, Edit are still answered, streams beyond
   --max-streams get RESOURCE_EXHAUSTED at once, a freed slot takes a new stream;
 - a stream idle longer than --stream-idle-timeout-s is closed with UNAVAILABLE (and one whose edit
-  is still running is not);
+  is still running is not); so is one whose client sends requests but reads no response for that long;
 - a client that floods one stream and never reads: the server stops reading it (back-pressure), its
   memory stays bounded, and comes back near the baseline once the client cancels;
 - an original whose original_key does not match it is refused; client ids never appear in clear in
@@ -234,6 +234,40 @@ def test_back_pressure_loses_nothing() -> None:
         assert server.metrics.registry.get_sample_value("in2n_streams_paused") == 0
     finally:
         server.close()
+
+
+def test_a_stream_whose_client_never_reads_is_closed(edit_server_factory) -> None:
+    """A client that sends requests and never reads the responses loses its stream after
+    --stream-idle-timeout-s without write progress (its backlog is never 0, so the plain idle clock
+    never runs): UNAVAILABLE saying so, and its slot of --max-streams 1 goes to the next stream."""
+    metrics_port = free_port()
+    server = edit_server_factory(extra_args=["--max-streams", "1", "--stream-idle-timeout-s", "1",
+                                             "--metrics-port", str(metrics_port)])  # fmt: skip
+    render = random_image(5, FLOOD_SIDE, FLOOD_SIDE)  # answers of 786 KiB: the client's receive window fills
+
+    def requests() -> Iterator[pb.StreamEditRequest]:
+        for i in range(FLOOD_REQUESTS):
+            yield pb.StreamEditRequest(edit=edit_request(f"n{i}", "make it sepia", render, render))
+
+    with grpc.insecure_channel(server.address, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        stub = pb_grpc.EditServiceStub(channel)
+        deaf = stub.StreamEdit(requests(), timeout=300)  # its responses are not read until the end of the test
+        wait_until(lambda: _metrics(metrics_port).get("in2n_streams_unread_closed_total", 0) >= 1,
+                   "the server closes the stream whose client does not read", timeout_s=120)  # fmt: skip
+        # Its slot is free: the next stream is served (with --max-streams 1), while the deaf client still reads nothing.
+        reply = list(stub.StreamEdit(iter([pb.StreamEditRequest(edit=_small_edit("next"))]), timeout=RPC_TIMEOUT_S))
+        assert [r.request_id for r in reply] == ["next"] and reply[0].WhichOneof("outcome") == "edited"
+        wait_until(lambda: _metrics(metrics_port).get("in2n_edits_in_progress", 1) == 0, "no edit left in the server")
+        # The deaf client, reading at last, gets what had reached it, then the reason its stream ended.
+        with pytest.raises(grpc.RpcError) as info:
+            for response in deaf:
+                assert response.WhichOneof("outcome") == "edited"
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        details = info.value.details()
+        assert "not reading its responses" in details and "--stream-idle-timeout-s" in details, details
+        assert not details.startswith(STREAM_IDLE)  # not the routine close of a stream with nothing to do
+        assert _metrics(metrics_port).get("in2n_streams_open") == 0
+    assert "Traceback" not in server.output()
 
 
 # -- item 5: originals cache ---------------------------------------------------------------------------
