@@ -405,10 +405,13 @@ class EditServicer(pb_grpc.EditServiceServicer):
         try:
             await asyncio.wait((write,), timeout=timeout_s if timeout_s > 0 else None)
         finally:
-            if not write.done():
-                write.cancel()  # runs once this coroutine returns
-        if write.cancelled() or not write.done():
+            stalled = not write.done()
+            if stalled:
+                write.cancel()  # takes effect once this coroutine yields
+        if stalled:
             return False
+        if write.cancelled():  # cancelled from outside (the server stopping): end the call quietly
+            raise asyncio.CancelledError()
         error = write.exception()
         if error is not None:  # the client cancelled or the connection broke mid-write
             log.debug("StreamEdit write failed: %s", error)
