@@ -42,7 +42,7 @@ class ServerConfig:
     max_streams: int = 64
     """Most StreamEdit streams open at once, over all clients; a new stream beyond it gets RESOURCE_EXHAUSTED at once."""
     stream_idle_timeout_s: float = 600.0
-    """A stream with no request from its client and nothing of its own in flight for this many seconds is closed (UNAVAILABLE, "stream idle ..."); 0: never."""
+    """A stream with no request from its client and nothing of its own in flight for this many seconds is closed (UNAVAILABLE, "stream idle ..."); so is one whose client reads no response for this long while one waits to be sent (UNAVAILABLE, "... not reading its responses ..."); 0: never."""
     max_stream_backlog: int = 32
     """Most responses one stream may owe its client (requests read whose answer is not yet sent: edits in flight, answers the client has not taken); at this bound the server stops reading that stream's requests until the client reads (back-pressure)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -13,7 +13,9 @@ Exposed over HTTP by `serve()` when `--metrics-port` is set (`GET /metrics`):
 - `in2n_streams_paused` (gauge): open streams whose requests the server does not read for now, because
   their backlog of unsent responses is at --max-stream-backlog (the client does not read: back-pressure);
 - `in2n_streams_refused_total` (counter): streams refused with RESOURCE_EXHAUSTED (--max-streams reached);
-- `in2n_streams_idle_closed_total` (counter): streams closed after --stream-idle-timeout-s idle.
+- `in2n_streams_idle_closed_total` (counter): streams closed after --stream-idle-timeout-s idle;
+- `in2n_streams_unread_closed_total` (counter): streams closed because their client took no response for
+  --stream-idle-timeout-s (a response waited that long to be sent: the client does not read).
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class ServerMetrics:
         )
         self.streams_refused = Counter("in2n_streams_refused", "Streams refused: too many open", registry=r)
         self.streams_idle_closed = Counter("in2n_streams_idle_closed", "Streams closed by the server after idling", registry=r)
+        self.streams_unread_closed = Counter(
+            "in2n_streams_unread_closed", "Streams closed by the server because their client took no response", registry=r
+        )
         self._http: Optional[Tuple[object, object]] = None
 
     def request_done(self, method: str, code_name: str) -> None:

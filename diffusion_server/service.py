@@ -10,11 +10,14 @@ starve health checks or unary calls.
 
 Streams are bounded three ways: at most `max_streams` are open (a new one beyond gets
 RESOURCE_EXHAUSTED at once); one idle longer than `stream_idle_timeout_s` (no request read
-and nothing of its own unanswered) is closed with UNAVAILABLE; and a stream's backlog
-(requests read whose response is not yet handed to gRPC: edits in flight plus answers the
-client has not taken) is at most `max_stream_backlog`: at the bound the server stops reading
-that stream's requests until the client reads (back-pressure, rather than refusing: a slow
-reader loses nothing, and its requests wait in its own send window). Everything a stream
+and nothing of its own unanswered) is closed with UNAVAILABLE, and so is one whose client
+reads nothing for that long (a response could not be handed to gRPC for `stream_idle_timeout_s`:
+the client's receive window stays full); and a stream's backlog (requests read whose response
+is not yet handed to gRPC: edits in flight plus answers the client has not taken) is at most
+`max_stream_backlog`: at the bound the server stops reading that stream's requests until the
+client reads (back-pressure, rather than refusing: a slow reader loses nothing, and its
+requests wait in its own send window; one that stops reading altogether loses its stream after
+the timeout, so it cannot hold a slot of `max_streams` until its deadline). Everything a stream
 holds is dropped when it ends.
 """
 
@@ -345,6 +348,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
         idle_s = limits.stream_idle_timeout_s
         expected: Optional[int] = None
         sent = 0
+        unsent: Optional[int] = None  # set when the client takes no response for idle_s: the stream is closed
         try:
             while expected is None or sent < expected:
                 timeout = None
@@ -360,19 +364,25 @@ class EditServicer(pb_grpc.EditServiceServicer):
                 if isinstance(item, _EndOfInput):
                     expected = item.count
                     continue
-                try:
-                    await context.write(item)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - the client cancelled or the connection broke mid-write
-                    log.debug("StreamEdit write failed: %s", e)
-                    raise asyncio.CancelledError() from e
+                if not await self._write(context, item, idle_s):
+                    unsent = stream.backlog  # this response, those queued behind it and the edits in flight
+                    break
                 sent += 1
                 stream.sent()
             else:
                 return
         finally:
             self._end_stream(stream, reader)
+        if unsent is not None:  # the loop above broke out: the client takes no response
+            log.info("StreamEdit closed: its client read no response for %.0f s (--stream-idle-timeout-s); "
+                     "%d response(s) dropped", idle_s, unsent, extra={"event": "stream_not_reading"})
+            if self._metrics is not None:
+                self._metrics.streams_unread_closed.inc()  # type: ignore[attr-defined]
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"stream closed by the server: the client is not reading its responses (none taken for {idle_s:g} s, "
+                f"the server's --stream-idle-timeout-s); {unsent} response(s) dropped; read responses as they come",
+            )
         # Idle: the loop above broke out.
         log.info("StreamEdit closed after %.0f s idle (--stream-idle-timeout-s)", idle_s, extra={"event": "stream_idle"})
         if self._metrics is not None:
@@ -382,6 +392,31 @@ class EditServicer(pb_grpc.EditServiceServicer):
             f"{STREAM_IDLE} {idle_s:g} s (no request and nothing in flight; the server's --stream-idle-timeout-s): "
             "closed by the server; open a new stream to send more edits",
         )
+
+    @staticmethod
+    async def _write(context: grpc.aio.ServicerContext, response: pb.StreamEditResponse, timeout_s: float) -> bool:
+        """Hand `response` to gRPC; False if it could not be sent within `timeout_s` seconds (0: wait as long as it
+        takes): the client's receive window stays full, the client does not read its responses.
+
+        A write that fails because the client cancelled or the connection broke ends the call quietly
+        (CancelledError)."""
+        write = asyncio.ensure_future(context.write(response))
+        write.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved: never "never retrieved"
+        try:
+            await asyncio.wait((write,), timeout=timeout_s if timeout_s > 0 else None)
+        finally:
+            stalled = not write.done()
+            if stalled:
+                write.cancel()  # takes effect once this coroutine yields
+        if stalled:
+            return False
+        if write.cancelled():  # cancelled from outside (the server stopping): end the call quietly
+            raise asyncio.CancelledError()
+        error = write.exception()
+        if error is not None:  # the client cancelled or the connection broke mid-write
+            log.debug("StreamEdit write failed: %s", error)
+            raise asyncio.CancelledError() from error
+        return True
 
     @staticmethod
     async def _next(stream: _Stream, timeout: Optional[float]) -> Optional[object]:

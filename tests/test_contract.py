@@ -2,17 +2,20 @@
 
 - `in2n_contract` imports without the server, torch or nerfstudio (a client needs only it and the generated code);
 - the method defaults a request's unset fields take are the trainer config's defaults;
-- every registered backend reports its own name (Describe's `backend` comes from the backend, not the config).
+- every registered backend reports its own name (Describe's `backend` comes from the backend, not the config);
+- the recipe of an original's key, as the contract spells it out, is the key the client computes and the server checks.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 import in2n_contract
@@ -68,3 +71,38 @@ def test_describe_reports_the_backends_name_not_the_configs() -> None:
     finally:
         server.stop(grace=None).wait()
         servicer.close()
+
+
+def _documented_original_key(height: int, width: int, channels: int, dtype_code: str, data: bytes) -> str:
+    """The original's key as the .proto and docs/contract.md spell it out, written from that text alone."""
+    header = f"({height}, {width}, {channels})|{dtype_code}|".encode("ascii")
+    return hashlib.sha256(header + data).hexdigest()[:32]
+
+
+def test_the_documented_original_key_is_the_one_the_server_checks() -> None:
+    """The recipe of `original_key` in the contract (a client in another language follows it) is what
+    `original_key` computes and what the server checks (`wire_original_key`), for every dtype that travels."""
+    from diffusion_server.client import make_request, original_key
+    from diffusion_server.validation import wire_original_key
+    from in2n_contract import EditParams
+
+    rng = np.random.default_rng(0)
+    pixels = rng.random((5, 7, 3))  # [H, W, 3] float64
+    images = {
+        "|u1": np.rint(pixels * 255).astype(np.uint8),
+        "<f2": pixels.astype(np.float16),
+        "<f4": pixels.astype(np.float32),
+        "float64": pixels,  # travels as float32: keyed as the float32 sent
+    }
+    for name, image in images.items():
+        wire = make_request("r", 0, image, image, EditParams("x")).original
+        code = {pb.DTYPE_UINT8: "|u1", pb.DTYPE_FLOAT16: "<f2", pb.DTYPE_FLOAT32: "<f4"}[wire.dtype]
+        expected = _documented_original_key(wire.height, wire.width, wire.channels, code, wire.data)
+        assert original_key(image) == wire_original_key(wire) == expected, name
+    proto = (REPO / "protos/in2n/v1/edit_service.proto").read_text()
+    contract = (REPO / "docs/contract.md").read_text()
+    for text in (proto, contract):  # the recipe and the secrecy of client_id are written down
+        flat = " ".join(text.replace("//", " ").split())
+        assert "SHA-256" in flat and "first 32 characters" in flat and "(H, W, C)|S|" in flat
+        assert "client_id` is a capability" in flat and "never logs it in clear" in flat
+        assert "chosen by the client" not in flat

@@ -3,9 +3,10 @@
 Real `python -m diffusion_server` processes on 127.0.0.1 (ephemeral ports), real gRPC clients:
 
 - hundreds of idle StreamEdit streams: health, Describe, Edit are still answered, streams beyond
-  --max-streams get RESOURCE_EXHAUSTED at once, a freed slot takes a new stream;
+  --max-streams get RESOURCE_EXHAUSTED at once, a freed slot takes a new stream; with a high
+  --max-streams, 300 idle streams held open at once still starve nobody (no thread per stream);
 - a stream idle longer than --stream-idle-timeout-s is closed with UNAVAILABLE (and one whose edit
-  is still running is not);
+  is still running is not); so is one whose client sends requests but reads no response for that long;
 - a client that floods one stream and never reads: the server stops reading it (back-pressure), its
   memory stays bounded, and comes back near the baseline once the client cancels;
 - an original whose original_key does not match it is refused; client ids never appear in clear in
@@ -48,54 +49,82 @@ def _small_edit(request_id: str) -> pb.EditRequest:
     return edit_request(request_id, "make it sepia", random_image(3, 8, 8), random_image(4, 8, 8))
 
 
+def _metrics(port: int) -> dict:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        match = re.match(r"^([a-z_0-9]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", line)
+        if match:
+            values[match.group(1)] = float(match.group(2))
+    return values
+
+
 # -- item 1: open streams starve nobody ---------------------------------------------------------------
 
 
-async def _idle_streams_scenario(address: str) -> None:
+async def _idle_streams_scenario(address: str, metrics_port: int, max_streams: int, count: int) -> None:
+    """Open `count` idle streams on a server with --max-streams `max_streams`: those beyond the limit are
+    refused at once, the others stay open, and every other caller is still answered."""
+    refused_expected = max(0, count - max_streams)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.EditServiceStub(channel)
-        calls = [stub.StreamEdit(timeout=120) for _ in range(IDLE_STREAMS)]  # none sends anything
+        calls = [stub.StreamEdit(timeout=120) for _ in range(count)]  # none sends anything
         ends = {asyncio.ensure_future(call.code()): call for call in calls}
-        # The streams beyond the limit are refused at once; wait (with a deadline) until they all are.
-        finished, pending = await asyncio.wait(ends, timeout=RPC_TIMEOUT_S * 2)
-        while pending and len(finished) < IDLE_STREAMS - MAX_STREAMS:
-            more, pending = await asyncio.wait(pending, timeout=RPC_TIMEOUT_S)
-            if not more:
-                break
-            finished |= more
-        assert len(finished) == IDLE_STREAMS - MAX_STREAMS, f"{len(finished)} streams ended, expected {IDLE_STREAMS - MAX_STREAMS}"
+        # The streams beyond the limit are refused at once: wait for each end as it comes, until that many have
+        # ended, with a deadline (the accepted streams never end by themselves).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RPC_TIMEOUT_S
+        finished: set = set()
+        pending = set(ends)
+        while len(finished) < refused_expected and loop.time() < deadline:
+            done, pending = await asyncio.wait(pending, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED)
+            finished |= done
+        assert len(finished) == refused_expected, f"{len(finished)} streams ended, expected {refused_expected}"
         for task in finished:
-            assert task.result() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert task.result() == grpc.StatusCode.RESOURCE_EXHAUSTED, task.result()
             details = await ends[task].details()
-            assert "--max-streams" in details and str(MAX_STREAMS) in details, details
+            assert "--max-streams" in details and str(max_streams) in details, details
+        # The others are open on the server, each waiting for its client.
+        accepted = count - refused_expected
+        await asyncio.to_thread(wait_until, lambda: _metrics(metrics_port).get("in2n_streams_open") == accepted,
+                                f"the server holds {accepted} open streams")  # fmt: skip
+        assert not any(task.done() for task in pending)
         open_calls = [ends[task] for task in pending]
 
-        # With MAX_STREAMS streams open and idle, every other caller is still answered.
+        # With that many streams open and idle, every other caller is still answered.
         health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         described = await stub.Describe(pb.DescribeRequest(), timeout=10)
         assert described.backend == "palette"
         edited = await stub.Edit(_small_edit("unary"), timeout=RPC_TIMEOUT_S)
         assert edited.request_id == "unary" and edited.edited.height == 8
-        one_more = stub.StreamEdit(timeout=RPC_TIMEOUT_S)
-        assert await one_more.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-
-        # A stream that ends frees its slot: the next stream is served.
-        await open_calls[0].done_writing()
-        assert await open_calls[0].code() == grpc.StatusCode.OK
-        fresh = stub.StreamEdit(timeout=RPC_TIMEOUT_S)
+        if accepted == max_streams:  # at the limit: one more is refused, until a stream ends and frees its slot
+            one_more = stub.StreamEdit(timeout=RPC_TIMEOUT_S)
+            assert await one_more.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await open_calls[0].done_writing()
+            assert await open_calls[0].code() == grpc.StatusCode.OK
+            open_calls = open_calls[1:]
+        fresh = stub.StreamEdit(timeout=RPC_TIMEOUT_S)  # below the limit: a new stream is served at once
         await fresh.write(pb.StreamEditRequest(edit=_small_edit("fresh")))
         response = await fresh.read()
         assert response.request_id == "fresh" and response.WhichOneof("outcome") == "edited"
         await fresh.done_writing()
         assert await fresh.code() == grpc.StatusCode.OK
-        for call in open_calls[1:]:
+        for call in open_calls:
             call.cancel()
 
 
-def test_hundreds_of_idle_streams_starve_nobody(edit_server_factory) -> None:
-    server = edit_server_factory(extra_args=["--max-streams", str(MAX_STREAMS)])
-    asyncio.run(_idle_streams_scenario(server.address))
+@pytest.mark.parametrize(
+    "max_streams,count",
+    [(MAX_STREAMS, IDLE_STREAMS), (1000, IDLE_STREAMS)],
+    ids=["beyond-the-limit-refused", "hundreds-accepted"],
+)
+def test_hundreds_of_idle_streams_starve_nobody(edit_server_factory, max_streams: int, count: int) -> None:
+    """With --max-streams 40, 260 of 300 idle streams are refused at once; with --max-streams 1000, all 300 are
+    accepted and held open at once (no thread each: health, Describe, Edit and a new stream are still answered)."""
+    metrics_port = free_port()
+    server = edit_server_factory(extra_args=["--max-streams", str(max_streams), "--metrics-port", str(metrics_port)])
+    asyncio.run(_idle_streams_scenario(server.address, metrics_port, max_streams, count))
     assert server.proc is not None and server.proc.poll() is None
     assert "Traceback" not in server.output()
 
@@ -151,16 +180,6 @@ FLOOD_REQUESTS = 400
 FLOOD_SIDE = 256  # 256x256 float32: 786 KiB an image, 1.5 MiB a request
 FLOOD_GROWTH_LIMIT = 160 << 20  # unbounded, 400 answers of 786 KiB alone are over 300 MiB
 AFTER_GROWTH_LIMIT = 64 << 20
-
-
-def _metrics(port: int) -> dict:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    values = {}
-    for line in text.splitlines():
-        match = re.match(r"^([a-z_0-9]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", line)
-        if match:
-            values[match.group(1)] = float(match.group(2))
-    return values
 
 
 def _answered_on_streams(values: dict) -> float:
@@ -234,6 +253,40 @@ def test_back_pressure_loses_nothing() -> None:
         assert server.metrics.registry.get_sample_value("in2n_streams_paused") == 0
     finally:
         server.close()
+
+
+def test_a_stream_whose_client_never_reads_is_closed(edit_server_factory) -> None:
+    """A client that sends requests and never reads the responses loses its stream after
+    --stream-idle-timeout-s without write progress (its backlog is never 0, so the plain idle clock
+    never runs): UNAVAILABLE saying so, and its slot of --max-streams 1 goes to the next stream."""
+    metrics_port = free_port()
+    server = edit_server_factory(extra_args=["--max-streams", "1", "--stream-idle-timeout-s", "1",
+                                             "--metrics-port", str(metrics_port)])  # fmt: skip
+    render = random_image(5, FLOOD_SIDE, FLOOD_SIDE)  # answers of 786 KiB: the client's receive window fills
+
+    def requests() -> Iterator[pb.StreamEditRequest]:
+        for i in range(FLOOD_REQUESTS):
+            yield pb.StreamEditRequest(edit=edit_request(f"n{i}", "make it sepia", render, render))
+
+    with grpc.insecure_channel(server.address, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        stub = pb_grpc.EditServiceStub(channel)
+        deaf = stub.StreamEdit(requests(), timeout=300)  # its responses are not read until the end of the test
+        wait_until(lambda: _metrics(metrics_port).get("in2n_streams_unread_closed_total", 0) >= 1,
+                   "the server closes the stream whose client does not read", timeout_s=120)  # fmt: skip
+        # Its slot is free: the next stream is served (with --max-streams 1), while the deaf client still reads nothing.
+        reply = list(stub.StreamEdit(iter([pb.StreamEditRequest(edit=_small_edit("next"))]), timeout=RPC_TIMEOUT_S))
+        assert [r.request_id for r in reply] == ["next"] and reply[0].WhichOneof("outcome") == "edited"
+        wait_until(lambda: _metrics(metrics_port).get("in2n_edits_in_progress", 1) == 0, "no edit left in the server")
+        # The deaf client, reading at last, gets what had reached it, then the reason its stream ended.
+        with pytest.raises(grpc.RpcError) as info:
+            for response in deaf:
+                assert response.WhichOneof("outcome") == "edited"
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        details = info.value.details()
+        assert "not reading its responses" in details and "--stream-idle-timeout-s" in details, details
+        assert not details.startswith(STREAM_IDLE)  # not the routine close of a stream with nothing to do
+        assert _metrics(metrics_port).get("in2n_streams_open") == 0
+    assert "Traceback" not in server.output()
 
 
 # -- item 5: originals cache ---------------------------------------------------------------------------
