@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from diffusion_server.backends.base import EditParams
+from in2n_contract import EditParams
 from diffusion_server.codec import to_float01
 from diffusion_server.backends.ip2p import Ip2pBackend, WeightsNotFound
 from diffusion_server.backends.ip2p_reference import reference_edit

@@ -16,7 +16,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from diffusion_server.backends.base import EditItem, EditParams
+from diffusion_server.backends.base import EditItem
+
+from in2n_contract import EditParams
 from diffusion_server.backends.tiny_ip2p import _tiny_components, build_tiny_ip2p
 from diffusion_server.backends.ip2p import Ip2pBackend
 from protos.in2n.v1 import edit_service_pb2 as pb

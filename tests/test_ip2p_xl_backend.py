@@ -14,7 +14,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from diffusion_server.backends import create_backend  # noqa: E402
-from diffusion_server.backends.base import EditItem, EditParams  # noqa: E402
+from diffusion_server.backends.base import EditItem  # noqa: E402
+from in2n_contract import EditParams
 from diffusion_server.backends.ip2p_xl import Ip2pXlBackend  # noqa: E402
 from diffusion_server.backends.tiny_ip2p import _tiny_tokenizer  # noqa: E402
 

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from diffusion_server import codec
-from diffusion_server.backends.base import EditParams
+from in2n_contract import EditParams
 from diffusion_server.backends.palette import apply_look
 from diffusion_server.client import StreamClient
 from protos.in2n.v1 import edit_service_pb2 as pb

@@ -23,7 +23,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from diffusion_server import codec
-from diffusion_server.backends.base import BackendInfo, EditBackend, EditParams, EditResult
+from diffusion_server.backends.base import BackendInfo, EditBackend, EditResult
+from in2n_contract import EditParams
 from diffusion_server.backends.identity import IdentityBackend
 from diffusion_server.client import EditClient, EditFailed, StreamClient, original_key
 from diffusion_server.server import shutdown

@@ -203,9 +203,10 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
 def editor_sections(rep: Report, args: argparse.Namespace) -> Optional[Callable[[], None]]:
     """The editor's sections; returns the compile lever's section, which main runs after the trainer's."""
     from bench.gpu.models import random_components, save_components, unet_tflop_per_row
-    from diffusion_server.backends.base import EditItem, EditParams
+    from diffusion_server.backends.base import EditItem
     from diffusion_server.backends.ip2p import Ip2pBackend
     from diffusion_server.backends.ip2p_reference import reference_edit
+    from in2n_contract import EditParams
 
     device = torch.device(args.device)
     full = not args.tiny
@@ -404,8 +405,8 @@ class ServerProcess:
 
 
 def server_section(rep: Report, args: argparse.Namespace, folder: str) -> List[Dict]:
-    from diffusion_server.backends.base import EditParams
     from diffusion_server.client import StreamClient
+    from in2n_contract import EditParams
 
     rows = []
     for batch in args.batches:

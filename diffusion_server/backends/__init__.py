@@ -15,6 +15,10 @@ from typing import Any, Callable, Dict, Literal, Optional, Tuple, get_args
 
 from diffusion_server.backends.base import EditBackend
 
+DEFAULT_IP2P_MODEL = "timbrooks/instruct-pix2pix"
+"""The ip2p backend's model (hub id) when --model is not given: here, not in the backend's module, so that the
+server's config and the demo harness name it without importing torch; not in the contract, since no request carries it."""
+
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 """Values accepted by `--precision`; `auto` is fp16 on CUDA, fp32 elsewhere."""
 

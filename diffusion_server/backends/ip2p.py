@@ -54,7 +54,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import resolve_precision
+from . import DEFAULT_IP2P_MODEL, resolve_precision
 from .base import BackendInfo, EditBackend, EditCancelled, EditItem, EditParams, EditResult
 
 try:  # not an OSError in huggingface_hub >= 1.0
@@ -137,7 +137,7 @@ class _Prepared:
 class Ip2pBackend(EditBackend):
     """InstructPix2Pix with DDIM, Instruct-NeRF2NeRF style (edits start from the noised render)."""
 
-    DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
+    DEFAULT_MODEL = DEFAULT_IP2P_MODEL
     name = "ip2p"
     supports_batching = True
     default_max_batch = 8  # --max-batch when not given: what is queued, up to 8 edits, runs as one batch
