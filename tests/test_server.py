@@ -379,7 +379,7 @@ def test_busy_port_fails_with_one_line(child_env: dict) -> None:
 
 
 def test_unusable_cuda_device_fails_with_one_line(child_env: dict) -> None:
-    # cuda:99 fails both without CUDA ("not available; use --device cpu") and with it ("pick one of them").
+    # cuda:99 fails both without CUDA ("not available; use cpu") and with it ("pick one of them").
     result = run_server_cli(["--backend", "tiny-ip2p", "--device", "cuda:99", "--port", "0"], child_env)
     assert_one_line_error(result, "--device cuda:99")
 

@@ -203,6 +203,7 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
 def editor_sections(rep: Report, args: argparse.Namespace) -> Optional[Callable[[], None]]:
     """The editor's sections; returns the compile lever's section, which main runs after the trainer's."""
     from bench.gpu.models import random_components, save_components, unet_tflop_per_row
+    from diffusion_server.backends import resolve_precision
     from diffusion_server.backends.base import EditItem
     from diffusion_server.backends.ip2p import Ip2pBackend
     from diffusion_server.backends.ip2p_reference import reference_edit
@@ -210,7 +211,7 @@ def editor_sections(rep: Report, args: argparse.Namespace) -> Optional[Callable[
 
     device = torch.device(args.device)
     full = not args.tiny
-    precision = "fp16" if device.type == "cuda" else "fp32"
+    precision = resolve_precision("auto", device)
     ed = rep.doc["editor"]
     t0 = time.monotonic()
     parts = random_components(full, device=args.device, seed=0)
@@ -405,6 +406,7 @@ class ServerProcess:
 
 
 def server_section(rep: Report, args: argparse.Namespace, folder: str) -> List[Dict]:
+    from diffusion_server.backends import resolve_precision
     from diffusion_server.client import StreamClient
     from in2n_contract import EditParams
 
@@ -414,7 +416,7 @@ def server_section(rep: Report, args: argparse.Namespace, folder: str) -> List[D
             rows.append({"max_batch": batch, "skipped": "time budget spent"})
             continue
         with tempfile.TemporaryDirectory(prefix="in2n-gpu-serve-") as tmp:
-            server = ServerProcess(args, folder, Path(tmp), "fp16" if args.device.startswith("cuda") else "fp32",
+            server = ServerProcess(args, folder, Path(tmp), resolve_precision("auto", args.device),
                                    ["--max-batch", str(batch), "--max-delay-ms", "0", "--max-queued", "64"])  # fmt: skip
             try:
                 address = server.wait_address()
@@ -463,10 +465,12 @@ def model_folder(args: argparse.Namespace) -> str:
     """The random IP2P saved in diffusers' layout for `--backend ip2p --model FOLDER` (full size, or tiny with
     --tiny): the editor section's folder, written here when that section did not get that far."""
     from bench.gpu.models import random_components, save_components
+    from diffusion_server.backends import resolve_precision
+    from diffusion_server.backends.ip2p import PRECISIONS
 
     folder = os.path.join(tempfile.gettempdir(), "in2n-gpu-bench", "model-full" if not args.tiny else "model-tiny")
     if not os.path.exists(os.path.join(folder, "scheduler", "scheduler_config.json")):
-        dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+        dtype = PRECISIONS[resolve_precision("auto", args.device)]
         parts = random_components(not args.tiny, device=args.device, seed=0)
         save_components(parts, folder, dtype)
         del parts

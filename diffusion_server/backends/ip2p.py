@@ -54,7 +54,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import DEFAULT_IP2P_MODEL, resolve_precision
+from . import DEFAULT_IP2P_MODEL, resolve_device, resolve_precision
 from .base import BackendInfo, EditBackend, EditCancelled, EditItem, EditParams, EditResult
 
 try:  # not an OSError in huggingface_hub >= 1.0
@@ -75,24 +75,6 @@ _COND_CACHE_SIZE = 512
 class WeightsNotFound(RuntimeError):
     """The model's weights are neither in the given folder nor in the Hugging Face cache
     (and could not, or may not, be downloaded)."""
-
-
-def resolve_device(device: str) -> torch.device:
-    """Parse and check a torch device string; raise ValueError naming `device`."""
-    if not isinstance(device, str) or not device:
-        raise ValueError(f"device must be a torch device string such as 'cpu' or 'cuda:0', got {device!r}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"device {device!r} is not a valid torch device string ({e})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r}: MPS is not available on this machine")
-    return dev
 
 
 def ddim_from_config(config: Any) -> DDIMScheduler:
