@@ -134,6 +134,21 @@ def test_instruction_matters_and_batched_equals_alone(backend: Ip2pXlBackend) ->
     assert np.abs(batched[0].image - batched[1].image).max() > 1e-4  # same seed, other text: other edit
 
 
+def test_batched_edits_with_mixed_T_match_the_reference(backend: Ip2pXlBackend) -> None:
+    """In a batch, each edit keeps its own T, noise, schedule and text: each equals the reference run alone."""
+    items, refs = [], []
+    for seed, text in ((21, "make it red"), (22, "make it night"), (23, "turn the sky red")):
+        render, original = _images(32, 32, seed=seed)
+        p = EditParams(text, diffusion_steps=3, seed=seed, lower_bound=0.2, upper_bound=0.9)
+        items.append(EditItem(render, original, p))
+        refs.append(_reference_edit(backend, render, original, p))
+    results = backend.edit_batch(items)
+    assert len({T for _, T in refs}) > 1  # the batch mixes timestep schedules
+    for result, (reference, T) in zip(results, refs):
+        assert result.timestep == T
+        np.testing.assert_allclose(result.image, reference, rtol=0, atol=1e-5)
+
+
 def test_odd_size_comes_back_at_its_size(backend: Ip2pXlBackend) -> None:
     render, original = _images(30, 21, seed=3)
     assert backend.edit(render, original, EditParams("x", diffusion_steps=2, seed=1)).image.shape == (30, 21, 3)

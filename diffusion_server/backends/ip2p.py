@@ -77,13 +77,21 @@ class WeightsNotFound(RuntimeError):
     (and could not, or may not, be downloaded)."""
 
 
+REFERENCE_DDIM_SETTINGS: Dict[str, Any] = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+"""What the reference's DDIM has (built from Stable Diffusion's scheduler config): no x0 clipping (latent
+diffusion), the last step to alphas_cumprod[0] rather than 1, timesteps k * (T // n) + 1."""
+
+
 def ddim_from_config(config: Any) -> DDIMScheduler:
     """A DDIM scheduler with the noise schedule of `config` (any diffusers scheduler's config).
 
-    Latent diffusion never clips x0: DDIM's default clip_sample=True is replaced by False
-    when the config does not say.
+    The settings of `REFERENCE_DDIM_SETTINGS` that the config does not give (absent, or filled in with its
+    class's default: diffusers lists those in `_use_default_values`) take the reference's values, not
+    DDIM's defaults (clip_sample=True, set_alpha_to_one=True, steps_offset=0: another last step and every
+    timestep one lower).
     """
-    overrides = {} if "clip_sample" in config else {"clip_sample": False}
+    defaulted = set(config.get("_use_default_values", None) or ())
+    overrides = {k: v for k, v in REFERENCE_DDIM_SETTINGS.items() if k not in config or k in defaulted}
     return DDIMScheduler.from_config(config, **overrides)
 
 
