@@ -136,12 +136,10 @@ def test_instruction_matters_and_batched_equals_alone(backend: Ip2pXlBackend) ->
 
 def test_batched_edits_with_mixed_T_match_the_reference(backend: Ip2pXlBackend) -> None:
     """In a batch, each edit keeps its own T, noise, schedule and text: each equals the reference run alone."""
-    items, refs = [], []
-    for seed, text in ((21, "make it red"), (22, "make it night"), (23, "turn the sky red")):
-        render, original = _images(32, 32, seed=seed)
-        p = EditParams(text, diffusion_steps=3, seed=seed, lower_bound=0.2, upper_bound=0.9)
-        items.append(EditItem(render, original, p))
-        refs.append(_reference_edit(backend, render, original, p))
+    texts = {21: "make it red", 22: "make it night", 23: "turn the sky red"}  # seed: instruction
+    items = [EditItem(*_images(seed=seed), EditParams(text, diffusion_steps=3, seed=seed, lower_bound=0.2, upper_bound=0.9))
+             for seed, text in texts.items()]  # fmt: skip
+    refs = [_reference_edit(backend, item.render, item.original, item.params) for item in items]
     results = backend.edit_batch(items)
     assert len({T for _, T in refs}) > 1  # the batch mixes timestep schedules
     for result, (reference, T) in zip(results, refs):
