@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .ip2p import Ip2pBackend
+from .ip2p import REFERENCE_DDIM_SETTINGS, Ip2pBackend
 
 TINY_MODEL_LABEL = "tiny-random-ip2p"
 
@@ -66,7 +66,7 @@ def tiny_tokenizer() -> CLIPTokenizer:
 
 
 def tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
-    """A 2-block AutoencoderKL (4 latent channels, 8x down), weights from torch's current RNG.
+    """A 2-block AutoencoderKL (4 latent channels, latents at half the image side), weights from torch's current RNG.
     `scaling_factor`: the latent scale, Stable Diffusion 1.5's by default (SDXL's is 0.13025)."""
     return AutoencoderKL(
         in_channels=3,
@@ -101,17 +101,8 @@ def tiny_text_config(**overrides: Any) -> CLIPTextConfig:
 
 def tiny_ddim_config() -> Dict[str, Any]:
     """DDIMScheduler arguments: Stable Diffusion's noise schedule (scaled-linear betas 0.00085 .. 0.012 over
-    1000 steps) with the DDIM settings the reference uses (no x0 clipping, final alpha = alphas_cumprod[0],
-    steps_offset 1); the same at any model size."""
-    return dict(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    1000 steps) with the reference's DDIM settings (`REFERENCE_DDIM_SETTINGS`); the same at any model size."""
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **REFERENCE_DDIM_SETTINGS)
 
 
 def tiny_components(seed: int) -> dict:
