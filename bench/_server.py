@@ -1,44 +1,41 @@
-"""Start a `python -m diffusion_server` subprocess for a benchmark and stop it afterwards."""
+"""Start a `python -m diffusion_server` subprocess for a benchmark and stop it afterwards; the machine's description."""
 
 from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import List, Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from testing_support import ServerProcess  # noqa: E402
 
 
-class BenchServer:
+class BenchServer(ServerProcess):
+    """`testing_support.ServerProcess` in a temporary folder, started at once, at log level warning; the
+    environment's HF_HUB_OFFLINE and OMP_NUM_THREADS are kept when set (default: offline, one thread)."""
+
     def __init__(self, backend: str, extra_args: Optional[List[str]] = None, device: str = "cpu"):
         self._dir = tempfile.TemporaryDirectory(prefix="in2n-bench-")
-        self.port_file = Path(self._dir.name) / "port"
         env = os.environ.copy()
         env.setdefault("OMP_NUM_THREADS", "1")
         env.setdefault("HF_HUB_OFFLINE", "1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        command = [sys.executable, "-m", "diffusion_server", "--backend", backend, "--device", device, "--host", "127.0.0.1",
-                   "--port", "0", "--port-file", str(self.port_file), "--log-level", "warning", *(extra_args or [])]
-        self.proc = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while not self.port_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {command}")
-            time.sleep(0.05)
-        self.address = f"127.0.0.1:{int(self.port_file.read_text())}"
+        super().__init__(Path(self._dir.name), backend, extra_args=["--log-level", "warning", *(extra_args or [])], device=device, env=env)
+        try:
+            self.start(timeout_s=120)
+        except BaseException:
+            self._dir.cleanup()
+            raise
 
     def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        self.stop(timeout_s=30)
         self._dir.cleanup()
-
-    def __enter__(self) -> "BenchServer":
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()

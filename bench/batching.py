@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: testing_support
 
 from _server import BenchServer, machine  # noqa: E402
-from diffusion_server.backends.base import EditParams  # noqa: E402
+from in2n_contract import EditParams  # noqa: E402
 from diffusion_server.client import StreamClient  # noqa: E402
 from testing_support import free_port  # noqa: E402
 

@@ -22,9 +22,8 @@ import threading
 import time
 from typing import List, Tuple
 
-import psutil
-
 from _server import BenchServer, machine, percentile
+from testing_support import rss_bytes
 
 Record = Tuple[str, float, float]
 """(outcome "ok" / "refused" / "wrong" / other code name, client round trip ms, server queue ms)."""
@@ -99,22 +98,22 @@ def main() -> None:
     print(f"server: identity --delay-ms {args.delay_ms:g} --max-queued {args.max_queued}; {args.clients} client processes x "
           f"{args.attempts} requests, {args.side}x{args.side}x3 uint8, think time U[0, {think_ms:g}] ms")  # fmt: skip
     with BenchServer("identity", ["--delay-ms", str(args.delay_ms), "--max-queued", str(args.max_queued)]) as server:
-        proc = psutil.Process(server.proc.pid)
+        pid = server.proc.pid
         run(server.address, args.clients, 3, args.side, think_ms)  # warm-up burst
-        rss_before = proc.memory_info().rss
+        rss_before = rss_bytes(pid)
         peak = [rss_before]
         stop = threading.Event()
 
         def sample() -> None:
             while not stop.wait(0.02):
-                peak[0] = max(peak[0], proc.memory_info().rss)
+                peak[0] = max(peak[0], rss_bytes(pid))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         records, wall = run(server.address, args.clients, args.attempts, args.side, think_ms)
         stop.set()
         sampler.join()
-        rss_after = proc.memory_info().rss
+        rss_after = rss_bytes(pid)
 
     accepted = [r for r in records if r[0] == "ok"]
     refused = [r for r in records if r[0] == "refused"]

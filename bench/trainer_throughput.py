@@ -40,7 +40,7 @@ import tyro
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from diffusion_server.backends.base import BackendInfo, EditBackend, EditResult  # noqa: E402
+from diffusion_server.backends.identity import IdentityBackend  # noqa: E402
 from in2n_demo.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone  # noqa: E402
 from testing_support import InProcessServer, demo_scene_and_pretrained, read_edit_report  # noqa: E402
 
@@ -71,20 +71,6 @@ class BenchConfig:
     """Scratch folder (scene, pretrained model, runs)."""
     output: Path = REPO / "bench" / "results" / "trainer_throughput.json"
     """Where the JSON of the figures goes."""
-
-
-class SleepBackend(EditBackend):
-    """Returns the render after a fixed delay, using no CPU meanwhile."""
-
-    def __init__(self, delay_s: float) -> None:
-        self.delay_s = delay_s
-
-    def info(self) -> BackendInfo:
-        return BackendInfo(model=f"sleep {self.delay_s * 1e3:.0f} ms")
-
-    def edit(self, render, original, params) -> EditResult:
-        time.sleep(self.delay_s)
-        return EditResult(image=render)
 
 
 def run_mode(cfg: BenchConfig, load_dir: Path, scene: Path, port: int, mode: str, chunk: int, budget: float,
@@ -144,7 +130,8 @@ def main(cfg: BenchConfig) -> None:
     )
     if cfg.rounds < 1:
         raise SystemExit(f"--rounds must be >= 1, got {cfg.rounds}")
-    server = InProcessServer(SleepBackend(cfg.edit_ms / 1e3), device="cpu")
+    # Edits one at a time (max batch 1), each the render back after edit_ms of sleep.
+    server = InProcessServer(IdentityBackend(delay_s=cfg.edit_ms / 1e3), device="cpu")
     port = server.port
     try:
         runs = [("off", 0, 0.0)] + [("async", c, 0.0) for c in cfg.chunk_rays] + [("async", cfg.budget_chunk_rays, b) for b in cfg.render_budgets]

@@ -20,7 +20,7 @@ from typing import List
 import numpy as np
 
 from _server import BenchServer, machine
-from diffusion_server.backends.base import EditParams
+from in2n_contract import EditParams
 from diffusion_server.client import StreamClient
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from diffusion_server.backends import BackendName, Precision
+from diffusion_server.backends import DEFAULT_IP2P_MODEL, BackendName, Precision
 from in2n_contract import DEFAULT_MAX_IMAGE_SIDE, max_message_bytes_for
 
 
@@ -17,7 +17,7 @@ class ServerConfig:
 
     backend: BackendName = "ip2p"
     """Editing backend: ip2p (InstructPix2Pix weights), ip2p-xl (InstructPix2Pix on SDXL weights), tiny-ip2p (tiny random IP2P, for tests), palette (classical colour looks, no weights), stochastic (random colour looks, a stand-in for diffusion's randomness; the consistency experiment) or identity (returns the render; benchmarks)."""
-    model: str = "timbrooks/instruct-pix2pix"
+    model: str = DEFAULT_IP2P_MODEL
     """Model id on the Hugging Face hub or a local folder (ip2p, ip2p-xl: default diffusers/sdxl-instructpix2pix-768; already downloaded, nothing is fetched)."""
     device: str = "cuda:0"
     """Torch device of the backend: cpu, cuda or cuda:N (palette always runs on the CPU)."""

@@ -4,7 +4,9 @@ What both ends of `in2n.v1.EditService` agree on, in one place that the client, 
 the backends and the trainer's config all import (nothing here imports torch or the server):
 
 - `EditParams` and the method defaults (Instruct-NeRF2NeRF's) a request's unset fields take;
-- limits: `max_message_bytes_for` (the gRPC message size that two images of a side need);
+- limits: `max_message_bytes_for` (the gRPC message size that two images of a side need), the longest
+  texts (`MAX_INSTRUCTION_CHARS`, `MAX_REQUEST_ID_CHARS`, `MAX_CLIENT_ID_CHARS`) and the largest
+  guidance scale (`MAX_GUIDANCE`) a request may carry;
 - the service name and the generated modules (`pb`, `pb_grpc`);
 - the starts of status messages a client acts on (`ORIGINAL_NOT_CACHED`, `ORIGINAL_REQUIRED`).
 """
@@ -52,6 +54,14 @@ def max_message_bytes_for(max_image_side: int) -> int:
     return 2 * max_image_side * max_image_side * 3 * 4 + MESSAGE_HEADROOM_BYTES
 
 
+# Request limits: the server answers INVALID_ARGUMENT past them (naming the field).
+MAX_INSTRUCTION_CHARS = 1000
+MAX_REQUEST_ID_CHARS = 256
+MAX_CLIENT_ID_CHARS = 256
+MAX_GUIDANCE = 100.0
+"""Largest guidance_scale and image_guidance_scale (both are in [0, MAX_GUIDANCE])."""
+
+
 ORIGINAL_NOT_CACHED = "original not cached"
 """Start of the FAILED_PRECONDITION message of a request whose original the server does not hold;
 the client then sends the request again with the original."""
@@ -71,6 +81,10 @@ __all__ = [
     "DEFAULT_MAX_IMAGE_SIDE",
     "DEFAULT_UPPER_BOUND",
     "EditParams",
+    "MAX_CLIENT_ID_CHARS",
+    "MAX_GUIDANCE",
+    "MAX_INSTRUCTION_CHARS",
+    "MAX_REQUEST_ID_CHARS",
     "MESSAGE_HEADROOM_BYTES",
     "ORIGINAL_NOT_CACHED",
     "ORIGINAL_REQUIRED",

@@ -30,6 +30,7 @@ from typing import Dict, List, Literal, Optional, Tuple
 
 import tyro
 
+from diffusion_server.backends import DEFAULT_IP2P_MODEL
 from nerf_trainer.variants import server_precision
 
 DEFAULT_INSTRUCTIONS = {"ip2p": "turn it into a bronze sculpture", "palette": "make it sepia"}
@@ -59,7 +60,7 @@ class RunConfig:
     """Text instruction; empty: a default suited to the backend (printed in the banner)."""
     backend: Literal["auto", "ip2p", "ip2p-xl", "palette", "tiny-ip2p", "identity"] = "auto"
     """Diffusion server backend; auto: ip2p when its weights are on this machine, else palette (identity: no edit)."""
-    model: str = "timbrooks/instruct-pix2pix"
+    model: str = DEFAULT_IP2P_MODEL
     """InstructPix2Pix hub id or local folder (ip2p backend)."""
     steps: int = 300
     """in2n training steps (after the pretrained checkpoint's own)."""

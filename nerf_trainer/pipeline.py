@@ -38,6 +38,7 @@ from in2n_contract import (
     DEFAULT_IMAGE_GUIDANCE_SCALE,
     DEFAULT_LOWER_BOUND,
     DEFAULT_UPPER_BOUND,
+    MAX_GUIDANCE,
     EditParams,
 )
 from nerf_trainer.datamanager import In2nDataManagerConfig
@@ -173,8 +174,8 @@ class In2nPipeline(VanillaPipeline):
         """Take the viewer's instruction and guidance scales for the edits sent from now on."""
         instruction = str(self.viewer_instruction.value).strip()
         text, image = float(self.viewer_guidance_scale.value), float(self.viewer_image_guidance_scale.value)
-        if not instruction or not (0.0 <= text <= 100.0 and 0.0 <= image <= 100.0):
-            CONSOLE.print(f"in2n: ignored viewer edit settings {instruction!r}, {text}, {image} (empty or out of [0, 100])")
+        if not instruction or not (0.0 <= text <= MAX_GUIDANCE and 0.0 <= image <= MAX_GUIDANCE):
+            CONSOLE.print(f"in2n: ignored viewer edit settings {instruction!r}, {text}, {image} (empty or out of [0, {MAX_GUIDANCE:g}])")
             return
         changed = (instruction, text, image) != (self.config.instruction, self.config.guidance_scale, self.config.image_guidance_scale)
         self.config.instruction, self.config.guidance_scale, self.config.image_guidance_scale = instruction, text, image

@@ -1,5 +1,5 @@
 """What tests/ and bench/ share: free ports, a process's RSS, a gated fake backend, an in-process server,
-the tiny nerfacto flags and a demo scene with a pretrained nerfacto.
+a server subprocess, the tiny nerfacto flags and a demo scene with a pretrained nerfacto.
 
 A top-level package (not shipped: pyproject lists only the project's packages) so that both can import it
 the same way: tests through conftest's sys.path entry for the repo root, bench scripts (run as
@@ -9,16 +9,23 @@ the same way: tests through conftest's sys.path entry for the repo root, bench s
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import grpc
 import numpy as np
 
-from diffusion_server.backends.base import BackendInfo, EditBackend, EditParams, EditResult
+from diffusion_server.backends.base import BackendInfo, EditBackend, EditResult
+from in2n_contract import EditParams
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -109,7 +116,141 @@ class InProcessServer:
         self.close()
 
 
-__all__ = ["GateBackend", "InProcessServer", "dead_address", "free_port", "rss_bytes"]
+def subprocess_env() -> dict:
+    """Environment for child processes: offline hub, one torch thread unless set (server and trainer share
+    a few cores), the repo root importable."""
+    env = os.environ.copy()
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+class ServerProcess:
+    """A `python -m diffusion_server` subprocess on 127.0.0.1; its port comes from --port-file, its output
+    goes to a log file in `workdir` (not a pipe: a chatty server never blocks on it).
+
+    `extra_args` follow the backend, device, host and port options; `env` defaults to `subprocess_env()`;
+    `script` replaces `-m diffusion_server` (a script that takes the same options, e.g. bench/gpu/serve.py
+    and its own first arguments). `start()` spawns and waits for the port file; `stop()` is SIGTERM, then
+    SIGKILL after a timeout (`spawn()` and `wait_ready()` are start's two halves). `start_s`: seconds from
+    spawn to the port file.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        backend: str = "palette",
+        port: int = 0,
+        extra_args: Sequence[str] = (),
+        device: str = "cpu",
+        env: Optional[Mapping[str, str]] = None,
+        script: Sequence[str] = ("-m", "diffusion_server"),
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.backend = backend
+        self.device = device
+        self.requested_port = port
+        self.extra_args = list(extra_args)
+        self.env = dict(env) if env is not None else None
+        self.script = list(script)
+        self.port_file = self.workdir / f"port-{time.monotonic_ns()}"
+        self.log_path = self.port_file.with_suffix(".log")
+        self.proc: Optional[subprocess.Popen] = None
+        self.port: Optional[int] = None
+        self.start_s: Optional[float] = None
+
+    @property
+    def address(self) -> str:
+        assert self.port is not None, "server not started"
+        return f"127.0.0.1:{self.port}"
+
+    def command(self) -> list:
+        return [
+            sys.executable, *self.script,
+            "--backend", self.backend, "--device", self.device,
+            "--host", "127.0.0.1", "--port", str(self.requested_port),
+            "--port-file", str(self.port_file), *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self, timeout_s: float = 60.0) -> "ServerProcess":
+        """Spawn the server and wait until it serves (`spawn`, then `wait_ready`)."""
+        return self.spawn().wait_ready(timeout_s)
+
+    def spawn(self) -> "ServerProcess":
+        """Start the process without waiting for it (it loads while the caller does something else)."""
+        self._spawned_at = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            env = self.env if self.env is not None else subprocess_env()
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        return self
+
+    def wait_ready(self, timeout_s: float = 60.0) -> "ServerProcess":
+        """Wait (polling, with a deadline) until the spawned server has written its port file: it serves from then on."""
+        assert self.proc is not None, "spawn() first"
+        deadline = time.monotonic() + timeout_s
+        while not self.port_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"diffusion server exited with {self.proc.returncode}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"diffusion server wrote no port file within {timeout_s} s:\n{self.output()}")
+            time.sleep(0.02)
+        self.start_s = time.monotonic() - self._spawned_at
+        self.port = int(self.port_file.read_text().strip())
+        return self
+
+    def output(self) -> str:
+        """Everything the server printed so far (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def pause(self) -> None:
+        """SIGSTOP: the server holds its connections but answers nothing."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL, as if the server crashed."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self, timeout_s: float = 15.0) -> Optional[int]:
+        """SIGTERM (graceful); SIGKILL if it does not exit within timeout_s. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused process cannot handle SIGTERM
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = [
+    "GateBackend",
+    "InProcessServer",
+    "REPO_ROOT",
+    "ServerProcess",
+    "dead_address",
+    "free_port",
+    "rss_bytes",
+    "subprocess_env",
+]
 
 
 # nerfacto smaller than make run's: a few hundred steps in well under a minute on one CPU thread.

@@ -13,12 +13,10 @@ Sections (each self-contained; add new ones below, do not mix):
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Sequence
 
 import pytest
 
@@ -30,22 +28,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from testing_support import TINY_NERFACTO  # noqa: E402  (re-exported: tests import it from conftest)
+# Re-exported: tests import TINY_NERFACTO and subprocess_env from conftest.
+from testing_support import TINY_NERFACTO, ServerProcess, subprocess_env  # noqa: E402
 
 # Nothing in the tests may download weights.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def subprocess_env() -> dict:
-    """Environment for child processes: offline hub, repo root importable."""
-    env = os.environ.copy()
-    env["HF_HUB_OFFLINE"] = "1"
-    env["TRANSFORMERS_OFFLINE"] = "1"
-    # Server and trainer share 2 cores in CI: one torch thread each, no oversubscription.
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
 
 
 @pytest.fixture
@@ -70,89 +58,8 @@ def one_torch_thread() -> Iterator[None]:
 # 2. Diffusion server subprocesses
 # ==================================================================================================
 
-SERVER_STARTUP_TIMEOUT_S = 60.0
-
-
-class EditServerProcess:
-    """A real `python -m diffusion_server` subprocess on 127.0.0.1; its port comes from --port-file."""
-
-    def __init__(self, workdir: Path, backend: str = "palette", port: int = 0, extra_args: Sequence[str] = ()):
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.backend = backend
-        self.requested_port = port
-        self.extra_args = list(extra_args)
-        self.port_file = self.workdir / f"port-{time.monotonic_ns()}"
-        self.log_path = self.port_file.with_suffix(".log")
-        self.proc: Optional[subprocess.Popen] = None
-        self.port: Optional[int] = None
-
-    @property
-    def address(self) -> str:
-        assert self.port is not None, "server not started"
-        return f"127.0.0.1:{self.port}"
-
-    def command(self) -> list:
-        return [
-            sys.executable, "-m", "diffusion_server",
-            "--backend", self.backend, "--device", "cpu",
-            "--host", "127.0.0.1", "--port", str(self.requested_port),
-            "--port-file", str(self.port_file), *self.extra_args,
-        ]  # fmt: skip
-
-    def start(self, timeout_s: float = SERVER_STARTUP_TIMEOUT_S) -> "EditServerProcess":
-        """Spawn the server and wait (polling, with a deadline) until it has written its port file."""
-        log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=REPO_ROOT)
-        log.close()
-        deadline = time.monotonic() + timeout_s
-        while not self.port_file.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"diffusion server exited with {self.proc.returncode}:\n{self.output()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise TimeoutError(f"diffusion server wrote no port file within {timeout_s} s:\n{self.output()}")
-            time.sleep(0.02)
-        self.port = int(self.port_file.read_text().strip())
-        return self
-
-    def output(self) -> str:
-        """Everything the server printed so far (stdout and stderr)."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def pause(self) -> None:
-        """SIGSTOP: the server holds its connections but answers nothing."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-    def kill(self) -> None:
-        """SIGKILL, as if the server crashed."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def stop(self, timeout_s: float = 15.0) -> Optional[int]:
-        """SIGTERM (graceful); SIGKILL if it does not exit within timeout_s. Returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # a paused process cannot handle SIGTERM
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-    def __enter__(self) -> "EditServerProcess":
-        return self.start() if self.proc is None else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+EditServerProcess = ServerProcess
+"""A real `python -m diffusion_server` subprocess on 127.0.0.1 (testing_support.ServerProcess, the name tests use)."""
 
 
 def start_edit_server(

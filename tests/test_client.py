@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from diffusion_server.backends.base import EditParams
+from in2n_contract import EditParams
 from diffusion_server.client import EditClient, EditFailed, StreamClient, StreamResult
 from testing_support import free_port
 

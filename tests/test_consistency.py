@@ -18,7 +18,7 @@ import pytest
 
 from bench.consistency import consistency_metrics, in2n_command, measure_run, run_dir_of
 from conftest import NS_TRAIN, QUIET
-from diffusion_server.backends.base import EditParams
+from in2n_contract import EditParams
 from diffusion_server.backends.stochastic import StochasticLookBackend, alphas_cumprod, color_stats, make_backend
 from testing_support import InProcessServer
 

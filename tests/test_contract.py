@@ -14,16 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
 import in2n_contract
 from diffusion_server.backends import BACKEND_NAMES, create_backend
 from diffusion_server.backends.identity import IdentityBackend
-from diffusion_server.config import ServerConfig
-from diffusion_server.server import build_server
-from in2n_contract import pb, pb_grpc
+from in2n_contract import pb
+from testing_support import InProcessServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,16 +59,9 @@ def test_backend_reports_its_registry_name(name: str) -> None:
 
 
 def test_describe_reports_the_backends_name_not_the_configs() -> None:
-    config = ServerConfig(backend="palette", host="127.0.0.1", port=0)
-    server, port, servicer, _ = build_server(config, IdentityBackend())
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            described = pb_grpc.EditServiceStub(channel).Describe(pb.DescribeRequest(), timeout=30)
-        assert described.backend == "identity"
-    finally:
-        server.stop(grace=None).wait()
-        servicer.close()
+    with InProcessServer(IdentityBackend()) as server:  # its config says backend="palette"
+        described = server.stub.Describe(pb.DescribeRequest(), timeout=30)
+    assert described.backend == "identity"
 
 
 def _documented_original_key(height: int, width: int, channels: int, dtype_code: str, data: bytes) -> str:

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from conftest import EditServerProcess, start_edit_server
 from testing_support import rss_bytes
 from diffusion_server import codec
-from diffusion_server.validation import MAX_CLIENT_ID_CHARS, MAX_INSTRUCTION_CHARS, MAX_REQUEST_ID_CHARS
+from in2n_contract import MAX_CLIENT_ID_CHARS, MAX_INSTRUCTION_CHARS, MAX_REQUEST_ID_CHARS, ORIGINAL_REQUIRED
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 
@@ -176,7 +176,7 @@ def _missing_render(req: pb.EditRequest, data: st.DataObject) -> str:
 
 def _missing_original(req: pb.EditRequest, data: st.DataObject) -> str:
     req.ClearField("original")
-    return "original is required"
+    return ORIGINAL_REQUIRED
 
 
 def _missing_instruction(req: pb.EditRequest, data: st.DataObject) -> str:

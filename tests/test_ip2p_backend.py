@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from diffusion_server.backends.base import EditParams
+from in2n_contract import EditParams
 from diffusion_server.codec import to_float01
 from diffusion_server.backends.ip2p import Ip2pBackend, WeightsNotFound
 from diffusion_server.backends.ip2p_reference import reference_edit
@@ -108,6 +108,31 @@ def test_batched_edits_match_the_reference(backend: Ip2pBackend) -> None:
     for res, (ref, T) in zip(results, refs):
         assert res.timestep == T
         np.testing.assert_allclose(res.image, ref, atol=1e-5, rtol=0)
+
+
+def test_ddim_from_a_config_without_the_reference_settings_takes_them() -> None:
+    """A scheduler config that leaves out clip_sample, set_alpha_to_one and steps_offset (absent, or filled in
+    with its class's defaults) gives the reference's DDIM, not DDIM's defaults: no clipping, the last step to
+    alphas_cumprod[0], timesteps k * (T // n) + 1 (docs/method.md); what a config does say is kept."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from diffusion_server.backends.ip2p import ddim_from_config
+    from diffusion_server.backends.tiny_ip2p import tiny_components
+
+    schedule = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    euler = EulerAncestralDiscreteScheduler(**schedule)  # its config holds steps_offset=0, a default filled in
+    parts = tiny_components(0)
+    parts["scheduler"] = euler
+    from_backend = Ip2pBackend(**parts).scheduler  # a non-DDIM scheduler goes through ddim_from_config
+    T, n = 700, 20
+    for ddim in (ddim_from_config(dict(schedule)), ddim_from_config(euler.config), from_backend):
+        assert ddim.config.clip_sample is False and ddim.config.set_alpha_to_one is False
+        assert float(ddim.final_alpha_cumprod) == float(ddim.alphas_cumprod[0])
+        ddim = DDIMScheduler.from_config(ddim.config, num_train_timesteps=T)  # the edit's schedule over [0, T)
+        ddim.set_timesteps(n)
+        assert ddim.timesteps.tolist() == [k * (T // n) + 1 for k in reversed(range(n))]
+    said = ddim_from_config(dict(schedule, steps_offset=0, set_alpha_to_one=True))
+    assert said.config.steps_offset == 0 and float(said.final_alpha_cumprod) == 1.0
 
 
 @pytest.mark.parametrize("hw", [(32, 32), (31, 45)])

@@ -16,8 +16,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from diffusion_server.backends.base import EditItem, EditParams
-from diffusion_server.backends.tiny_ip2p import _tiny_components, build_tiny_ip2p
+from diffusion_server.backends.base import EditItem
+
+from in2n_contract import EditParams
+from diffusion_server.backends.tiny_ip2p import build_tiny_ip2p, tiny_components
 from diffusion_server.backends.ip2p import Ip2pBackend
 from protos.in2n.v1 import edit_service_pb2 as pb
 
@@ -57,7 +59,7 @@ def test_batched_ddim_update_equals_each_edits_scheduler_step() -> None:
 
 
 def test_a_scheduler_the_batched_update_cannot_follow_is_refused() -> None:
-    parts = _tiny_components(0)
+    parts = tiny_components(0)
     parts["scheduler"] = DDIMScheduler.from_config(parts["scheduler"].config, prediction_type="v_prediction")
     with pytest.raises(ValueError, match="scheduler.*epsilon"):
         Ip2pBackend(**parts)

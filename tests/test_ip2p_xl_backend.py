@@ -10,13 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
+from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from diffusion_server.backends import create_backend  # noqa: E402
-from diffusion_server.backends.base import EditItem, EditParams  # noqa: E402
+from diffusion_server.backends.base import EditItem  # noqa: E402
 from diffusion_server.backends.ip2p_xl import Ip2pXlBackend  # noqa: E402
-from diffusion_server.backends.tiny_ip2p import _tiny_tokenizer  # noqa: E402
+from diffusion_server.backends.tiny_ip2p import tiny_ddim_config, tiny_text_config, tiny_tokenizer, tiny_vae  # noqa: E402
+from in2n_contract import EditParams  # noqa: E402
 
 
 def tiny_xl_components(seed: int = 0) -> dict:
@@ -39,33 +40,16 @@ def tiny_xl_components(seed: int = 0) -> dict:
             cross_attention_dim=64,  # 32 + 32: both text encoders
             norm_num_groups=32,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=32,
-            scaling_factor=0.13025,
-        )
-        config = CLIPTextConfig(
-            hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, vocab_size=1000,
-            max_position_embeddings=77, bos_token_id=0, pad_token_id=1, eos_token_id=2, hidden_act="gelu", projection_dim=32,
-        )  # fmt: skip
+        vae = tiny_vae(scaling_factor=0.13025)  # SDXL's latent scale
+        config = tiny_text_config(hidden_act="gelu", projection_dim=32)
         text_encoder = CLIPTextModel(config)
         text_encoder_2 = CLIPTextModelWithProjection(config)
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )  # fmt: skip
+    scheduler = DDIMScheduler(**tiny_ddim_config())
     for module in (unet, vae, text_encoder, text_encoder_2):
         module.eval()
     return dict(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=_tiny_tokenizer(),
-        text_encoder_2=text_encoder_2, tokenizer_2=_tiny_tokenizer(), scheduler=scheduler,
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(),
+        text_encoder_2=text_encoder_2, tokenizer_2=tiny_tokenizer(), scheduler=scheduler,
     )  # fmt: skip
 
 
@@ -150,6 +134,19 @@ def test_instruction_matters_and_batched_equals_alone(backend: Ip2pXlBackend) ->
     assert np.abs(batched[0].image - batched[1].image).max() > 1e-4  # same seed, other text: other edit
 
 
+def test_batched_edits_with_mixed_T_match_the_reference(backend: Ip2pXlBackend) -> None:
+    """In a batch, each edit keeps its own T, noise, schedule and text: each equals the reference run alone."""
+    texts = {21: "make it red", 22: "make it night", 23: "turn the sky red"}  # seed: instruction
+    items = [EditItem(*_images(seed=seed), EditParams(text, diffusion_steps=3, seed=seed, lower_bound=0.2, upper_bound=0.9))
+             for seed, text in texts.items()]  # fmt: skip
+    refs = [_reference_edit(backend, item.render, item.original, item.params) for item in items]
+    results = backend.edit_batch(items)
+    assert len({T for _, T in refs}) > 1  # the batch mixes timestep schedules
+    for result, (reference, T) in zip(results, refs):
+        assert result.timestep == T
+        np.testing.assert_allclose(result.image, reference, rtol=0, atol=1e-5)
+
+
 def test_odd_size_comes_back_at_its_size(backend: Ip2pXlBackend) -> None:
     render, original = _images(30, 21, seed=3)
     assert backend.edit(render, original, EditParams("x", diffusion_steps=2, seed=1)).image.shape == (30, 21, 3)
@@ -170,9 +167,9 @@ def test_saved_pipeline_loads_through_the_registry(tmp_path, backend: Ip2pXlBack
 
 
 def test_sd15_unet_is_refused() -> None:
-    from diffusion_server.backends.tiny_ip2p import _tiny_components
+    from diffusion_server.backends.tiny_ip2p import tiny_components
 
     parts = tiny_xl_components(0)
-    parts["unet"] = _tiny_components(0)["unet"]
+    parts["unet"] = tiny_components(0)["unet"]
     with pytest.raises(ValueError, match="text_time"):
         Ip2pXlBackend(**parts)

@@ -32,7 +32,7 @@ from conftest import REPO_ROOT, EditServerProcess, start_edit_server, subprocess
 from testing_support import rss_bytes
 from diffusion_server import codec
 from diffusion_server.backends.identity import IdentityBackend
-from diffusion_server.backends.base import EditParams
+from in2n_contract import EditParams
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from diffusion_server.backends import BACKEND_NAMES, create_backend
-from diffusion_server.backends.base import EditParams, EditRejected
+from diffusion_server.backends.base import EditRejected
+from in2n_contract import EditParams
 from diffusion_server.backends.palette import PaletteBackend, known_instructions
 
 

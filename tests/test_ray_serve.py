@@ -167,7 +167,7 @@ def test_contract_through_the_ray_proxy(ray_server):
     """Readiness (Describe, health being UNIMPLEMENTED), Describe, Edit, StreamEdit and validation, via the proxy."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from diffusion_server.backends.base import EditParams
+    from in2n_contract import EditParams
     from diffusion_server.client import EditClient, EditFailed, StreamClient
 
     with grpc.insecure_channel(ray_server.address) as channel:
@@ -317,7 +317,7 @@ def _connected(client, timeout_s: float = 30.0) -> None:
 
 
 def test_stream_client_resends_what_a_stream_ended_by_internal_had_no_answer_for():
-    from diffusion_server.backends.base import EditParams
+    from in2n_contract import EditParams
     from diffusion_server.client import StreamClient
 
     server, servicer, address = _server_whose_streams_die(after=2, times=1)
@@ -340,7 +340,7 @@ def test_stream_client_resends_what_a_stream_ended_by_internal_had_no_answer_for
 def test_stream_client_hands_a_request_back_after_two_resends():
     import grpc as grpc_module
 
-    from diffusion_server.backends.base import EditParams
+    from in2n_contract import EditParams
     from diffusion_server.client import MAX_RESENDS, StreamClient
 
     server, servicer, address = _server_whose_streams_die(after=1, times=MAX_RESENDS + 1)

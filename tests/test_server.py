@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from diffusion_server import codec
-from diffusion_server.backends.base import EditParams
+from in2n_contract import EditParams
 from diffusion_server.backends.palette import apply_look
 from diffusion_server.client import StreamClient
 from protos.in2n.v1 import edit_service_pb2 as pb
@@ -379,7 +379,7 @@ def test_busy_port_fails_with_one_line(child_env: dict) -> None:
 
 
 def test_unusable_cuda_device_fails_with_one_line(child_env: dict) -> None:
-    # cuda:99 fails both without CUDA ("not available; use --device cpu") and with it ("pick one of them").
+    # cuda:99 fails both without CUDA ("not available; use cpu") and with it ("pick one of them").
     result = run_server_cli(["--backend", "tiny-ip2p", "--device", "cuda:99", "--port", "0"], child_env)
     assert_one_line_error(result, "--device cuda:99")
 

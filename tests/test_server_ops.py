@@ -23,7 +23,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from diffusion_server import codec
-from diffusion_server.backends.base import BackendInfo, EditBackend, EditParams, EditResult
+from diffusion_server.backends.base import BackendInfo, EditBackend, EditResult
+from in2n_contract import EditParams
 from diffusion_server.backends.identity import IdentityBackend
 from diffusion_server.client import EditClient, EditFailed, StreamClient, original_key
 from diffusion_server.server import shutdown
@@ -54,6 +55,18 @@ def make_server() -> Iterator[Callable[..., InProcessServer]]:
 def metric(server: InProcessServer, name: str, **labels: str) -> float:
     value = server.metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
+
+
+def one_running_one_queued(make_server, queued: str = "queued") -> tuple:
+    """A gate server with edit "w" blocked in the backend and `queued` (its id and instruction) waiting behind
+    it, both sent on one stream: (server, stream)."""
+    s = make_server()
+    stream = OpenStream(s.stub)
+    stream.send(edit_request("w", "wait"))
+    stream.send(edit_request(queued, queued))
+    assert s.backend.started.wait(30)
+    wait_until(lambda: s.servicer.worker.pending == 2, "both edits accepted")
+    return s, stream
 
 
 # -- deadlines and cancellation ------------------------------------------------------------------
@@ -92,13 +105,9 @@ def test_stream_request_timeout_ms_gives_deadline_exceeded(make_server) -> None:
 
 
 def test_cancelled_requests_cost_no_compute(make_server) -> None:
-    s = make_server()
-    stream = OpenStream(s.stub)
-    stream.send(edit_request("w", "wait"))
-    stream.send(edit_request("dropped-stream", "dropped-stream"))
-    assert s.backend.started.wait(30)
+    s, stream = one_running_one_queued(make_server, "dropped-stream")
     unary = s.stub.Edit.future(edit_request("dropped-unary", "dropped-unary"), timeout=30)
-    wait_until(lambda: s.servicer.worker.pending == 3, "both requests are queued")
+    wait_until(lambda: s.servicer.worker.pending == 3, "the unary request is queued too")
     stream.cancel()
     unary.cancel()
     wait_until(lambda: s.servicer.worker.pending == 1, "the cancelled requests left the queue")
@@ -108,17 +117,6 @@ def test_cancelled_requests_cost_no_compute(make_server) -> None:
 
 
 # -- draining ------------------------------------------------------------------------------------
-
-
-def one_running_one_queued(make_server) -> tuple:
-    """A gate server with edit "w" blocked in the backend and "queued" waiting behind it: (server, stream)."""
-    s = make_server()
-    stream = OpenStream(s.stub)
-    stream.send(edit_request("w", "wait"))
-    stream.send(edit_request("queued", "queued"))
-    assert s.backend.started.wait(30)
-    wait_until(lambda: s.servicer.worker.pending == 2, "both edits accepted")
-    return s, stream
 
 
 def test_shutdown_finishes_accepted_edits_then_ends_streams(make_server) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from diffusion_server.backends.base import EditParams
+from in2n_contract import EditParams
 from diffusion_server.client import StreamClient, original_key
 from in2n_contract import STREAM_IDLE
 from protos.in2n.v1 import edit_service_pb2 as pb

@@ -45,6 +45,8 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from testing_support import ServerProcess as SubprocessServer  # noqa: E402
+
 NOMINAL_DENSE_FP16_TFLOPS = 790.0  # what an H200 sustains in fp16 matrix work (the issue's floor)
 
 
@@ -203,13 +205,15 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
 def editor_sections(rep: Report, args: argparse.Namespace) -> Optional[Callable[[], None]]:
     """The editor's sections; returns the compile lever's section, which main runs after the trainer's."""
     from bench.gpu.models import random_components, save_components, unet_tflop_per_row
-    from diffusion_server.backends.base import EditItem, EditParams
+    from diffusion_server.backends import resolve_precision
+    from diffusion_server.backends.base import EditItem
     from diffusion_server.backends.ip2p import Ip2pBackend
     from diffusion_server.backends.ip2p_reference import reference_edit
+    from in2n_contract import EditParams
 
     device = torch.device(args.device)
     full = not args.tiny
-    precision = "fp16" if device.type == "cuda" else "fp32"
+    precision = resolve_precision("auto", device)
     ed = rep.doc["editor"]
     t0 = time.monotonic()
     parts = random_components(full, device=args.device, seed=0)
@@ -352,32 +356,26 @@ def editor_sections(rep: Report, args: argparse.Namespace) -> Optional[Callable[
     return lambda: rep.section(ed, "compile", compile_lever)
 
 
-class ServerProcess:
+class ServerProcess(SubprocessServer):
     """bench/gpu/serve.py (`python -m diffusion_server` writing its peak memory to a file) in the background,
-    on 127.0.0.1 and a free port, its log in a file (not a pipe: a chatty server never blocks on it)."""
+    on 127.0.0.1 and a free port, its log in a file: testing_support's server subprocess, spawned at once,
+    waited for by `wait_address`."""
 
     def __init__(self, args: argparse.Namespace, folder: str, tmp: Path, precision: str, extra: List[str]) -> None:
-        self.port_file, self.mem_file, self.log_path = tmp / "port", tmp / "mem.json", tmp / "server.log"
+        self.mem_file = tmp / "mem.json"
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
         if args.device == "cpu":
             env.setdefault("OMP_NUM_THREADS", "1")
-        cmd = [sys.executable, str(REPO / "bench" / "gpu" / "serve.py"), str(self.mem_file), "--backend", "ip2p", "--model", folder,
-               "--device", args.device, "--precision", precision, "--host", "127.0.0.1", "--port", "0",
-               "--port-file", str(self.port_file), "--log-level", "warning", *extra]  # fmt: skip
-        self.t_start = time.monotonic()
-        self.log = open(self.log_path, "w+")
-        self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
+        super().__init__(tmp, "ip2p", device=args.device, env=env, script=[str(REPO / "bench" / "gpu" / "serve.py"), str(self.mem_file)],
+                         extra_args=["--model", folder, "--precision", precision, "--log-level", "warning", *extra])  # fmt: skip
+        self.spawn()
 
     def wait_address(self, timeout_s: float = 180.0) -> str:
         """"127.0.0.1:PORT" once the server has written its port (it serves from then on)."""
-        deadline = time.monotonic() + timeout_s
-        while not self.port_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.log.seek(0)
-                raise RuntimeError(f"server did not start: {self.log.read()[-1000:]}")
-            time.sleep(0.05)
-        self.start_s = time.monotonic() - self.t_start
-        return f"127.0.0.1:{int(self.port_file.read_text())}"
+        try:
+            return self.wait_ready(timeout_s).address
+        except (RuntimeError, TimeoutError):
+            raise RuntimeError(f"server did not start: {self.output()[-1000:]}") from None
 
     def peaks(self, after: float, timeout_s: float = 10.0) -> Dict:
         """The peaks the server wrote after wall time `after` (time.time()), or the latest within timeout_s."""
@@ -394,18 +392,13 @@ class ServerProcess:
         return mem
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        self.stop(timeout_s=30)
 
 
 def server_section(rep: Report, args: argparse.Namespace, folder: str) -> List[Dict]:
-    from diffusion_server.backends.base import EditParams
+    from diffusion_server.backends import resolve_precision
     from diffusion_server.client import StreamClient
+    from in2n_contract import EditParams
 
     rows = []
     for batch in args.batches:
@@ -413,7 +406,7 @@ def server_section(rep: Report, args: argparse.Namespace, folder: str) -> List[D
             rows.append({"max_batch": batch, "skipped": "time budget spent"})
             continue
         with tempfile.TemporaryDirectory(prefix="in2n-gpu-serve-") as tmp:
-            server = ServerProcess(args, folder, Path(tmp), "fp16" if args.device.startswith("cuda") else "fp32",
+            server = ServerProcess(args, folder, Path(tmp), resolve_precision("auto", args.device),
                                    ["--max-batch", str(batch), "--max-delay-ms", "0", "--max-queued", "64"])  # fmt: skip
             try:
                 address = server.wait_address()
@@ -462,10 +455,12 @@ def model_folder(args: argparse.Namespace) -> str:
     """The random IP2P saved in diffusers' layout for `--backend ip2p --model FOLDER` (full size, or tiny with
     --tiny): the editor section's folder, written here when that section did not get that far."""
     from bench.gpu.models import random_components, save_components
+    from diffusion_server.backends import resolve_precision
+    from diffusion_server.backends.ip2p import PRECISIONS
 
     folder = os.path.join(tempfile.gettempdir(), "in2n-gpu-bench", "model-full" if not args.tiny else "model-tiny")
     if not os.path.exists(os.path.join(folder, "scheduler", "scheduler_config.json")):
-        dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+        dtype = PRECISIONS[resolve_precision("auto", args.device)]
         parts = random_components(not args.tiny, device=args.device, seed=0)
         save_components(parts, folder, dtype)
         del parts

@@ -33,17 +33,14 @@ CLIP_L14_TEXT: Dict = dict(
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=0, pad_token_id=1, eos_token_id=2,
 )  # fmt: skip
-# Stable Diffusion's noise schedule, as DDIM (what Ip2pBackend makes of IP2P's scheduler).
-SCHEDULER: Dict = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                       clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # fmt: skip
 
 
 def random_components(full: bool, device: str = "cpu", seed: int = 0) -> dict:
     """Components for `Ip2pBackend(**parts)`: full size (built on `device`, fast on a GPU) or tiny."""
-    from diffusion_server.backends.tiny_ip2p import _tiny_components, _tiny_tokenizer
+    from diffusion_server.backends.tiny_ip2p import tiny_components, tiny_ddim_config, tiny_tokenizer
 
     if not full:
-        return _tiny_components(seed)
+        return tiny_components(seed)
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -54,7 +51,7 @@ def random_components(full: bool, device: str = "cpu", seed: int = 0) -> dict:
         text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L14_TEXT))
     for module in (unet, vae, text_encoder):
         module.eval()
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=_tiny_tokenizer(), scheduler=DDIMScheduler(**SCHEDULER))
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), scheduler=DDIMScheduler(**tiny_ddim_config()))
 
 
 def save_components(parts: dict, folder: str, dtype: torch.dtype) -> str:

@@ -11,9 +11,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Literal, Optional, Tuple, get_args
+from typing import TYPE_CHECKING, Any, Callable, Dict, Literal, Optional, Tuple, get_args
 
 from diffusion_server.backends.base import EditBackend
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_IP2P_MODEL = "timbrooks/instruct-pix2pix"
+"""The ip2p backend's model (hub id) when --model is not given: here, not in the backend's module, so that the
+server's config and the demo harness name it without importing torch; not in the contract, since no request carries it."""
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 """Values accepted by `--precision`; `auto` is fp16 on CUDA, fp32 elsewhere."""
@@ -44,24 +51,40 @@ def check_device_syntax(device: str) -> None:
         raise BackendUnavailable(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps")
 
 
+def resolve_device(device: str) -> "torch.device":
+    """Parse `device` and check that torch can use it on this machine (CUDA present, the index among the
+    visible devices, MPS present); raise ValueError naming `device`. Imports torch."""
+    import torch
+
+    if not isinstance(device, str) or not device:
+        raise ValueError(f"device must be a torch device string such as 'cpu' or 'cuda:0', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"device {device!r} is not a valid torch device string ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device}: CUDA is not available on this machine; use cpu")
+        count = torch.cuda.device_count()
+        if (dev.index or 0) >= count:
+            raise ValueError(f"device {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1}); pick one of them")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device}: MPS is not available on this machine; use cpu")
+    return dev
+
+
 def check_device_available(device: str) -> None:
-    """Raise `BackendUnavailable` if torch cannot use `device` on this machine (imports torch)."""
+    """Raise `BackendUnavailable` if torch cannot use `device` on this machine (`resolve_device`'s checks,
+    as a one-line start-up error about --device; imports torch)."""
     check_device_syntax(device)
     try:
-        import torch
+        import torch  # noqa: F401
     except ImportError as e:
         raise BackendUnavailable(f"this backend needs torch ({e}); install torch or use --backend palette") from e
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BackendUnavailable(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-        index = int(device.split(":")[1]) if ":" in device else 0
-        count = torch.cuda.device_count()
-        if index >= count:
-            raise BackendUnavailable(
-                f"--device {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1}); pick one of them"
-            )
-    elif device == "mps" and not torch.backends.mps.is_available():
-        raise BackendUnavailable("--device mps: MPS is not available on this machine; use --device cpu")
+    try:
+        resolve_device(device)
+    except ValueError as e:
+        raise BackendUnavailable(f"--{e}") from None
 
 
 @dataclass(frozen=True)

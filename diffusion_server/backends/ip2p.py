@@ -54,7 +54,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import resolve_precision
+from . import DEFAULT_IP2P_MODEL, resolve_device, resolve_precision
 from .base import BackendInfo, EditBackend, EditCancelled, EditItem, EditParams, EditResult
 
 try:  # not an OSError in huggingface_hub >= 1.0
@@ -77,31 +77,21 @@ class WeightsNotFound(RuntimeError):
     (and could not, or may not, be downloaded)."""
 
 
-def resolve_device(device: str) -> torch.device:
-    """Parse and check a torch device string; raise ValueError naming `device`."""
-    if not isinstance(device, str) or not device:
-        raise ValueError(f"device must be a torch device string such as 'cpu' or 'cuda:0', got {device!r}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"device {device!r} is not a valid torch device string ({e})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r}: MPS is not available on this machine")
-    return dev
+REFERENCE_DDIM_SETTINGS: Dict[str, Any] = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+"""What the reference's DDIM has (built from Stable Diffusion's scheduler config): no x0 clipping (latent
+diffusion), the last step to alphas_cumprod[0] rather than 1, timesteps k * (T // n) + 1."""
 
 
 def ddim_from_config(config: Any) -> DDIMScheduler:
     """A DDIM scheduler with the noise schedule of `config` (any diffusers scheduler's config).
 
-    Latent diffusion never clips x0: DDIM's default clip_sample=True is replaced by False
-    when the config does not say.
+    The settings of `REFERENCE_DDIM_SETTINGS` that the config does not give (absent, or filled in with its
+    class's default: diffusers lists those in `_use_default_values`) take the reference's values, not
+    DDIM's defaults (clip_sample=True, set_alpha_to_one=True, steps_offset=0: another last step and every
+    timestep one lower).
     """
-    overrides = {} if "clip_sample" in config else {"clip_sample": False}
+    defaulted = set(config.get("_use_default_values", None) or ())
+    overrides = {k: v for k, v in REFERENCE_DDIM_SETTINGS.items() if k not in config or k in defaulted}
     return DDIMScheduler.from_config(config, **overrides)
 
 
@@ -137,7 +127,7 @@ class _Prepared:
 class Ip2pBackend(EditBackend):
     """InstructPix2Pix with DDIM, Instruct-NeRF2NeRF style (edits start from the noised render)."""
 
-    DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
+    DEFAULT_MODEL = DEFAULT_IP2P_MODEL
     name = "ip2p"
     supports_batching = True
     default_max_batch = 8  # --max-batch when not given: what is queued, up to 8 edits, runs as one batch

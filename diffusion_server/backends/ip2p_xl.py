@@ -4,9 +4,9 @@ Components of diffusers' StableDiffusionXLInstructPix2PixPipeline family (e.g.
 `diffusers/sdxl-instructpix2pix-768`): a UNet with 8 input channels and SDXL's
 "text_time" added conditioning, an AutoencoderKL, two CLIP text encoders
 (CLIPTextModel and CLIPTextModelWithProjection) with their tokenizers. The edit
-is `Ip2pBackend`'s (render noised at T, DDIM over [0, T), 3-way guidance,
-batching, cached conditioning latents) with SDXL's conditioning, as that
-pipeline builds it:
+is `Ip2pBackend`'s (DDIM over [0, T), the render noised at t0, that schedule's
+first timestep; 3-way guidance, batching, cached conditioning latents) with
+SDXL's conditioning, as that pipeline builds it:
 
 - text: the penultimate hidden states of both encoders, concatenated on
   features; the pooled (projected) output of the second encoder;

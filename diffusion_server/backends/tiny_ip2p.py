@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .ip2p import Ip2pBackend
+from .ip2p import REFERENCE_DDIM_SETTINGS, Ip2pBackend
 
 TINY_MODEL_LABEL = "tiny-random-ip2p"
 
@@ -48,7 +48,7 @@ def _tiny_vocab() -> Dict[str, int]:
     return {tok: i for i, tok in enumerate(tokens)}
 
 
-def _tiny_tokenizer() -> CLIPTokenizer:
+def tiny_tokenizer() -> CLIPTokenizer:
     """A CLIPTokenizer loaded from vocab.json + merges.txt written to a temp folder."""
     with tempfile.TemporaryDirectory(prefix="tiny-clip-tok-") as folder:
         with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
@@ -65,7 +65,47 @@ def _tiny_tokenizer() -> CLIPTokenizer:
         )
 
 
-def _tiny_components(seed: int) -> dict:
+def tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
+    """A 2-block AutoencoderKL (4 latent channels, latents at half the image side), weights from torch's current RNG.
+    `scaling_factor`: the latent scale, Stable Diffusion 1.5's by default (SDXL's is 0.13025)."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+        scaling_factor=scaling_factor,
+    )
+
+
+def tiny_text_config(**overrides: Any) -> CLIPTextConfig:
+    """A 3-layer, 32-wide CLIP text encoder's config, with the tiny tokenizer's special ids; `overrides`
+    replace or add fields (e.g. SDXL's second encoder: hidden_act="gelu", projection_dim=32)."""
+    fields: Dict[str, Any] = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        vocab_size=1000,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+    )
+    return CLIPTextConfig(**{**fields, **overrides})
+
+
+def tiny_ddim_config() -> Dict[str, Any]:
+    """DDIMScheduler arguments: Stable Diffusion's noise schedule (scaled-linear betas 0.00085 .. 0.012 over
+    1000 steps) with the reference's DDIM settings (`REFERENCE_DDIM_SETTINGS`); the same at any model size."""
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **REFERENCE_DDIM_SETTINGS)
+
+
+def tiny_components(seed: int) -> dict:
     """All components, weights drawn from a private RNG seeded with `seed`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -81,43 +121,13 @@ def _tiny_components(seed: int) -> dict:
             attention_head_dim=4,
             norm_num_groups=32,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=32,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                vocab_size=1000,
-                max_position_embeddings=77,
-                bos_token_id=0,
-                pad_token_id=1,
-                eos_token_id=2,
-            )
-        )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+        vae = tiny_vae()
+        text_encoder = CLIPTextModel(tiny_text_config())
+    scheduler = DDIMScheduler(**tiny_ddim_config())
     for module in (unet, vae, text_encoder):
         module.eval()
     return dict(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=_tiny_tokenizer(), scheduler=scheduler
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), scheduler=scheduler
     )
 
 
@@ -125,7 +135,7 @@ def build_tiny_ip2p(device: str = "cpu", seed: int = 0, precision: str = "fp32")
     """A tiny random IP2P backend; the same `seed` gives identical weights."""
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    backend = Ip2pBackend(**_tiny_components(seed), device=device, precision=precision, model=TINY_MODEL_LABEL)
+    backend = Ip2pBackend(**tiny_components(seed), device=device, precision=precision, model=TINY_MODEL_LABEL)
     backend.name = "tiny-ip2p"  # the ip2p code on tiny weights: Describe says which
     return backend
 
@@ -150,7 +160,7 @@ def save_tiny_ip2p(path: str | os.PathLike, seed: int = 0) -> str:
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     pipe = StableDiffusionInstructPix2PixPipeline(
-        **_tiny_components(seed),
+        **tiny_components(seed),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
