@@ -232,10 +232,13 @@ class EditClient:
             timings=timings_dict(response.timings),
         )
 
-    def describe(self) -> pb.DescribeResponse:
-        """Backend, model, device, precision and limits of the server."""
+    def describe(self, timeout_s: Optional[float] = None) -> pb.DescribeResponse:
+        """Backend, model, device, precision and limits of the server; within timeout_s (default: the client's)."""
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
+        timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
-            return self._stub.Describe(pb.DescribeRequest(), timeout=self.timeout_s, metadata=self._metadata)
+            return self._stub.Describe(pb.DescribeRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise EditFailed(e.code(), e.details() or "") from None
 

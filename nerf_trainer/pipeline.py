@@ -98,7 +98,8 @@ class In2nPipelineConfig(VanillaPipelineConfig):
     require_server: bool = False
     """Fail at start when the server is not ready within connect_timeout_s; else train on and edit once it comes."""
     connect_timeout_s: float = 30.0
-    """How long require_server waits for the server at start."""
+    """How long require_server waits for the server at start, and sync mode for the server's Describe (its precision
+    check) before a round."""
     log_every: int = 100
     """Print an edit status line (applied, in flight, failed, latency) every this many steps (0: never)."""
     render_chunk_rays: int = 4096

@@ -54,6 +54,7 @@ class EditServers:
         root_cert: Optional[Path] = None,
         token: Optional[str] = None,
         sync_timeout_s: float = 3600.0,
+        describe_timeout_s: float = 30.0,
         make_client: Optional[Callable[[str], object]] = None,
         make_sync_client: Optional[Callable[[str], object]] = None,
     ) -> None:
@@ -64,6 +65,7 @@ class EditServers:
         self.precision_hint = precision_hint
         self.connection = {"token": token, "root_cert": root_cert, "tls": tls}
         self.sync_timeout_s = sync_timeout_s
+        self.describe_timeout_s = describe_timeout_s  # sync mode's Describe: short, a hung server holds no round long
         self.make_client = make_client or self._stream_client
         self.make_sync_client = make_sync_client or self._edit_client
         self.clients: List = []  # one per address once started (async mode)
@@ -79,7 +81,8 @@ class EditServers:
             parse_addresses(config.edit_server), max_in_flight=config.max_in_flight,
             precision_hint=config.server_precision_hint, tls=config.edit_server_tls,
             root_cert=config.edit_server_root_cert, token=os.environ.get("IN2N_TOKEN") or None,
-            sync_timeout_s=config.edit_timeout_s or 3600.0, **factories,
+            sync_timeout_s=config.edit_timeout_s or 3600.0, describe_timeout_s=config.connect_timeout_s or 30.0,
+            **factories,
         )  # fmt: skip
 
     def _stream_client(self, address: str) -> StreamClient:
@@ -150,8 +153,8 @@ class EditServers:
         if self.sync_client is None or address in self.info:
             return
         try:
-            info = self.sync_client.describe()
-        except EditFailed as e:  # not up yet, or gone: the edits say so; asked again before the next round
+            info = self.sync_client.describe(timeout_s=self.describe_timeout_s)
+        except EditFailed as e:  # not up yet, gone or hung: the edits say so; asked again before the next round
             if e.code == grpc.StatusCode.UNIMPLEMENTED:  # a server without Describe: nothing to check, not asked again
                 self.info[address] = {"backend": "", "device": "", "precision": ""}
             return

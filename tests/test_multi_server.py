@@ -190,3 +190,44 @@ def test_ns_train_edits_on_two_servers_and_names_the_one_with_another_precision(
     notes = [line for line in proc.stdout.splitlines() if "runs IP2P in" in line]
     assert len(notes) == 1 and fp32.address in notes[0] and "fp32" in notes[0] and "fp16" in notes[0], proc.stdout[-3000:]
     assert "by server:" in proc.stdout
+
+
+def test_sync_modes_describe_gives_up_on_a_hung_server_after_the_connect_timeout():
+    """A server whose Describe never answers holds sync mode's precision check for describe_timeout_s (the config's
+    connect_timeout_s), not for the edit timeout; the check is tried again before the next round."""
+    import threading
+    from concurrent import futures
+
+    import grpc
+
+    from nerf_trainer.servers import EditServers
+    from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
+    from testing_support import free_port
+
+    release = threading.Event()
+    asked = threading.Event()
+
+    class HungDescribe(pb_grpc.EditServiceServicer):
+        def Describe(self, request, context):  # noqa: N802 - the gRPC method's name
+            asked.set()
+            release.wait(120)
+            return pb.DescribeResponse(backend="hung", device="cpu", precision="fp32")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_EditServiceServicer_to_server(HungDescribe(), server)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    servers = EditServers([f"127.0.0.1:{port}"], precision_hint="fp16", sync_timeout_s=600.0, describe_timeout_s=0.5)
+    try:
+        servers.start(sync=True)
+        checker = threading.Thread(target=servers.note_sync_describe, daemon=True)
+        checker.start()
+        assert asked.wait(60), "the server was never asked"
+        checker.join(60)  # with the edit timeout (600 s) it would still be waiting
+        assert not checker.is_alive(), "sync mode's Describe waited for the edit timeout, not describe_timeout_s"
+        assert servers.info == {}, "a Describe that timed out counts as not answered: asked again next round"
+    finally:
+        release.set()
+        servers.close()
+        server.stop(grace=None)

@@ -55,7 +55,7 @@ class ScriptedEditClient:
         self.views = []  # view_id of each edit asked for
         self.describes = 0  # Describe calls
 
-    def describe(self):
+    def describe(self, timeout_s=None):
         from protos.in2n.v1 import edit_service_pb2 as pb
 
         self.describes += 1
