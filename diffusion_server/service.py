@@ -400,22 +400,15 @@ class EditServicer(pb_grpc.EditServiceServicer):
 
         A write that fails because the client cancelled or the connection broke ends the call quietly
         (CancelledError)."""
-        write = asyncio.ensure_future(context.write(response))
-        write.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved: never "never retrieved"
         try:
-            await asyncio.wait((write,), timeout=timeout_s if timeout_s > 0 else None)
-        finally:
-            stalled = not write.done()
-            if stalled:
-                write.cancel()  # takes effect once this coroutine yields
-        if stalled:
+            await asyncio.wait_for(context.write(response), timeout_s if timeout_s > 0 else None)
+        except asyncio.TimeoutError:
             return False
-        if write.cancelled():  # cancelled from outside (the server stopping): end the call quietly
-            raise asyncio.CancelledError()
-        error = write.exception()
-        if error is not None:  # the client cancelled or the connection broke mid-write
-            log.debug("StreamEdit write failed: %s", error)
-            raise asyncio.CancelledError() from error
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the client cancelled or the connection broke mid-write
+            log.debug("StreamEdit write failed: %s", e)
+            raise asyncio.CancelledError() from e
         return True
 
     @staticmethod
