@@ -92,13 +92,13 @@ def _check_cameras(meta_path: Path, meta: dict) -> None:
         problem = _intrinsic_problem(key, meta[key]) if key in meta else None
         if problem:
             raise SceneError(f"{meta_path}: \"{key}\" {problem}")
+    # Like nerfstudio: any distortion key at top level means the frames' are not read.
+    distortion_fixed = any(key in meta for key in DISTORTION + ("distortion_params",))
     for k, frame in enumerate(meta["frames"]):
         where = f"{meta_path}: frame {k} ({frame['file_path']})"  # check_scene saw a dict with both keys
         if not _is_pose(frame["transform_matrix"]):
             raise SceneError(f"{where}: \"transform_matrix\" must be 4x4 finite numbers (4 rows of 4), "
                              f"got {_brief(frame['transform_matrix'])}")  # fmt: skip
-        # Like nerfstudio: any distortion key at top level means the frames' are not read.
-        distortion_fixed = any(key in meta for key in DISTORTION + ("distortion_params",))
         for key in INTRINSICS + (() if distortion_fixed else DISTORTION):
             if key in meta:
                 continue

@@ -27,9 +27,9 @@ def precision_mismatch(expected: str, address: str, reported: str, device: str =
     stand-in for fp16: nerf_trainer/variants.py), or when the server's backend has no precision ("n/a": palette,
     identity). `device` is the server's (its Describe); the advice is what `make run` would start there.
     """
-    if not reported or reported == "n/a" or reported in (expected, precision_on(expected, device)):
+    advice = precision_on(expected, device)  # what make run starts on that device for this variant
+    if not reported or reported == "n/a" or reported in (expected, advice):
         return None
-    advice = precision_on(expected, device)
     return (
         f"in2n: the server at {address} runs IP2P in {reported}{f' on {device}' if device else ''}, this variant is "
         f"defined with {expected}{f' ({advice} on the CPU)' if advice != expected else ''} "

@@ -34,8 +34,9 @@ def server_precision(method: str, device: str) -> Tuple[str, str]:
     if method not in VARIANT_PRECISION:
         raise ValueError(f"method must be one of {', '.join(VARIANT_PRECISION)}, got {method!r}")
     precision = VARIANT_PRECISION[method]
-    if precision_on(precision, device) != precision:
-        return precision_on(precision, device), (
+    served = precision_on(precision, device)
+    if served != precision:
+        return served, (
             f"{method} is defined with fp16 IP2P; on the CPU its server runs bf16 instead "
             f"(the CPU's half precision: fp16 has few CPU kernels and runs slower than fp32 there)"
         )
