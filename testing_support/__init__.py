@@ -1,5 +1,5 @@
-"""What tests/ and bench/ share: free ports, a process's RSS, a gated fake backend, an in-process server,
-a server subprocess, the tiny nerfacto flags and a demo scene with a pretrained nerfacto.
+"""What tests/ and bench/ share: free ports, a process's RSS, a gated fake backend, an in-process server
+(the project's, or a test's own servicer), a server subprocess, the tiny nerfacto flags and a demo scene with a pretrained nerfacto.
 
 A top-level package (not shipped: pyproject lists only the project's packages) so that both can import it
 the same way: tests through conftest's sys.path entry for the repo root, bench scripts (run as
@@ -114,6 +114,21 @@ class InProcessServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def serve_servicer(servicer: object, workers: int = 4) -> Tuple[grpc.Server, str]:
+    """A started gRPC server in this process on 127.0.0.1 and an ephemeral port, running `servicer` (an
+    EditServiceServicer a test writes to misbehave: bad answers, a Describe that hangs). Returns (server,
+    "127.0.0.1:PORT"); stop it with server.stop(None)."""
+    from concurrent import futures
+
+    from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    pb_grpc.add_EditServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
 
 
 def subprocess_env() -> dict:
@@ -249,6 +264,7 @@ __all__ = [
     "dead_address",
     "free_port",
     "rss_bytes",
+    "serve_servicer",
     "subprocess_env",
 ]
 

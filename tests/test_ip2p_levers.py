@@ -17,10 +17,9 @@ import torch
 from diffusers import DDIMScheduler
 
 from diffusion_server.backends.base import EditItem
-
-from in2n_contract import EditParams
-from diffusion_server.backends.tiny_ip2p import build_tiny_ip2p, tiny_components
 from diffusion_server.backends.ip2p import Ip2pBackend
+from diffusion_server.backends.tiny_ip2p import build_tiny_ip2p, tiny_components
+from in2n_contract import EditParams
 from protos.in2n.v1 import edit_service_pb2 as pb
 
 

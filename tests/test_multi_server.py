@@ -196,13 +196,10 @@ def test_sync_modes_describe_gives_up_on_a_hung_server_after_the_connect_timeout
     """A server whose Describe never answers holds sync mode's precision check for describe_timeout_s (the config's
     connect_timeout_s), not for the edit timeout; the check is tried again before the next round."""
     import threading
-    from concurrent import futures
-
-    import grpc
 
     from nerf_trainer.servers import EditServers
     from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
-    from testing_support import free_port
+    from testing_support import serve_servicer
 
     release = threading.Event()
     asked = threading.Event()
@@ -213,12 +210,8 @@ def test_sync_modes_describe_gives_up_on_a_hung_server_after_the_connect_timeout
             release.wait(120)
             return pb.DescribeResponse(backend="hung", device="cpu", precision="fp32")
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    pb_grpc.add_EditServiceServicer_to_server(HungDescribe(), server)
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    servers = EditServers([f"127.0.0.1:{port}"], precision_hint="fp16", sync_timeout_s=600.0, describe_timeout_s=0.5)
+    server, address = serve_servicer(HungDescribe())
+    servers = EditServers([address], precision_hint="fp16", sync_timeout_s=600.0, describe_timeout_s=0.5)
     try:
         servers.start(sync=True)
         checker = threading.Thread(target=servers.note_sync_describe, daemon=True)
@@ -230,4 +223,4 @@ def test_sync_modes_describe_gives_up_on_a_hung_server_after_the_connect_timeout
     finally:
         release.set()
         servers.close()
-        server.stop(grace=None)
+        server.stop(None)

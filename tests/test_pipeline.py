@@ -181,22 +181,15 @@ def lying_edit_service(precision: Optional[str] = "n/a"):
 def lying_server():
     """A real gRPC server (in-process, 127.0.0.1, ephemeral port) running `lying_edit_service(precision)`; call it
     with the precision; yields (address, service)."""
-    from concurrent import futures
-
-    import grpc
-
-    from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
+    from testing_support import serve_servicer
 
     servers = []
 
     def start(precision: Optional[str] = "n/a"):
         service = lying_edit_service(precision)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        pb_grpc.add_EditServiceServicer_to_server(service, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
+        server, address = serve_servicer(service)
         servers.append(server)
-        return f"127.0.0.1:{port}", service
+        return address, service
 
     yield start
     for server in servers:

@@ -29,9 +29,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from in2n_contract import EditParams
 from diffusion_server.client import StreamClient, original_key
-from in2n_contract import STREAM_IDLE
+from in2n_contract import STREAM_IDLE, EditParams
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 from testing_support import GateBackend, InProcessServer, free_port, rss_bytes
