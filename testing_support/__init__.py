@@ -131,13 +131,15 @@ def serve_servicer(servicer: object, workers: int = 4) -> Tuple[grpc.Server, str
     return server, f"127.0.0.1:{port}"
 
 
-def subprocess_env() -> dict:
-    """Environment for child processes: offline hub, one torch thread unless set (server and trainer share
-    a few cores), the repo root importable."""
+def subprocess_env(one_thread: bool = True) -> dict:
+    """Environment for child processes: offline hub, the repo root importable, and with `one_thread` one torch
+    thread unless set (on a few shared cores server and trainer would oversubscribe them; a GPU run keeps torch's
+    own CPU thread count)."""
     env = os.environ.copy()
     env["HF_HUB_OFFLINE"] = "1"
     env["TRANSFORMERS_OFFLINE"] = "1"
-    env.setdefault("OMP_NUM_THREADS", "1")
+    if one_thread:
+        env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 

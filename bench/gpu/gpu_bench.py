@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from testing_support import ServerProcess as SubprocessServer  # noqa: E402
+from testing_support import ServerProcess as SubprocessServer, subprocess_env  # noqa: E402
 
 NOMINAL_DENSE_FP16_TFLOPS = 790.0  # what an H200 sustains in fp16 matrix work (the floor)
 
@@ -363,9 +363,7 @@ class ServerProcess(SubprocessServer):
 
     def __init__(self, args: argparse.Namespace, folder: str, tmp: Path, precision: str, extra: List[str]) -> None:
         self.mem_file = tmp / "mem.json"
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
-        if args.device == "cpu":
-            env.setdefault("OMP_NUM_THREADS", "1")
+        env = subprocess_env(one_thread=args.device == "cpu")
         super().__init__(tmp, "ip2p", device=args.device, env=env, script=[str(REPO / "bench" / "gpu" / "serve.py"), str(self.mem_file)],
                          extra_args=["--model", folder, "--precision", precision, "--log-level", "warning", *extra])  # fmt: skip
         self.spawn()
@@ -499,8 +497,7 @@ def trainer_section(rep: Report, args: argparse.Namespace) -> Dict:
         f"trainer{'-tiny' if args.tiny else ''}-{args.trainer_side}px-{args.trainer_views}v-{args.pretrain_steps}")  # fmt: skip
     workdir.mkdir(parents=True, exist_ok=True)
     device_args, device_env = torch_device_args(args.device)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", **device_env,
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))  # fmt: skip
+    env = dict(subprocess_env(one_thread=False), **device_env)
     ensure_lpips_backbone(env, workdir)  # nerfacto's LPIPS metric wants AlexNet weights: random ones, no download
     ns_train = workdir / "ns-train"  # this interpreter, bench/gpu/train.py (methods registered, peak-memory hook)
     ns_train.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(REPO / 'bench' / 'gpu' / 'train.py'))} \"$@\"\n")
