@@ -45,7 +45,7 @@ RAY_ADDRESS ?=
 # make test parameters
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-trainer setup-server run serve serve-ray test test-all protos check-protos lock lock-server clean
+.PHONY: setup setup-trainer setup-server run serve serve-ray test test-all lint format protos check-protos lock lock-server clean
 
 setup: setup-trainer setup-server
 setup-trainer: $(VENV)/.setup-done
@@ -90,11 +90,20 @@ check-protos: $(PROTO_VENV)/.setup-done
 	  diff -q $$tmp/protos/in2n/v1/$$f protos/in2n/v1/$$f >/dev/null || { echo "protos/in2n/v1/$$f is out of date with $(PROTO): run 'make protos'"; rm -rf $$tmp; exit 1; }; \
 	done; rm -rf $$tmp; echo "generated gRPC code is up to date"
 
-test: setup check-protos
+# The formatter and linter (ruff, configured in pyproject.toml): `make format` rewrites, `make lint` checks.
+lint: setup-trainer
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup-trainer
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: setup check-protos lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Everything, slow tests included (real weights where present, long runs).
-test-all: setup check-protos
+test-all: setup check-protos lint
 	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
 run: setup-trainer
