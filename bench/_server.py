@@ -7,26 +7,31 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from testing_support import ServerProcess  # noqa: E402
+from testing_support import ServerProcess
 
 
 class BenchServer(ServerProcess):
     """`testing_support.ServerProcess` in a temporary folder, started at once, at log level warning; the
     environment's HF_HUB_OFFLINE and OMP_NUM_THREADS are kept when set (default: offline, one thread)."""
 
-    def __init__(self, backend: str, extra_args: Optional[List[str]] = None, device: str = "cpu"):
+    def __init__(self, backend: str, extra_args: list[str] | None = None, device: str = "cpu"):
         self._dir = tempfile.TemporaryDirectory(prefix="in2n-bench-")
         env = os.environ.copy()
         env.setdefault("OMP_NUM_THREADS", "1")
         env.setdefault("HF_HUB_OFFLINE", "1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        super().__init__(Path(self._dir.name), backend, extra_args=["--log-level", "warning", *(extra_args or [])], device=device, env=env)
+        super().__init__(
+            Path(self._dir.name),
+            backend,
+            extra_args=["--log-level", "warning", *(extra_args or [])],
+            device=device,
+            env=env,
+        )
         try:
             self.start(timeout_s=120)
         except BaseException:
@@ -56,7 +61,7 @@ def machine() -> str:
     return f"{cpu_model()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, {platform.system()} {platform.release()}"
 
 
-def percentile(values: List[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, int(round(q / 100 * (len(ordered) - 1)))))
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]

@@ -24,15 +24,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: testing_support
 
-from _server import BenchServer, machine  # noqa: E402
-from in2n_contract import EditParams  # noqa: E402
-from diffusion_server.client import StreamClient  # noqa: E402
-from testing_support import free_port  # noqa: E402
+from _server import BenchServer, machine
+
+from diffusion_server.client import StreamClient
+from in2n_contract import EditParams
+from testing_support import free_port
 
 
 def scrape(port: int) -> dict:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))}
+    return {
+        k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    }
 
 
 def run(client: StreamClient, count: int, side: int, steps: int, first_seed: int) -> float:
@@ -42,7 +45,12 @@ def run(client: StreamClient, count: int, side: int, steps: int, first_seed: int
     while done < count:
         while submitted < count and client.can_submit():
             image = rng.random((side, side, 3), dtype=np.float32)
-            client.submit(submitted, image, image, EditParams("turn it into bronze", diffusion_steps=steps, seed=first_seed + submitted))
+            client.submit(
+                submitted,
+                image,
+                image,
+                EditParams("turn it into bronze", diffusion_steps=steps, seed=first_seed + submitted),
+            )
             submitted += 1
         for result in client.poll():
             assert result.ok, result.error_message
@@ -64,11 +72,22 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     print(f"machine: {machine()}")
-    print(f"{args.backend} on {args.device}, {args.threads} torch thread(s), {args.side}x{args.side}, {args.steps} steps, {args.edits} edits per point")
+    print(
+        f"{args.backend} on {args.device}, {args.threads} torch thread(s), {args.side}x{args.side}, {args.steps} steps, {args.edits} edits per point"
+    )
     print(f"{'max-batch':>9} {'edits/s':>8} {'s/edit':>7} {'mean batch':>10}")
     for batch in args.batches:
         metrics_port = free_port()
-        extra = ["--max-batch", str(batch), "--max-delay-ms", "200", "--metrics-port", str(metrics_port), "--max-queued", "64"]
+        extra = [
+            "--max-batch",
+            str(batch),
+            "--max-delay-ms",
+            "200",
+            "--metrics-port",
+            str(metrics_port),
+            "--max-queued",
+            "64",
+        ]
         if args.model:
             extra += ["--model", args.model]
         with BenchServer(args.backend, extra, device=args.device) as server:
@@ -83,7 +102,9 @@ def main() -> None:
                 after = scrape(metrics_port)
             batches = after["in2n_batch_size_count"] - before["in2n_batch_size_count"]
             edits = after["in2n_batch_size_sum"] - before["in2n_batch_size_sum"]
-            print(f"{batch:>9} {args.edits / seconds:>8.2f} {seconds / args.edits:>7.3f} {edits / max(batches, 1):>10.2f}")
+            print(
+                f"{batch:>9} {args.edits / seconds:>8.2f} {seconds / args.edits:>7.3f} {edits / max(batches, 1):>10.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -41,9 +41,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import tyro
@@ -53,9 +53,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench._server import cpu_model  # noqa: E402
-from diffusion_server.backends.stochastic import StochasticLookBackend, color_stats  # noqa: E402
-from testing_support import InProcessServer  # noqa: E402
+from bench._server import cpu_model
+from diffusion_server.backends.stochastic import StochasticLookBackend, color_stats
+from testing_support import InProcessServer
 
 MODES = {
     "idu": ("(a) Iterative Dataset Update", []),
@@ -81,13 +81,13 @@ class ConsistencyConfig:
     """Views rendered at the end of each run and measured (spread evenly over the views)."""
     temperature: float = 0.25
     """Softmax temperature of the backend's look choice (smaller: follows the render more)."""
-    seen_pixels: Optional[int] = 4096
+    seen_pixels: int | None = 4096
     """Size of the latent through which the backend sees the noised render (None: the render's own pixels)."""
     seed: int = 0
     """Edit seed (order and edits) of both runs."""
     workdir: Path = Path(tempfile.gettempdir()) / "in2n_bench_consistency"
     """Scratch folder (scene, pretrained model, runs)."""
-    results: Optional[Path] = REPO / "bench" / "results" / "consistency.json"
+    results: Path | None = REPO / "bench" / "results" / "consistency.json"
     """Where to write the figures (None: nowhere)."""
 
 
@@ -100,7 +100,7 @@ def look_separation(look_stats: np.ndarray) -> float:
     return float(d[~np.eye(len(look_stats), dtype=bool)].min())
 
 
-def consistency_metrics(images: np.ndarray, originals: np.ndarray, look_stats: np.ndarray) -> Dict[str, object]:
+def consistency_metrics(images: np.ndarray, originals: np.ndarray, look_stats: np.ndarray) -> dict[str, object]:
     """Consistency of per-view images ([V, H, W, 3], any scale shared with `originals`) against K looks ([K, 3]).
 
     See the module docstring for the definitions.
@@ -119,7 +119,7 @@ def consistency_metrics(images: np.ndarray, originals: np.ndarray, look_stats: n
     separation = look_separation(look_stats)
     spread = float(np.sqrt(stats.var(axis=0).sum()))
     return {
-        "views": int(len(stats)),
+        "views": len(stats),
         "agreement": float(counts[majority] / len(stats)),
         "majority_look": majority,
         "look_counts": counts.tolist(),
@@ -137,12 +137,12 @@ def load_pngs(paths: Sequence[Path]) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
 
 
-def measure_run(run_dir: Path, look_stats: np.ndarray) -> Dict[str, Dict[str, object]]:
+def measure_run(run_dir: Path, look_stats: np.ndarray) -> dict[str, dict[str, object]]:
     """Metrics of one in2n run folder: final renders (after), pretrained renders (before), training images."""
     report = Path(run_dir) / "edit_report"
     snapshot = np.load(report / "training_images.npz")
     originals = snapshot["originals"]
-    out: Dict[str, Dict[str, object]] = {}
+    out: dict[str, dict[str, object]] = {}
     for when in ("after", "before"):
         paths = sorted(report.glob(f"view_*_{when}.png"))
         if not paths:
@@ -159,7 +159,7 @@ def measure_run(run_dir: Path, look_stats: np.ndarray) -> Dict[str, Dict[str, ob
 
 
 def in2n_command(ns_train: str, load_dir: Path, scene: Path, out: Path, name: str, port: int, steps: int, rays: int,
-                 sheet_views: int, seed: int, extra: Sequence[str] = (), quiet: Sequence[str] = ()) -> List[str]:  # fmt: skip
+                 sheet_views: int, seed: int, extra: Sequence[str] = (), quiet: Sequence[str] = ()) -> list[str]:  # fmt: skip
     """The `ns-train in2n-tiny` command line of one run (IDU flags; `extra` adds the mode's)."""
     return [ns_train, "in2n-tiny", "--load-dir", str(load_dir), "--data", str(scene), "--output-dir", str(out),
             "--experiment-name", "consistency", "--timestamp", name, "--max-num-iterations", str(steps),
@@ -173,23 +173,32 @@ def run_dir_of(out: Path, name: str) -> Path:
     return Path(out) / "consistency" / "in2n-tiny" / name
 
 
-def machine() -> Dict[str, object]:
-    return {"nproc": os.cpu_count(), "cpu": cpu_model(), "python": platform.python_version(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+def machine() -> dict[str, object]:
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
 
 
-def table(results: Dict[str, Dict[str, Dict[str, object]]]) -> str:
+def table(results: dict[str, dict[str, dict[str, object]]]) -> str:
     rows = ["| run | images | agreement (majority look) | spread (rel.) | distance to one look (rel.) | looks per view (R/G/B) |",
             "|---|---|---|---|---|---|"]  # fmt: skip
     for mode, per in results.items():
         label = MODES[mode][0] if mode in MODES else mode
-        for when, title in (("before", "pretrained renders"), ("after", "final renders"), ("training_images", "training images")):
+        for when, title in (
+            ("before", "pretrained renders"),
+            ("after", "final renders"),
+            ("training_images", "training images"),
+        ):
             m = per[when]
             rows.append(f"| {label} | {title} | {m['agreement']:.2f} ({m['majority_look']}) | {m['spread']:.3f} ({m['spread_rel']:.2f}) | "
                         f"{m['distance_to_one_look']:.3f} ({m['distance_rel']:.2f}) | {'/'.join(map(str, m['look_counts']))} |")  # fmt: skip
     return "\n".join(rows)
 
 
-def main(cfg: ConsistencyConfig) -> Dict[str, object]:
+def main(cfg: ConsistencyConfig) -> dict[str, object]:
     from in2n_demo.demo_scene import DemoSceneConfig, make_demo_scene
     from in2n_demo.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone
 
@@ -219,9 +228,9 @@ def main(cfg: ConsistencyConfig) -> Dict[str, object]:
     port = server.port
     out = cfg.workdir / "runs"
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    results: Dict[str, Dict[str, Dict[str, object]]] = {}
-    seconds: Dict[str, float] = {}
-    commands: Dict[str, str] = {}
+    results: dict[str, dict[str, dict[str, object]]] = {}
+    seconds: dict[str, float] = {}
+    commands: dict[str, str] = {}
     try:
         for mode, (label, extra) in MODES.items():
             name = f"{mode}-{stamp}"
@@ -250,7 +259,11 @@ def main(cfg: ConsistencyConfig) -> Dict[str, object]:
         "machine": info,
         "config": {k: str(v) for k, v in vars(cfg).items()},
         "backend": backend.info().model,
-        "looks": {"names": backend.names, "gains": backend.gains.tolist(), "stats": backend.look_stats.round(4).tolist()},
+        "looks": {
+            "names": backend.names,
+            "gains": backend.gains.tolist(),
+            "stats": backend.look_stats.round(4).tolist(),
+        },
         "seconds": seconds,
         "commands": commands,
         "results": results,

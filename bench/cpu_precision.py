@@ -19,9 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _server import machine  # noqa: E402
-from in2n_contract import EditParams  # noqa: E402
-from diffusion_server.backends.tiny_ip2p import build_tiny_ip2p  # noqa: E402
+from _server import machine
+
+from diffusion_server.backends.tiny_ip2p import build_tiny_ip2p
+from in2n_contract import EditParams
 
 
 def main(repeats: int = 5) -> None:

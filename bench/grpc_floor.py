@@ -17,7 +17,7 @@ from concurrent import futures
 import grpc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _server import machine, percentile  # noqa: E402
+from _server import machine, percentile
 
 OPTIONS = [("grpc.max_receive_message_length", 1 << 28), ("grpc.max_send_message_length", 1 << 28)]
 
@@ -45,13 +45,20 @@ def main() -> None:
         serve(args.serve)
         return
     image = args.side * args.side * 3
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(image)], stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(image)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         port = int(proc.stdout.readline())  # type: ignore[union-attr]
         print(f"machine: {machine()}")
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS) as channel:
             echo = channel.unary_unary("/floor/Echo")
-            for label, up in (("2 images up, 1 down (unary edit)", 2 * image), ("1 image up, 1 down (steady stream)", image)):
+            for label, up in (
+                ("2 images up, 1 down (unary edit)", 2 * image),
+                ("1 image up, 1 down (steady stream)", image),
+            ):
                 payload = os.urandom(up)
                 ms = []
                 for i in range(args.warmup + args.requests):
@@ -59,7 +66,9 @@ def main() -> None:
                     echo(payload, timeout=30)
                     if i >= args.warmup:
                         ms.append((time.perf_counter() - t0) * 1e3)
-                print(f"{label:<36} p50 {percentile(ms, 50):6.2f} ms   p99 {percentile(ms, 99):6.2f} ms   (n={len(ms)})")
+                print(
+                    f"{label:<36} p50 {percentile(ms, 50):6.2f} ms   p99 {percentile(ms, 99):6.2f} ms   (n={len(ms)})"
+                )
     finally:
         proc.kill()
         proc.wait()

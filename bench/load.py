@@ -20,12 +20,12 @@ import multiprocessing as mp
 import random
 import threading
 import time
-from typing import List, Tuple
 
 from _server import BenchServer, machine, percentile
+
 from testing_support import rss_bytes
 
-Record = Tuple[str, float, float]
+Record = tuple[str, float, float]
 """(outcome "ok" / "refused" / "wrong" / other code name, client round trip ms, server queue ms)."""
 
 
@@ -38,11 +38,14 @@ def client(index: int, address: str, attempts: int, side: int, think_ms: float, 
     from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 
     rng = random.Random(index)
-    records: List[Record] = []
+    records: list[Record] = []
     with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         stub = pb_grpc.EditServiceStub(channel)
         grpc.channel_ready_future(channel).result(timeout=60)
-        images = [np.random.default_rng(1000 * index + i).integers(0, 256, (side, side, 3), dtype=np.uint8) for i in range(attempts)]
+        images = [
+            np.random.default_rng(1000 * index + i).integers(0, 256, (side, side, 3), dtype=np.uint8)
+            for i in range(attempts)
+        ]
         start.wait()
         for i, render in enumerate(images):
             request = pb.EditRequest(request_id=f"c{index}-{i}", view_id=i, render=codec.encode_image(render),
@@ -55,20 +58,24 @@ def client(index: int, address: str, attempts: int, side: int, think_ms: float, 
                 records.append(("ok" if ok else "wrong", ms, response.timings.queue_ms))
             except grpc.RpcError as e:
                 ms = (time.perf_counter() - t0) * 1e3
-                records.append(("refused" if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else e.code().name, ms, 0.0))
+                records.append(
+                    ("refused" if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else e.code().name, ms, 0.0)
+                )
             time.sleep(rng.uniform(0.0, think_ms / 1e3))
     results.put(records)
 
 
-def run(address: str, clients: int, attempts: int, side: int, think_ms: float) -> Tuple[List[Record], float]:
+def run(address: str, clients: int, attempts: int, side: int, think_ms: float) -> tuple[list[Record], float]:
     ctx = mp.get_context("spawn")  # no gRPC state inherited by the clients
     start, results = ctx.Barrier(clients + 1), ctx.Queue()
-    procs = [ctx.Process(target=client, args=(i, address, attempts, side, think_ms, start, results)) for i in range(clients)]
+    procs = [
+        ctx.Process(target=client, args=(i, address, attempts, side, think_ms, start, results)) for i in range(clients)
+    ]
     for proc in procs:
         proc.start()
     start.wait()
     t0 = time.perf_counter()
-    records: List[Record] = []
+    records: list[Record] = []
     for _ in procs:
         records.extend(results.get(timeout=600))
     wall = time.perf_counter() - t0
@@ -77,7 +84,7 @@ def run(address: str, clients: int, attempts: int, side: int, think_ms: float) -
     return records, wall
 
 
-def line(name: str, ms: List[float]) -> str:
+def line(name: str, ms: list[float]) -> str:
     if not ms:
         return f"{name:<36} (none)"
     return (f"{name:<36} p50 {percentile(ms, 50):8.1f} ms  p90 {percentile(ms, 90):8.1f} ms  "
@@ -91,7 +98,9 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=100.0)
     parser.add_argument("--attempts", type=int, default=40, help="requests per client")
     parser.add_argument("--side", type=int, default=64, help="images are side x side x 3 uint8")
-    parser.add_argument("--think-ms", type=float, default=None, help="most think time between a client's requests (default: --delay-ms)")
+    parser.add_argument(
+        "--think-ms", type=float, default=None, help="most think time between a client's requests (default: --delay-ms)"
+    )
     args = parser.parse_args()
     think_ms = args.delay_ms if args.think_ms is None else args.think_ms
     print(f"machine: {machine()}")
@@ -123,7 +132,9 @@ def main() -> None:
     print(line("accepted: client round trip", [r[1] for r in accepted]))
     print(line("accepted: of which queued in server", [r[2] for r in accepted]))
     print(line("refused: client round trip", [r[1] for r in refused]))
-    print(f"accepted throughput {len(accepted) / wall:.2f} edits/s over {wall:.1f} s (ceiling 1000/delay = {1000 / args.delay_ms:.2f})")
+    print(
+        f"accepted throughput {len(accepted) / wall:.2f} edits/s over {wall:.1f} s (ceiling 1000/delay = {1000 / args.delay_ms:.2f})"
+    )
     print(f"server RSS: {rss_before / 2**20:.1f} MiB after warm-up, {rss_after / 2**20:.1f} MiB after the run, "
           f"peak {peak[0] / 2**20:.1f} MiB")  # fmt: skip
 

@@ -25,7 +25,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
 
 import tyro
 
@@ -33,9 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from _server import BenchServer, machine  # noqa: E402
-from testing_support import TINY_NERFACTO, demo_scene_and_pretrained, read_edit_report  # noqa: E402
-from in2n_demo.run import NS_TRAIN, ensure_lpips_backbone  # noqa: E402
+from _server import BenchServer, machine
+
+from in2n_demo.run import NS_TRAIN, ensure_lpips_backbone
+from testing_support import TINY_NERFACTO, demo_scene_and_pretrained, read_edit_report
 
 QUIET = ["--vis", "tensorboard", "--machine.device-type", "cpu", "--steps-per-save", "1000000",
          "--steps-per-eval-image", "1000000", "--steps-per-eval-batch", "1000000", "--steps-per-eval-all-images", "1000000"]  # fmt: skip
@@ -45,7 +45,7 @@ QUIET = ["--vis", "tensorboard", "--machine.device-type", "cpu", "--steps-per-sa
 class BenchConfig:
     """Edits/s and training speed with 0 (no editing), 1, 2 and 4 edit servers."""
 
-    servers: List[int] = field(default_factory=lambda: [1, 2, 4])
+    servers: list[int] = field(default_factory=lambda: [1, 2, 4])
     """Numbers of edit servers to measure (each against no editing)."""
     rounds: int = 3
     """Interleaved rounds (off, then each server count, per round)."""
@@ -73,7 +73,7 @@ def pretrain(cfg: BenchConfig, env: dict) -> tuple:
                                      flags=[*QUIET, *TINY_NERFACTO])  # fmt: skip
 
 
-def run_once(cfg: BenchConfig, scene: Path, load_dir: Path, addresses: List[str], name: str, env: dict) -> Dict:
+def run_once(cfg: BenchConfig, scene: Path, load_dir: Path, addresses: list[str], name: str, env: dict) -> dict:
     out = cfg.workdir / "runs"
     mode = ["--pipeline.edit-mode", "off"] if not addresses else []
     cmd = [NS_TRAIN, "in2n-tiny", "--load-dir", str(load_dir), "--data", str(scene), "--output-dir", str(out),
@@ -100,7 +100,7 @@ def run_once(cfg: BenchConfig, scene: Path, load_dir: Path, addresses: List[str]
     }
 
 
-def spread(values: List[float]) -> str:
+def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
 
 
@@ -113,7 +113,7 @@ def main(cfg: BenchConfig) -> None:
     started = time.monotonic()
     scene, load_dir = pretrain(cfg, env)
     servers = [BenchServer("identity", ["--delay-ms", f"{cfg.delay_ms:g}"]) for _ in range(max(cfg.servers))]
-    results: Dict[int, List[Dict]] = {n: [] for n in [0, *cfg.servers]}
+    results: dict[int, list[dict]] = {n: [] for n in [0, *cfg.servers]}
     try:
         for r in range(cfg.rounds):
             for n in [0, *cfg.servers]:
@@ -126,7 +126,7 @@ def main(cfg: BenchConfig) -> None:
             server.close()
 
 
-def report(cfg: BenchConfig, results: Dict[int, List[Dict]], rounds: int, elapsed_s: float) -> None:
+def report(cfg: BenchConfig, results: dict[int, list[dict]], rounds: int, elapsed_s: float) -> None:
     """Print the table over the first `rounds` rounds and write bench/results/<cfg.results>."""
     rows = []
     for n in cfg.servers:

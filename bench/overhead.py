@@ -17,10 +17,10 @@ import argparse
 import time
 
 import numpy as np
-
 from _server import BenchServer, machine, percentile
-from in2n_contract import EditParams
+
 from diffusion_server.client import EditClient, StreamClient, original_key
+from in2n_contract import EditParams
 
 
 def summary(name: str, ms: list) -> str:

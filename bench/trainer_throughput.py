@@ -29,10 +29,8 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
 
 import numpy as np
 import tyro
@@ -40,9 +38,9 @@ import tyro
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from diffusion_server.backends.identity import IdentityBackend  # noqa: E402
-from in2n_demo.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone  # noqa: E402
-from testing_support import InProcessServer, demo_scene_and_pretrained, read_edit_report  # noqa: E402
+from diffusion_server.backends.identity import IdentityBackend
+from in2n_demo.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone
+from testing_support import InProcessServer, demo_scene_and_pretrained, read_edit_report
 
 
 @dataclass
@@ -53,9 +51,9 @@ class BenchConfig:
     """Training steps per mode."""
     edit_ms: float = 500.0
     """Fixed time the server takes per edit (sleeping, no CPU)."""
-    chunk_rays: List[int] = field(default_factory=lambda: [256, 1024])
+    chunk_rays: list[int] = field(default_factory=lambda: [256, 1024])
     """render_chunk_rays values to measure in async mode."""
-    render_budgets: List[float] = field(default_factory=lambda: [0.05])
+    render_budgets: list[float] = field(default_factory=lambda: [0.05])
     """render_budget values to measure in async mode (with budget_chunk_rays a chunk)."""
     budget_chunk_rays: int = 1024
     """render_chunk_rays of the render_budget runs."""
@@ -93,12 +91,12 @@ def run_mode(cfg: BenchConfig, load_dir: Path, scene: Path, port: int, mode: str
     return times[cfg.warmup :], stats.get("edits_applied", 0), stats.get("render_share", 0.0)
 
 
-def interleaved_ratios(per_round: List[dict], key: object, base: object) -> List[float]:
+def interleaved_ratios(per_round: list[dict], key: object, base: object) -> list[float]:
     """steps/s of `key` over steps/s of `base`, one ratio per round (both runs of the same round)."""
     return [float(results[base][0].mean() / results[key][0].mean()) for results in per_round]
 
 
-def summarize(runs: list, per_round: List[dict]) -> List[dict]:
+def summarize(runs: list, per_round: list[dict]) -> list[dict]:
     """One row per run: median steps/s over rounds, median and range of the per-round ratio to "off",
     step-time percentiles over all rounds' steps, edits applied and render share (median per run)."""
     rows = []
@@ -125,7 +123,13 @@ def main(cfg: BenchConfig) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     ensure_lpips_backbone(env, cfg.workdir)
     scene, load_dir = demo_scene_and_pretrained(
-        cfg.workdir, NS_TRAIN, env, num_views=24, size=64, steps=200, rays=512,
+        cfg.workdir,
+        NS_TRAIN,
+        env,
+        num_views=24,
+        size=64,
+        steps=200,
+        rays=512,
         flags=["--vis", "tensorboard", "--machine.device-type", "cpu", "--steps-per-save", "200", *SMALL_NERFACTO],
     )
     if cfg.rounds < 1:
@@ -134,7 +138,11 @@ def main(cfg: BenchConfig) -> None:
     server = InProcessServer(IdentityBackend(delay_s=cfg.edit_ms / 1e3), device="cpu")
     port = server.port
     try:
-        runs = [("off", 0, 0.0)] + [("async", c, 0.0) for c in cfg.chunk_rays] + [("async", cfg.budget_chunk_rays, b) for b in cfg.render_budgets]
+        runs = (
+            [("off", 0, 0.0)]
+            + [("async", c, 0.0) for c in cfg.chunk_rays]
+            + [("async", cfg.budget_chunk_rays, b) for b in cfg.render_budgets]
+        )
         runs += [("sync", 0, 0.0)] if cfg.sync else []
         per_round = []  # one {run: (times, applied, share)} per round
         for r in range(cfg.rounds):
@@ -151,7 +159,9 @@ def main(cfg: BenchConfig) -> None:
     rows = summarize(runs, per_round)
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}; steps={cfg.steps}, "
           f"edit={cfg.edit_ms:.0f} ms (sleep), edit_rate={cfg.edit_rate}, {cfg.rounds} interleaved rounds\n")  # fmt: skip
-    print("| mode | render_chunk_rays | steps/s (median of rounds) | ratio to no editing (median, range) | median step | p99 step | p99 / median | edits applied (per run) | render share |")
+    print(
+        "| mode | render_chunk_rays | steps/s (median of rounds) | ratio to no editing (median, range) | median step | p99 step | p99 / median | edits applied (per run) | render share |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['render_chunk_rays'] or '-'} | {r['steps_per_s']} | {r['ratio_to_off']} ({r['ratio_min']}-{r['ratio_max']}) | "

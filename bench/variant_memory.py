@@ -20,7 +20,6 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
 
 import tyro
 
@@ -28,8 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from _server import BenchServer, machine  # noqa: E402
-from in2n_demo.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone  # noqa: E402
+from _server import BenchServer, machine
+
+from in2n_demo.run import NS_TRAIN, SMALL_NERFACTO, ensure_lpips_backbone
 
 # Runs `argv` as a child and prints the child's peak RSS in KiB (Linux ru_maxrss), then its exit code.
 PEAK_RSS = (
@@ -44,7 +44,7 @@ QUIET = ["--vis", "tensorboard", "--machine.device-type", "cpu", "--steps-per-ev
 class MemoryConfig:
     """Peak RSS of the trainer per variant."""
 
-    methods: List[str] = field(default_factory=lambda: ["in2n", "in2n-small", "in2n-tiny"])
+    methods: list[str] = field(default_factory=lambda: ["in2n", "in2n-small", "in2n-tiny"])
     """Variants to measure."""
     steps: int = 6
     """Training steps per variant (enough to reach the steady state's peak: every step allocates the same)."""
@@ -76,19 +76,25 @@ def main(cfg: MemoryConfig) -> None:
                    "--output-dir", str(cfg.workdir / "runs"), "--experiment-name", "demo", "--timestamp", method,
                    "--max-num-iterations", str(cfg.steps), "--pipeline.edit-server", server.address,
                    "--pipeline.instruction", "make it sepia", "--pipeline.edit-rate", "1", *QUIET]  # fmt: skip
-            out = subprocess.run([sys.executable, "-c", PEAK_RSS, *cmd], env=env, capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", PEAK_RSS, *cmd], env=env, capture_output=True, text=True, check=True
+            )
             peak_kib, code = (int(x) for x in out.stdout.split())
             if code != 0:
                 raise SystemExit(f"{method} failed (exit {code}): {' '.join(cmd)}")
             rows.append({"method": method, "peak_rss_mib": round(peak_kib / 1024)})
             print(rows[-1], flush=True)
-    print(f"\nmachine: {machine()}; {cfg.steps} steps per variant, variant defaults (rays per batch, patch), demo scene\n")
+    print(
+        f"\nmachine: {machine()}; {cfg.steps} steps per variant, variant defaults (rays per batch, patch), demo scene\n"
+    )
     print("| method | trainer peak RSS (CPU) |\n|---|---|")
     for row in rows:
         print(f"| {row['method']} | {row['peak_rss_mib']} MiB |")
     results = REPO / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    (results / "variant_memory.json").write_text(json.dumps({"machine": machine(), "steps": cfg.steps, "rows": rows}, indent=2))
+    (results / "variant_memory.json").write_text(
+        json.dumps({"machine": machine(), "steps": cfg.steps, "rows": rows}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ import argparse
 import socket
 import threading
 import time
-from typing import List
 
 import numpy as np
-
 from _server import BenchServer, machine
-from in2n_contract import EditParams
+
 from diffusion_server.client import StreamClient
+from in2n_contract import EditParams
 
 
 class CountingRelay:
@@ -72,7 +71,7 @@ class CountingRelay:
             return self.up, self.down
 
 
-def run_round(client: StreamClient, renders: List[np.ndarray], originals: List[np.ndarray], params: EditParams) -> None:
+def run_round(client: StreamClient, renders: list[np.ndarray], originals: list[np.ndarray], params: EditParams) -> None:
     for view, (render, original) in enumerate(zip(renders, originals)):
         client.submit(view, render, original, params)
         results: list = []
@@ -95,7 +94,9 @@ def main() -> None:
     originals = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(args.views)]
     params = EditParams("turn it into a bronze sculpture", seed=1)
     print(f"machine: {machine()}")
-    print(f"images {args.side}x{args.side}x3 uint8 (raw image = {raw} bytes); {args.views} views x {args.rounds} rounds")
+    print(
+        f"images {args.side}x{args.side}x3 uint8 (raw image = {raw} bytes); {args.views} views x {args.rounds} rounds"
+    )
     with BenchServer("identity") as server:
         relay = CountingRelay(int(server.address.rsplit(":", 1)[1]))
         for once in (True, False):
@@ -113,10 +114,14 @@ def main() -> None:
                 steady = args.views * (args.rounds - 1)
                 label = "originals sent once" if once else "original in every request"
                 print(f"{label}:")
-                print(f"  first round  per edit: up {(up1 - up0) / args.views:10.0f} B ({(up1 - up0) / args.views / raw:.4f}x)   "
-                      f"down {(down1 - down0) / args.views:10.0f} B ({(down1 - down0) / args.views / raw:.4f}x)")
-                print(f"  steady state per edit: up {(up2 - up1) / steady:10.0f} B ({(up2 - up1) / steady / raw:.4f}x)   "
-                      f"down {(down2 - down1) / steady:10.0f} B ({(down2 - down1) / steady / raw:.4f}x)")
+                print(
+                    f"  first round  per edit: up {(up1 - up0) / args.views:10.0f} B ({(up1 - up0) / args.views / raw:.4f}x)   "
+                    f"down {(down1 - down0) / args.views:10.0f} B ({(down1 - down0) / args.views / raw:.4f}x)"
+                )
+                print(
+                    f"  steady state per edit: up {(up2 - up1) / steady:10.0f} B ({(up2 - up1) / steady / raw:.4f}x)   "
+                    f"down {(down2 - down1) / steady:10.0f} B ({(down2 - down1) / steady / raw:.4f}x)"
+                )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import tyro
 
@@ -12,7 +12,7 @@ from diffusion_server.config import ServerConfig
 from diffusion_server.server import run_cli
 
 
-def _unknown_backend(argv: List[str]) -> Optional[str]:
+def _unknown_backend(argv: list[str]) -> str | None:
     """The value of --backend if it names no backend (checked before tyro, for a one-line error)."""
     for i, arg in enumerate(argv):
         if arg == "--backend" and i + 1 < len(argv):
@@ -26,15 +26,18 @@ def _unknown_backend(argv: List[str]) -> Optional[str]:
     return None
 
 
-def refuse_unknown_backend(argv: List[str], prog: str) -> bool:
+def refuse_unknown_backend(argv: list[str], prog: str) -> bool:
     """Print the one-line error for an unknown --backend (before tyro's long one); True when refused."""
     unknown = _unknown_backend(argv)
     if unknown is not None:
-        print(f"{prog}: error: --backend {unknown!r} is unknown; choose one of {', '.join(BACKEND_NAMES)}", file=sys.stderr)
+        print(
+            f"{prog}: error: --backend {unknown!r} is unknown; choose one of {', '.join(BACKEND_NAMES)}",
+            file=sys.stderr,
+        )
     return unknown is not None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     if refuse_unknown_backend(args, "diffusion_server"):

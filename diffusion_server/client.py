@@ -27,12 +27,14 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Union
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from typing_extensions import Self
 
 from diffusion_server import codec
 from in2n_contract import (
@@ -78,9 +80,7 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_back
 RootCert = Union[bytes, str, "os.PathLike[str]", None]
 
 
-def make_channel(
-    address: str, options: list, root_cert: RootCert = None, tls: bool = False
-) -> grpc.Channel:
+def make_channel(address: str, options: list, root_cert: RootCert = None, tls: bool = False) -> grpc.Channel:
     """A plaintext channel, or a TLS one when `root_cert` (PEM bytes or file) is given or `tls` is True."""
     if root_cert is None and not tls:
         return grpc.insecure_channel(address, options=options)
@@ -90,7 +90,7 @@ def make_channel(
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root_cert), options=options)
 
 
-def auth_metadata(token: Optional[str]) -> Optional[Tuple[Tuple[str, str], ...]]:
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     """Call metadata carrying `token` as a bearer token; None without a token."""
     return (("authorization", f"Bearer {token}"),) if token else None
 
@@ -124,7 +124,7 @@ def _wire_image(image: np.ndarray, name: str) -> pb.Image:
 
 
 def make_request(
-    request_id: str, view_id: int, render: np.ndarray, original: Optional[np.ndarray], params: EditParams
+    request_id: str, view_id: int, render: np.ndarray, original: np.ndarray | None, params: EditParams
 ) -> pb.EditRequest:
     """Build an `EditRequest`; every parameter of `params` is sent explicitly (seed only when set).
 
@@ -160,7 +160,7 @@ def _check_size(request: pb.EditRequest, max_message_bytes: int) -> None:
         )
 
 
-def timings_dict(timings: pb.Timings) -> Dict[str, float]:
+def timings_dict(timings: pb.Timings) -> dict[str, float]:
     """`Timings` -> {"queue_ms", "compute_ms", "total_ms"}."""
     return {"queue_ms": timings.queue_ms, "compute_ms": timings.compute_ms, "total_ms": timings.total_ms}
 
@@ -182,7 +182,7 @@ class EditReply:
     view_id: int
     image: np.ndarray  # [H, W, 3] float32 in [0, 1]
     timestep: int
-    timings: Dict[str, float]
+    timings: dict[str, float]
 
 
 class EditClient:
@@ -194,7 +194,7 @@ class EditClient:
         timeout_s: float = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         *,
-        token: Optional[str] = None,
+        token: str | None = None,
         root_cert: RootCert = None,
         tls: bool = False,
     ):
@@ -212,7 +212,7 @@ class EditClient:
         original: np.ndarray,
         params: EditParams,
         view_id: int = 0,
-        request_id: Optional[str] = None,
+        request_id: str | None = None,
     ) -> EditReply:
         """Edit one view (images [H, W, 3]); raises `EditFailed` with the server's status code and message.
 
@@ -232,7 +232,7 @@ class EditClient:
             timings=timings_dict(response.timings),
         )
 
-    def describe(self, timeout_s: Optional[float] = None) -> pb.DescribeResponse:
+    def describe(self, timeout_s: float | None = None) -> pb.DescribeResponse:
         """Backend, model, device, precision and limits of the server; within timeout_s (default: the client's)."""
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
@@ -259,21 +259,25 @@ class EditClient:
                 if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # no health service (Ray Serve's proxy): ask Describe
                     if describe_answers(self._stub, max(0.1, deadline - time.monotonic()), self._metadata):
                         return
-                elif e.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
+                elif e.code() not in (
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.NOT_FOUND,
+                ):
                     raise EditFailed(e.code(), e.details() or "") from None
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))  # NOT_SERVING yet: ask again
 
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "EditClient":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def describe_answers(stub: pb_grpc.EditServiceStub, timeout_s: float, metadata: Optional[tuple]) -> bool:
+def describe_answers(stub: pb_grpc.EditServiceStub, timeout_s: float, metadata: tuple | None) -> bool:
     """Readiness where grpc.health.v1 is UNIMPLEMENTED: True once Describe answers (a replica is up behind the proxy).
 
     False while it fails with UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED or NOT_FOUND (no application yet);
@@ -292,11 +296,11 @@ class StreamResult:
 
     request_id: str
     view_id: int
-    image: Optional[np.ndarray]  # [H, W, 3] float32 in [0, 1]; None on failure
-    error_code: Optional[grpc.StatusCode] = None
+    image: np.ndarray | None  # [H, W, 3] float32 in [0, 1]; None on failure
+    error_code: grpc.StatusCode | None = None
     error_message: str = ""
     timestep: int = 0
-    timings: Dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
     malformed: bool = False  # the server answered, but its image was refused when decoded (NaN, range, size)
 
     @property
@@ -311,8 +315,8 @@ class _Connection:
     """One open StreamEdit call and the queue its request iterator reads."""
 
     def __init__(self) -> None:
-        self.outgoing: "queue.Queue[object]" = queue.Queue()
-        self.call: Optional[grpc.Call] = None
+        self.outgoing: queue.Queue[object] = queue.Queue()
+        self.call: grpc.Call | None = None
 
     def requests(self) -> Iterator[pb.StreamEditRequest]:
         while True:
@@ -343,7 +347,7 @@ class StreamClient:
         initial_backoff_s: float = 0.1,
         max_backoff_s: float = 5.0,
         *,
-        token: Optional[str] = None,
+        token: str | None = None,
         root_cert: RootCert = None,
         tls: bool = False,
         send_originals_once: bool = True,
@@ -365,23 +369,25 @@ class StreamClient:
         self._tls = tls
         self._send_originals_once = send_originals_once
         self._server_caches = False  # learnt from Describe on each connection
-        self.server_info: Optional[pb.DescribeResponse] = None  # the server's Describe, from the latest connection
+        self.server_info: pb.DescribeResponse | None = None  # the server's Describe, from the latest connection
         self._client_id = uuid.uuid4().hex
-        self._server_has: Dict[int, str] = {}  # view id -> key of the original the server should hold
-        self._resendable: Dict[str, Tuple[pb.EditRequest, np.ndarray]] = {}  # sent without original: (request, original)
-        self._sent: Dict[str, pb.EditRequest] = {}  # request id -> the request as sent, while in flight
-        self._resends: Dict[str, int] = {}  # request id -> times re-sent after an INTERNAL stream end
-        self._to_resend: List[pb.EditRequest] = []  # sent first on the next stream
+        self._server_has: dict[int, str] = {}  # view id -> key of the original the server should hold
+        self._resendable: dict[
+            str, tuple[pb.EditRequest, np.ndarray]
+        ] = {}  # sent without original: (request, original)
+        self._sent: dict[str, pb.EditRequest] = {}  # request id -> the request as sent, while in flight
+        self._resends: dict[str, int] = {}  # request id -> times re-sent after an INTERNAL stream end
+        self._to_resend: list[pb.EditRequest] = []  # sent first on the next stream
         self.resent = 0  # requests re-sent on a new stream after their stream ended with INTERNAL
         self.originals_sent = 0  # requests that carried their original (first sends and re-sends)
         self.cache_misses = 0  # requests re-sent with their original after "original not cached"
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._channel: Optional[grpc.Channel] = None
-        self._conn: Optional[_Connection] = None  # set while a stream is open
-        self._in_flight: Dict[str, int] = {}  # request id -> view id
-        self._results: List[StreamResult] = []
+        self._thread: threading.Thread | None = None
+        self._channel: grpc.Channel | None = None
+        self._conn: _Connection | None = None  # set while a stream is open
+        self._in_flight: dict[str, int] = {}  # request id -> view id
+        self._results: list[StreamResult] = []
         self._ids = itertools.count()
         self._id_prefix = uuid.uuid4().hex[:8]
         self._completed = 0
@@ -417,7 +423,7 @@ class StreamClient:
 
     # -- life cycle ------------------------------------------------------------------------------
 
-    def start(self) -> "StreamClient":
+    def start(self) -> StreamClient:
         """Open the channel and the stream on a background thread (retrying until the server is up)."""
         with self._lock:
             if self._closed.is_set():
@@ -445,7 +451,7 @@ class StreamClient:
             if thread.is_alive():
                 log.warning("stream client thread did not stop within %.1f s", timeout_s)
 
-    def __enter__(self) -> "StreamClient":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -454,7 +460,7 @@ class StreamClient:
     # -- requests and results --------------------------------------------------------------------
 
     def submit(
-        self, view_id: int, render: np.ndarray, original: np.ndarray, params: EditParams, key: Optional[str] = None
+        self, view_id: int, render: np.ndarray, original: np.ndarray, params: EditParams, key: str | None = None
     ) -> str:
         """Queue one edit and return its request id. Never blocks on the network.
 
@@ -489,9 +495,13 @@ class StreamClient:
         kept = None if with_original else np.array(original, copy=True)  # for a re-send after a cache miss
         with self._lock:
             if self._conn is None:
-                raise RuntimeError(f"not connected to {self.address} (reconnecting in the background); check can_submit()")
+                raise RuntimeError(
+                    f"not connected to {self.address} (reconnecting in the background); check can_submit()"
+                )
             if len(self._in_flight) >= self.max_in_flight:
-                raise RuntimeError(f"{self.max_in_flight} requests already in flight (max_in_flight); check can_submit()")
+                raise RuntimeError(
+                    f"{self.max_in_flight} requests already in flight (max_in_flight); check can_submit()"
+                )
             request.request_id = f"{self._id_prefix}-{next(self._ids)}"
             self._in_flight[request.request_id] = view_id
             self._sent[request.request_id] = request
@@ -504,7 +514,7 @@ class StreamClient:
             self._conn.outgoing.put(pb.StreamEditRequest(edit=request))
         return request.request_id
 
-    def poll(self) -> List[StreamResult]:
+    def poll(self) -> list[StreamResult]:
         """All results that arrived since the last call, in arrival order. Never blocks."""
         with self._lock:
             results, self._results = self._results, []
@@ -539,9 +549,11 @@ class StreamClient:
         """
         started = time.monotonic()
         try:
-            status = health_pb2_grpc.HealthStub(self._channel).Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s, wait_for_ready=True
-            ).status
+            status = (
+                health_pb2_grpc.HealthStub(self._channel)
+                .Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s, wait_for_ready=True)
+                .status
+            )
         except grpc.RpcError as e:
             if e.code() in _NOT_READY:
                 return False
@@ -579,7 +591,9 @@ class StreamClient:
             resend, self._to_resend = self._to_resend, []
             for request in resend:  # before anything submitted on this stream
                 conn.outgoing.put(pb.StreamEditRequest(edit=request))
-        log.info("stream client connected to %s%s", self.address, f"; re-sent {len(resend)} request(s)" if resend else "")
+        log.info(
+            "stream client connected to %s%s", self.address, f"; re-sent {len(resend)} request(s)" if resend else ""
+        )
         reason = "the server ended the stream"
         code = None
         idle_close = False  # the server closed a stream with nothing in flight: routine, not a fault
@@ -614,8 +628,14 @@ class StreamClient:
         if not closing:
             kept = f", {len(self._to_resend)} kept to re-send" if self._to_resend else ""
             level = logging.INFO if idle_close and not lost else logging.WARNING
-            log.log(level, "stream to %s broke (%s); %d request(s) in flight handed back%s; reconnecting",
-                    self.address, reason, len(lost), kept)
+            log.log(
+                level,
+                "stream to %s broke (%s); %d request(s) in flight handed back%s; reconnecting",
+                self.address,
+                reason,
+                len(lost),
+                kept,
+            )
         return responses > 0 or time.monotonic() - opened >= 1.0
 
     def _keep_for_resend(self) -> set:
@@ -673,7 +693,7 @@ class StreamClient:
         log.debug("request %s: %s; re-sent with its original", response.request_id, message)
         return True
 
-    def _on_response(self, response: pb.StreamEditResponse, conn: Optional[_Connection] = None) -> None:
+    def _on_response(self, response: pb.StreamEditResponse, conn: _Connection | None = None) -> None:
         if conn is not None and self._resend_with_original(response, conn):
             return
         outcome = response.WhichOneof("outcome")
@@ -689,14 +709,21 @@ class StreamClient:
                 )
             except codec.ImageFormatError as e:
                 result = StreamResult(
-                    response.request_id, response.view_id, None, grpc.StatusCode.INTERNAL, f"bad response: {e}", malformed=True
+                    response.request_id,
+                    response.view_id,
+                    None,
+                    grpc.StatusCode.INTERNAL,
+                    f"bad response: {e}",
+                    malformed=True,
                 )
         elif outcome == "error":
             result = StreamResult(
                 response.request_id, response.view_id, None, status_code(response.error.code), response.error.message
             )
         else:
-            result = StreamResult(response.request_id, response.view_id, None, grpc.StatusCode.INTERNAL, "response without outcome")
+            result = StreamResult(
+                response.request_id, response.view_id, None, grpc.StatusCode.INTERNAL, "response without outcome"
+            )
         with self._lock:
             self._resendable.pop(response.request_id, None)
             self._sent.pop(response.request_id, None)

@@ -15,7 +15,11 @@ _NUMPY_OF = {
     pb.DTYPE_FLOAT16: np.dtype("<f2"),
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
 }
-_PROTO_OF = {np.dtype(np.uint8): pb.DTYPE_UINT8, np.dtype(np.float16): pb.DTYPE_FLOAT16, np.dtype(np.float32): pb.DTYPE_FLOAT32}
+_PROTO_OF = {
+    np.dtype(np.uint8): pb.DTYPE_UINT8,
+    np.dtype(np.float16): pb.DTYPE_FLOAT16,
+    np.dtype(np.float32): pb.DTYPE_FLOAT32,
+}
 
 
 class ImageFormatError(ValueError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from diffusion_server.backends import DEFAULT_IP2P_MODEL, BackendName, Precision
 from in2n_contract import DEFAULT_MAX_IMAGE_SIDE, max_message_bytes_for
@@ -27,7 +27,7 @@ class ServerConfig:
     """Address to listen on (0.0.0.0 or [::] for all interfaces)."""
     port: int = 50051
     """Port to listen on; 0 picks a free one (see --port-file)."""
-    port_file: Optional[Path] = None
+    port_file: Path | None = None
     """After binding, write the actual port to this file (atomically), e.g. for --port 0."""
     max_image_side: int = DEFAULT_MAX_IMAGE_SIDE
     """Largest image height or width accepted, in pixels; also sizes the gRPC message limit."""
@@ -49,7 +49,7 @@ class ServerConfig:
     """Logging level of the server's log on stderr."""
     log_format: Literal["text", "json"] = "text"
     """Log lines on stderr: human text, or one JSON object per line (ts, level, logger, msg, ...)."""
-    max_batch: Optional[int] = None
+    max_batch: int | None = None
     """Most queued edits run as one backend call (backends that batch: ip2p, ip2p-xl, tiny-ip2p, identity); 1: no batching; default: the backend's own (8 for ip2p, with --max-delay-ms 0: what is queued runs together, nothing waits)."""
     max_delay_ms: float = 0.0
     """Longest wait for more edits to fill a batch, in milliseconds (0: take only what is already queued)."""
@@ -59,11 +59,11 @@ class ServerConfig:
     """Serve Prometheus metrics on http://HOST:PORT/metrics; 0: off."""
     grace_s: float = 30.0
     """On SIGTERM or SIGINT: stop taking edits, finish those accepted for up to this many seconds, then exit."""
-    tls_cert: Optional[Path] = None
+    tls_cert: Path | None = None
     """PEM certificate chain of the server: serve TLS (with --tls-key)."""
-    tls_key: Optional[Path] = None
+    tls_key: Path | None = None
     """PEM private key of --tls-cert."""
-    token: Optional[str] = None
+    token: str | None = None
     """Bearer token every request must carry (metadata `authorization: Bearer TOKEN`); default: $IN2N_TOKEN, unset: no token. Health checks stay open."""
     channels_last: bool = False
     """ip2p/ip2p-xl/tiny-ip2p: UNet and VAE in channels_last memory format (often faster on CUDA)."""
@@ -106,7 +106,9 @@ class ServerConfig:
         if not (0.0 <= self.delay_ms <= 600_000.0):
             raise ValueError(f"--delay-ms must be in [0, 600000], got {self.delay_ms}")
         if self.delay_ms and self.backend != "identity":
-            raise ValueError(f"--delay-ms: only the identity backend takes it (a fixed cost per edit, for load tests), not {self.backend}")
+            raise ValueError(
+                f"--delay-ms: only the identity backend takes it (a fixed cost per edit, for load tests), not {self.backend}"
+            )
         if self.original_cache_mb < 0:
             raise ValueError(f"--original-cache-mb must be >= 0, got {self.original_cache_mb}")
         if not 0 <= self.metrics_port <= 65535:

@@ -21,7 +21,6 @@ Exposed over HTTP by `serve()` when `--metrics-port` is set (`GET /metrics`):
 from __future__ import annotations
 
 import logging
-from typing import Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -39,22 +38,36 @@ class ServerMetrics:
         r = self.registry
         self.queue_depth = Gauge("in2n_queue_depth", "Edits accepted and not yet started", registry=r)
         self.in_progress = Gauge("in2n_edits_in_progress", "Edits queued or running", registry=r)
-        self.batch_size = Histogram("in2n_batch_size", "Edits run by the backend at once", buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "in2n_batch_size", "Edits run by the backend at once", buckets=_BATCH_BUCKETS, registry=r
+        )
         self.latency = Histogram(
-            "in2n_edit_latency_seconds", "Time of successful edits by stage", ["stage"], buckets=_LATENCY_BUCKETS, registry=r
+            "in2n_edit_latency_seconds",
+            "Time of successful edits by stage",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.edits = Counter("in2n_edits", "Edits answered with an image", registry=r)
-        self.requests = Counter("in2n_requests", "Answered requests by method and gRPC status code", ["method", "code"], registry=r)
+        self.requests = Counter(
+            "in2n_requests", "Answered requests by method and gRPC status code", ["method", "code"], registry=r
+        )
         self.streams_open = Gauge("in2n_streams_open", "StreamEdit streams open", registry=r)
         self.streams_paused = Gauge(
-            "in2n_streams_paused", "Open streams not read for now: their backlog of unsent responses is at its bound", registry=r
+            "in2n_streams_paused",
+            "Open streams not read for now: their backlog of unsent responses is at its bound",
+            registry=r,
         )
         self.streams_refused = Counter("in2n_streams_refused", "Streams refused: too many open", registry=r)
-        self.streams_idle_closed = Counter("in2n_streams_idle_closed", "Streams closed by the server after idling", registry=r)
-        self.streams_unread_closed = Counter(
-            "in2n_streams_unread_closed", "Streams closed by the server because their client took no response", registry=r
+        self.streams_idle_closed = Counter(
+            "in2n_streams_idle_closed", "Streams closed by the server after idling", registry=r
         )
-        self._http: Optional[Tuple[object, object]] = None
+        self.streams_unread_closed = Counter(
+            "in2n_streams_unread_closed",
+            "Streams closed by the server because their client took no response",
+            registry=r,
+        )
+        self._http: tuple[object, object] | None = None
 
     def request_done(self, method: str, code_name: str) -> None:
         self.requests.labels(method=method, code=code_name).inc()

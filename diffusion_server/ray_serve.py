@@ -28,9 +28,10 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional
+from typing import Any
 
 import grpc
 
@@ -65,11 +66,11 @@ class RayServeConfig(ServerConfig):
     """CPUs each replica holds (Ray's num_cpus)."""
     max_ongoing_requests: int = 16
     """Streams and unary calls one replica serves at once (an open stream counts for its whole life); more wait in the proxy."""
-    ray_address: Optional[str] = None
+    ray_address: str | None = None
     """Join this Ray cluster (head's host:6379, or auto); unset: start a local Ray instance in this process."""
     http_port: int = 8000
     """Port of Ray Serve's HTTP proxy (unused by this application; it starts with Serve)."""
-    num_cpus: Optional[int] = None
+    num_cpus: int | None = None
     """CPUs of the local Ray instance (without --ray-address); unset: all of this machine's."""
     detach: bool = False
     """Deploy and exit, leaving the application running on the cluster (needs --ray-address); default: serve until SIGTERM/SIGINT, then shut the application down."""
@@ -81,20 +82,26 @@ class RayServeConfig(ServerConfig):
             ("--metrics-port", self.metrics_port, 0),
         ):  # fmt: skip
             if value != default:
-                raise ValueError(f"{flag}: not available with Ray Serve (its proxy listens on all interfaces, plaintext; "
-                                 "use the standalone server, or put a TLS proxy in front)")
+                raise ValueError(
+                    f"{flag}: not available with Ray Serve (its proxy listens on all interfaces, plaintext; "
+                    "use the standalone server, or put a TLS proxy in front)"
+                )
         if self.port == 0:
             raise ValueError("--port: give a fixed port for Ray Serve's gRPC proxy (0 is not supported)")
         if self.replicas < 0 or (self.replicas == 0 and self.max_replicas == 0):
             raise ValueError(f"--replicas must be >= 1 (or >= 0 with --max-replicas), got {self.replicas}")
         if self.max_replicas and self.max_replicas < max(1, self.replicas):
-            raise ValueError(f"--max-replicas ({self.max_replicas}) must be >= --replicas ({self.replicas}), or 0 for no autoscaling")
+            raise ValueError(
+                f"--max-replicas ({self.max_replicas}) must be >= --replicas ({self.replicas}), or 0 for no autoscaling"
+            )
         if not self.target_ongoing_requests > 0:
             raise ValueError(f"--target-ongoing-requests must be > 0, got {self.target_ongoing_requests}")
         if self.gpus_per_replica < 0 or self.cpus_per_replica < 0:
             raise ValueError("--gpus-per-replica and --cpus-per-replica must be >= 0")
         if self.gpus_per_replica == 0 and self.device.startswith("cuda"):
-            raise ValueError(f"--device {self.device} needs --gpus-per-replica > 0 (Ray shows a replica only the GPUs it holds)")
+            raise ValueError(
+                f"--device {self.device} needs --gpus-per-replica > 0 (Ray shows a replica only the GPUs it holds)"
+            )
         if self.max_ongoing_requests < 1:
             raise ValueError(f"--max-ongoing-requests must be >= 1, got {self.max_ongoing_requests}")
         if self.detach and not self.ray_address:
@@ -132,9 +139,9 @@ class _ReplicaContext:
     still bounds an edit); the call is over when `finish` runs (answered, failed, or the client went away).
     """
 
-    def __init__(self, write: Optional[Callable[[Any], Any]] = None) -> None:
+    def __init__(self, write: Callable[[Any], Any] | None = None) -> None:
         self._write = write
-        self._callbacks: List[Callable[[Any], None]] = []
+        self._callbacks: list[Callable[[Any], None]] = []
         self._done = False
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
@@ -144,7 +151,7 @@ class _ReplicaContext:
         assert self._write is not None, "write on a unary call"
         await self._write(message)
 
-    def time_remaining(self) -> Optional[float]:
+    def time_remaining(self) -> float | None:
         return None
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
@@ -162,7 +169,7 @@ class _ReplicaContext:
         for callback in callbacks:
             try:
                 callback(self)
-            except Exception:  # noqa: BLE001 - a callback must not break the others
+            except Exception:
                 log.exception("call-end callback failed")
 
 
@@ -199,8 +206,10 @@ class EditReplica:
                     given = value.encode() if isinstance(value, str) else bytes(value)
                     break
         if not hmac.compare_digest(given, self._expected):
-            raise _Aborted(grpc.StatusCode.UNAUTHENTICATED,
-                           "missing or wrong bearer token: send metadata 'authorization: Bearer <token>' (the server's --token / IN2N_TOKEN)")
+            raise _Aborted(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong bearer token: send metadata 'authorization: Bearer <token>' (the server's --token / IN2N_TOKEN)",
+            )
 
     @staticmethod
     def _fail(grpc_context: Any, error: _Aborted) -> None:
@@ -233,7 +242,7 @@ class EditReplica:
             self._check_token(grpc_context)
         except _Aborted as e:
             self._fail(grpc_context, e)
-        out: "asyncio.Queue[object]" = asyncio.Queue(maxsize=1)  # a write waits until its response is taken
+        out: asyncio.Queue[object] = asyncio.Queue(maxsize=1)  # a write waits until its response is taken
         context = _ReplicaContext(write=out.put)
         log.info("StreamEdit opened on replica pid %d", os.getpid())
 
@@ -267,7 +276,7 @@ def build_app(config: RayServeConfig) -> Any:
     """The bound Ray Serve application for `config` (replicas, resources and autoscaling from it)."""
     from ray import serve
 
-    options: Dict[str, Any] = {
+    options: dict[str, Any] = {
         "name": "EditService",
         "ray_actor_options": {"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
         "max_ongoing_requests": config.max_ongoing_requests,
@@ -287,7 +296,7 @@ def build_app(config: RayServeConfig) -> Any:
     return serve.deployment(replica_class).options(**options).bind(server_config_of(config))
 
 
-def app_builder(args: Dict[str, Any]) -> Any:
+def app_builder(args: dict[str, Any]) -> Any:
     """Application builder for `serve run` / `serve deploy` (import path `diffusion_server.ray_serve:app_builder`):
     `args` are RayServeConfig fields by name (e.g. backend, device, replicas, gpus_per_replica, max_replicas)."""
     known = {f.name for f in dataclasses.fields(RayServeConfig)}
@@ -315,7 +324,7 @@ def grpc_options(port: int) -> Any:
     return gRPCOptions(port=port, grpc_servicer_functions=[SERVICER_FUNCTION])
 
 
-def _runtime_env() -> Dict[str, Any]:
+def _runtime_env() -> dict[str, Any]:
     """Workers of a local instance import this checkout (the proxy needs the generated code and the service)."""
     root = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
@@ -340,9 +349,16 @@ def run(config: RayServeConfig) -> None:
         from diffusion_server.server import write_port_file
 
         write_port_file(config.port_file, config.port)
-    replicas = f"{config.replicas}..{config.max_replicas} replicas (autoscaling)" if config.max_replicas else f"{config.replicas} replica(s)"
-    print(f"diffusion_server.ray_serve: serving {config.backend} on Ray Serve's gRPC proxy, port {config.port}: {replicas}, "
-          f"{config.gpus_per_replica:g} GPU and {config.cpus_per_replica:g} CPU each, device {config.device}", flush=True)
+    replicas = (
+        f"{config.replicas}..{config.max_replicas} replicas (autoscaling)"
+        if config.max_replicas
+        else f"{config.replicas} replica(s)"
+    )
+    print(
+        f"diffusion_server.ray_serve: serving {config.backend} on Ray Serve's gRPC proxy, port {config.port}: {replicas}, "
+        f"{config.gpus_per_replica:g} GPU and {config.cpus_per_replica:g} CPU each, device {config.device}",
+        flush=True,
+    )
     if config.detach:
         return
     stop = threading.Event()
@@ -358,7 +374,7 @@ def run(config: RayServeConfig) -> None:
         remove_port_file(config.port_file, config.port)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     import tyro
 
     from diffusion_server.__main__ import refuse_unknown_backend
@@ -377,8 +393,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         import ray  # noqa: F401
     except ImportError:
-        print("diffusion_server.ray_serve: error: Ray Serve is not installed here; use the server's environment "
-              "(make setup-server, .venv-server) or pip install '.[ray]'", file=sys.stderr, flush=True)
+        print(
+            "diffusion_server.ray_serve: error: Ray Serve is not installed here; use the server's environment "
+            "(make setup-server, .venv-server) or pip install '.[ray]'",
+            file=sys.stderr,
+            flush=True,
+        )
         return 2
     run(config)
     return 0

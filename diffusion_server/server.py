@@ -19,8 +19,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional, Tuple, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -49,7 +50,7 @@ class StartupError(RuntimeError):
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Answers UNAUTHENTICATED to every call without metadata `authorization: Bearer <token>`, except health checks."""
 
-    def __init__(self, token: str, on_reject: Optional[Callable[[str], None]] = None):
+    def __init__(self, token: str, on_reject: Callable[[str], None] | None = None):
         self._expected = f"Bearer {token}".encode()
         self._on_reject = on_reject
 
@@ -83,7 +84,11 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
-_STANDARD_RECORD_FIELDS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
+_STANDARD_RECORD_FIELDS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -91,7 +96,9 @@ class JsonLogFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "ts": datetime.datetime.fromtimestamp(record.created, tz=datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": datetime.datetime.fromtimestamp(record.created, tz=datetime.timezone.utc).isoformat(
+                timespec="milliseconds"
+            ),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -118,7 +125,7 @@ def configure_logging(level: str, log_format: str) -> None:
     root.setLevel(level.upper())
 
 
-def resolve_token(config: ServerConfig) -> Optional[str]:
+def resolve_token(config: ServerConfig) -> str | None:
     """--token, else $IN2N_TOKEN, else None (no token required)."""
     if config.token is not None:
         return config.token
@@ -158,7 +165,7 @@ class AioServer:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def call(self, awaitable: Awaitable[T], timeout_s: Optional[float] = None) -> T:
+    def call(self, awaitable: Awaitable[T], timeout_s: float | None = None) -> T:
         """Run `awaitable` on the server's loop; wait for and return its result."""
 
         async def run() -> T:
@@ -175,7 +182,7 @@ class AioServer:
     def start(self) -> None:
         self.call(self.server.start())
 
-    def stop(self, grace: Optional[float]) -> threading.Event:
+    def stop(self, grace: float | None) -> threading.Event:
         """Stop serving (RPCs still running get `grace` seconds, None: none), then end the loop.
         Returns an event set once everything has stopped, as `grpc.Server.stop` does."""
         if self._stopping:
@@ -202,7 +209,7 @@ class AioServer:
         future.add_done_callback(lambda f: threading.Thread(target=finish, args=(f,), daemon=True).start())
         return self._stopped
 
-    def wait_for_termination(self, timeout: Optional[float] = None) -> bool:
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
         """True once stopped; False if `timeout` passed first."""
         return self._stopped.wait(timeout)
 
@@ -229,8 +236,8 @@ def service_limits(config: ServerConfig, backend: EditBackend) -> ServiceLimits:
 
 
 def build_server(
-    config: ServerConfig, backend: EditBackend, metrics: Optional[ServerMetrics] = None
-) -> Tuple[AioServer, int, EditServicer, health.aio.HealthServicer]:
+    config: ServerConfig, backend: EditBackend, metrics: ServerMetrics | None = None
+) -> tuple[AioServer, int, EditServicer, health.aio.HealthServicer]:
     """Create (not start) a server for `backend` bound to config.host:config.port.
 
     TLS when config.tls_cert/tls_key are set; a bearer token when `resolve_token(config)` gives one.
@@ -240,14 +247,16 @@ def build_server(
     token = resolve_token(config)
     interceptors = []
     if token is not None:
-        on_reject = (lambda method: metrics.request_done(method.rsplit("/", 1)[-1], "UNAUTHENTICATED")) if metrics else None
+        on_reject = (
+            (lambda method: metrics.request_done(method.rsplit("/", 1)[-1], "UNAUTHENTICATED")) if metrics else None
+        )
         interceptors.append(TokenAuthInterceptor(token, on_reject))
     credentials = None
     if config.tls_cert is not None and config.tls_key is not None:
         cert, key = _read_pem("--tls-cert", config.tls_cert), _read_pem("--tls-key", config.tls_key)
         try:
             credentials = grpc.ssl_server_credentials([(key, cert)])
-        except Exception as e:  # noqa: BLE001 - grpc's own message is the clearest we have
+        except Exception as e:
             raise StartupError(f"--tls-cert/--tls-key: cannot use them ({e})") from e
     server = AioServer(
         interceptors=interceptors,
@@ -264,25 +273,34 @@ def build_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server.server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server.server
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server.server,
     )
 
     address = f"{config.host}:{config.port}"
     try:
-        port = server.add_secure_port(address, credentials) if credentials is not None else server.add_insecure_port(address)
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
     except RuntimeError as e:  # newer grpcio raises, older ones return 0
         log.debug("bind failed: %s", e)
         port = 0
     if port == 0:
         servicer.close()
         server.stop(None).wait(10)
-        raise StartupError(f"cannot listen on {address} (port in use or address not local); pick another --port, or 0 for any free one")
+        raise StartupError(
+            f"cannot listen on {address} (port in use or address not local); pick another --port, or 0 for any free one"
+        )
     for name in ("", SERVICE_NAME):
         server.call(health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING))
     return server, port, servicer, health_servicer
 
 
-def shutdown(server: AioServer, servicer: EditServicer, health_servicer: health.aio.HealthServicer, grace_s: float) -> bool:
+def shutdown(
+    server: AioServer, servicer: EditServicer, health_servicer: health.aio.HealthServicer, grace_s: float
+) -> bool:
     """Graceful stop: health NOT_SERVING, no new edits (UNAVAILABLE), the accepted ones finished and answered for
     up to grace_s, open streams ended, then the server stopped. Returns True if nothing accepted was dropped."""
     start = time.monotonic()
@@ -342,10 +360,14 @@ def serve(config: ServerConfig) -> None:
         except OSError as e:
             servicer.close()
             server.stop(None).wait(10)
-            raise StartupError(f"--metrics-port {config.metrics_port}: cannot listen on it ({e.strerror or e}); pick another port") from e
+            raise StartupError(
+                f"--metrics-port {config.metrics_port}: cannot listen on it ({e.strerror or e}); pick another port"
+            ) from e
     token = resolve_token(config)
     if token is None and config.host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
-        log.warning("listening on %s without a token: anyone who reaches the port can use the server (see --token)", config.host)
+        log.warning(
+            "listening on %s without a token: anyone who reaches the port can use the server (see --token)", config.host
+        )
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -358,11 +380,30 @@ def serve(config: ServerConfig) -> None:
         f"diffusion_server: serving {config.backend} (model={info.model or '-'}, device={info.device}, "
         f"precision={info.precision}) on {config.host}:{port}"
     )
-    extras = f" [{security}; max batch {resolve_max_batch(config, backend)}" + (f"; metrics on :{metrics_port}" if metrics_port else "") + "]"
+    extras = (
+        f" [{security}; max batch {resolve_max_batch(config, backend)}"
+        + (f"; metrics on :{metrics_port}" if metrics_port else "")
+        + "]"
+    )
     if config.log_format == "json":
-        print(json.dumps({"event": "serving", "msg": banner + extras, "backend": config.backend, "model": info.model,
-                          "device": info.device, "precision": info.precision, "host": config.host, "port": port,
-                          "metrics_port": metrics_port, "tls": bool(config.tls_cert), "token": bool(token)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "event": "serving",
+                    "msg": banner + extras,
+                    "backend": config.backend,
+                    "model": info.model,
+                    "device": info.device,
+                    "precision": info.precision,
+                    "host": config.host,
+                    "port": port,
+                    "metrics_port": metrics_port,
+                    "tls": bool(config.tls_cert),
+                    "token": bool(token),
+                }
+            ),
+            flush=True,
+        )
     else:
         print(banner + extras, flush=True)
     stop.wait()
@@ -384,9 +425,13 @@ def run_cli(config: ServerConfig) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # noqa: BLE001 - an unforeseen start-up failure: one line, traceback only when debugging
+    except Exception as e:
         log.debug("start-up failed", exc_info=True)
         message = " ".join(str(e).split()) or type(e).__name__
-        print(f"diffusion_server: error: {type(e).__name__}: {message} (run with --log-level debug for details)", file=sys.stderr, flush=True)
+        print(
+            f"diffusion_server: error: {type(e).__name__}: {message} (run with --log-level debug for details)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     return 0

@@ -29,8 +29,8 @@ import logging
 import math
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Optional, Set
 
 import grpc
 
@@ -53,7 +53,7 @@ from in2n_contract import SERVICE_NAME, STREAM_IDLE, pb, pb_grpc
 log = logging.getLogger(__name__)
 
 
-def add_edit_service(servicer: "EditServicer", server: grpc.Server) -> None:
+def add_edit_service(servicer: EditServicer, server: grpc.Server) -> None:
     """Register `servicer` on `server` as in2n.v1.EditService (what the generated
     `add_EditServiceServicer_to_server` does, with tolerant request deserializers: see `MalformedMessage`)."""
     handlers = {
@@ -76,7 +76,7 @@ def add_edit_service(servicer: "EditServicer", server: grpc.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
-def _deadline_from(context: grpc.ServicerContext, arrival: float) -> Optional[float]:
+def _deadline_from(context: grpc.ServicerContext, arrival: float) -> float | None:
     """The call's deadline as a time.perf_counter() value, None when it has none."""
     remaining = context.time_remaining()
     if remaining is None or remaining > 1e8:
@@ -90,9 +90,9 @@ class _Stream:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, max_backlog: int):
         self.loop = loop
-        self.out: "asyncio.Queue[object]" = asyncio.Queue()  # responses and markers for the writer
-        self.in_flight: Set[str] = set()  # request ids of accepted edits not answered yet
-        self.futures: Set[concurrent.futures.Future] = set()
+        self.out: asyncio.Queue[object] = asyncio.Queue()  # responses and markers for the writer
+        self.in_flight: set[str] = set()  # request ids of accepted edits not answered yet
+        self.futures: set[concurrent.futures.Future] = set()
         self.max_backlog = max_backlog
         self.backlog = 0  # requests read whose response is not yet handed to gRPC
         self.room = asyncio.Event()  # set while backlog < max_backlog
@@ -177,8 +177,8 @@ class EditServicer(pb_grpc.EditServiceServicer):
     def __init__(
         self,
         backend: EditBackend,
-        limits: ServiceLimits = ServiceLimits(),
-        metrics: Optional[object] = None,
+        limits: ServiceLimits = ServiceLimits(),  # noqa: B008 - frozen: one shared default is safe
+        metrics: object | None = None,
     ):
         self._backend = backend
         self._backend_name = backend.name or type(backend).__name__  # what Describe reports
@@ -189,7 +189,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
         self._originals = OriginalCache(limits.original_cache_bytes) if limits.original_cache_bytes > 0 else None
         self._requests = concurrent.futures.ThreadPoolExecutor(limits.request_threads, thread_name_prefix="request")
         self._streams_lock = threading.Lock()
-        self._streams: Set[_Stream] = set()
+        self._streams: set[_Stream] = set()
         self._refusals = 0  # streams refused since the last log line about it (on the loop)
         self._refusal_logged = -math.inf  # time.monotonic() of that line
 
@@ -230,9 +230,13 @@ class EditServicer(pb_grpc.EditServiceServicer):
         """`parse_request` on the request threads (decoding and hashing images would stall the loop)."""
         loop = asyncio.get_running_loop()
         try:
-            pending = loop.run_in_executor(self._requests, parse_request, req, self._limits, self._backend, arrival, self._originals)
+            pending = loop.run_in_executor(
+                self._requests, parse_request, req, self._limits, self._backend, arrival, self._originals
+            )
         except RuntimeError:  # the pool is shut down: close() was called
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another server or later") from None
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another server or later"
+            ) from None
         return await pending
 
     async def _submit(
@@ -281,8 +285,12 @@ class EditServicer(pb_grpc.EditServiceServicer):
             job = await self._submit(request, arrival, context, lambda: not gone.is_set())
             future = job.future
         except RequestError as e:
-            log.info("Edit %s rejected: %s", short_repr(request.request_id), e.message,
-                     extra={"event": "rejected", "request_id": request.request_id, "code": e.code.name})
+            log.info(
+                "Edit %s rejected: %s",
+                short_repr(request.request_id),
+                e.message,
+                extra={"event": "rejected", "request_id": request.request_id, "code": e.code.name},
+            )
             self._count("Edit", e.code)
             await context.abort(e.code, e.message)
 
@@ -304,7 +312,9 @@ class EditServicer(pb_grpc.EditServiceServicer):
         if future.cancelled():
             code = ended_code()
             self._count("Edit", code)
-            await context.abort(code, "deadline passed; not computed" if code == grpc.StatusCode.DEADLINE_EXCEEDED else "edit cancelled")
+            await context.abort(
+                code, "deadline passed; not computed" if code == grpc.StatusCode.DEADLINE_EXCEEDED else "edit cancelled"
+            )
         error = future.exception()
         if error is not None:
             error = _request_error(error, request.request_id)
@@ -330,9 +340,15 @@ class EditServicer(pb_grpc.EditServiceServicer):
         if refused:
             self._refusals += 1
             now = time.monotonic()
-            if now - self._refusal_logged >= 10.0:  # one line per 10 s at most: a flood of streams must not flood the log
-                log.info("StreamEdit refused: %d streams open (--max-streams); %d refused since the last such line",
-                         limits.max_streams, self._refusals, extra={"event": "stream_refused", "code": "RESOURCE_EXHAUSTED"})
+            if (
+                now - self._refusal_logged >= 10.0
+            ):  # one line per 10 s at most: a flood of streams must not flood the log
+                log.info(
+                    "StreamEdit refused: %d streams open (--max-streams); %d refused since the last such line",
+                    limits.max_streams,
+                    self._refusals,
+                    extra={"event": "stream_refused", "code": "RESOURCE_EXHAUSTED"},
+                )
                 self._refusal_logged, self._refusals = now, 0
             if self._metrics is not None:
                 self._metrics.streams_refused.inc()  # type: ignore[attr-defined]
@@ -346,9 +362,9 @@ class EditServicer(pb_grpc.EditServiceServicer):
             self._metrics.streams_open.set(open_now)  # type: ignore[attr-defined]
         reader = asyncio.create_task(self._read_stream(request_iterator, stream, context))
         idle_s = limits.stream_idle_timeout_s
-        expected: Optional[int] = None
+        expected: int | None = None
         sent = 0
-        unsent: Optional[int] = None  # set when the client takes no response for idle_s: the stream is closed
+        unsent: int | None = None  # set when the client takes no response for idle_s: the stream is closed
         try:
             while expected is None or sent < expected:
                 timeout = None
@@ -374,8 +390,13 @@ class EditServicer(pb_grpc.EditServiceServicer):
         finally:
             self._end_stream(stream, reader)
         if unsent is not None:  # the loop above broke out: the client takes no response
-            log.info("StreamEdit closed: its client read no response for %.0f s (--stream-idle-timeout-s); "
-                     "%d response(s) dropped", idle_s, unsent, extra={"event": "stream_not_reading"})
+            log.info(
+                "StreamEdit closed: its client read no response for %.0f s (--stream-idle-timeout-s); "
+                "%d response(s) dropped",
+                idle_s,
+                unsent,
+                extra={"event": "stream_not_reading"},
+            )
             if self._metrics is not None:
                 self._metrics.streams_unread_closed.inc()  # type: ignore[attr-defined]
             await context.abort(
@@ -384,7 +405,9 @@ class EditServicer(pb_grpc.EditServiceServicer):
                 f"the server's --stream-idle-timeout-s); {unsent} response(s) dropped; read responses as they come",
             )
         # Idle: the loop above broke out.
-        log.info("StreamEdit closed after %.0f s idle (--stream-idle-timeout-s)", idle_s, extra={"event": "stream_idle"})
+        log.info(
+            "StreamEdit closed after %.0f s idle (--stream-idle-timeout-s)", idle_s, extra={"event": "stream_idle"}
+        )
         if self._metrics is not None:
             self._metrics.streams_idle_closed.inc()  # type: ignore[attr-defined]
         await context.abort(
@@ -406,13 +429,13 @@ class EditServicer(pb_grpc.EditServiceServicer):
             return False
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 - the client cancelled or the connection broke mid-write
+        except Exception as e:
             log.debug("StreamEdit write failed: %s", e)
             raise asyncio.CancelledError() from e
         return True
 
     @staticmethod
-    async def _next(stream: _Stream, timeout: Optional[float]) -> Optional[object]:
+    async def _next(stream: _Stream, timeout: float | None) -> object | None:
         """The next item of `stream.out`; None if none came within `timeout` seconds (None: wait as long as it takes).
 
         Not `asyncio.wait_for`: on Python 3.11 it loses a cancellation that arrives as the item does (the
@@ -428,7 +451,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
                 getter.cancel()
         return getter.result() if getter.done() and not getter.cancelled() else None
 
-    def _end_stream(self, stream: _Stream, reader: "asyncio.Task[None]") -> None:
+    def _end_stream(self, stream: _Stream, reader: asyncio.Task[None]) -> None:
         """The call is over: forget the stream, stop its reader, cancel its edits, drop its queued responses."""
         stream.closed = True
         reader.cancel()
@@ -465,9 +488,13 @@ class EditServicer(pb_grpc.EditServiceServicer):
                     if not stream_request.HasField("edit"):
                         raise invalid_argument("edit is required in every StreamEditRequest")
                     if not req.request_id:
-                        raise invalid_argument("request_id must be non-empty in StreamEdit (responses are matched by it)")
+                        raise invalid_argument(
+                            "request_id must be non-empty in StreamEdit (responses are matched by it)"
+                        )
                     if req.request_id in stream.in_flight:
-                        raise invalid_argument(f"request_id {short_repr(req.request_id)} is already in flight on this stream")
+                        raise invalid_argument(
+                            f"request_id {short_repr(req.request_id)} is already in flight on this stream"
+                        )
                     stream.in_flight.add(req.request_id)
                     try:
                         future = (await self._submit(req, arrival, context, lambda: not stream.closed)).future
@@ -475,8 +502,12 @@ class EditServicer(pb_grpc.EditServiceServicer):
                         stream.in_flight.discard(req.request_id)
                         raise
                 except RequestError as e:
-                    log.info("StreamEdit request %s rejected: %s", short_repr(req.request_id), e.message,
-                             extra={"event": "rejected", "request_id": req.request_id, "code": e.code.name})
+                    log.info(
+                        "StreamEdit request %s rejected: %s",
+                        short_repr(req.request_id),
+                        e.message,
+                        extra={"event": "rejected", "request_id": req.request_id, "code": e.code.name},
+                    )
                     self._count("StreamEdit", e.code)
                     stream.out.put_nowait(_error_response(req.request_id, req.view_id, e))
                 else:
@@ -505,10 +536,12 @@ class EditServicer(pb_grpc.EditServiceServicer):
             if self._metrics is not None:
                 self._metrics.streams_paused.dec()  # type: ignore[attr-defined]
 
-    def _on_stream_done(self, future: concurrent.futures.Future, request_id: str, view_id: int, stream: _Stream) -> None:
+    def _on_stream_done(
+        self, future: concurrent.futures.Future, request_id: str, view_id: int, stream: _Stream
+    ) -> None:
         """An accepted edit of `stream` finished (on the thread that finished it): count it, queue its response on the loop."""
         if future.cancelled():
-            error: Optional[BaseException] = RequestError(grpc.StatusCode.CANCELLED, "edit cancelled")
+            error: BaseException | None = RequestError(grpc.StatusCode.CANCELLED, "edit cancelled")
         else:
             error = future.exception()
         if error is None:

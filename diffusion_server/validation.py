@@ -16,8 +16,8 @@ import concurrent.futures
 import hashlib
 import math
 import threading
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Optional, Tuple
 
 import grpc
 import numpy as np
@@ -83,13 +83,19 @@ def client_tag(client_id: str) -> str:
     return "#" + hashlib.sha256(client_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
-_WIRE_DTYPES = {pb.DTYPE_UINT8: np.dtype(np.uint8), pb.DTYPE_FLOAT16: np.dtype("<f2"), pb.DTYPE_FLOAT32: np.dtype("<f4")}
+_WIRE_DTYPES = {
+    pb.DTYPE_UINT8: np.dtype(np.uint8),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+}
 
 
 def wire_original_key(image: pb.Image) -> str:
     """`client.original_key` of an image as it travelled (its shape, dtype and bytes): what an honest
     client sends as `original_key` with it. `image` must have passed `codec.decode_image`."""
-    array = np.frombuffer(image.data, dtype=_WIRE_DTYPES[image.dtype]).reshape(image.height, image.width, image.channels)
+    array = np.frombuffer(image.data, dtype=_WIRE_DTYPES[image.dtype]).reshape(
+        image.height, image.width, image.channels
+    )
     return original_key(array)
 
 
@@ -133,7 +139,6 @@ def tolerant_deserializer(message_class: type) -> Callable[[bytes], object]:
     return deserialize
 
 
-
 def _always_active() -> bool:
     return True
 
@@ -149,10 +154,10 @@ class EditJob:
     params: EditParams
     uint8_out: bool  # answer in uint8 because the render came as uint8
     arrival: float  # time.perf_counter() when the request arrived
-    original_key: Optional[Hashable] = None  # (client_id, view_id, key) when the original is cached
-    deadline: Optional[float] = None  # time.perf_counter() after which the edit is not worth computing
+    original_key: Hashable | None = None  # (client_id, view_id, key) when the original is cached
+    deadline: float | None = None  # time.perf_counter() after which the edit is not worth computing
     is_active: Callable[[], bool] = _always_active  # False once the client is gone
-    future: "concurrent.futures.Future[pb.EditResponse]" = field(default_factory=concurrent.futures.Future)
+    future: concurrent.futures.Future[pb.EditResponse] = field(default_factory=concurrent.futures.Future)
 
 
 class OriginalCache:
@@ -161,7 +166,7 @@ class OriginalCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._items: "collections.OrderedDict[Tuple[str, int], Tuple[str, np.ndarray]]" = collections.OrderedDict()
+        self._items: collections.OrderedDict[tuple[str, int], tuple[str, np.ndarray]] = collections.OrderedDict()
         self._bytes = 0
 
     def put(self, client_id: str, view_id: int, key: str, image: np.ndarray) -> None:
@@ -177,7 +182,7 @@ class OriginalCache:
                 _, (_, evicted) = self._items.popitem(last=False)
                 self._bytes -= evicted.nbytes
 
-    def get(self, client_id: str, view_id: int, key: str) -> Optional[np.ndarray]:
+    def get(self, client_id: str, view_id: int, key: str) -> np.ndarray | None:
         with self._lock:
             entry = self._items.get((client_id, view_id))
             if entry is None or entry[0] != key:
@@ -204,7 +209,7 @@ def parse_request(
     limits: ServiceLimits,
     backend: EditBackend,
     arrival: float,
-    originals: Optional[OriginalCache] = None,
+    originals: OriginalCache | None = None,
 ) -> EditJob:
     """Validate `req` and decode its images.
 
@@ -213,7 +218,9 @@ def parse_request(
     A valid request with `original`, `client_id` and `original_key` puts its original in `originals`.
     """
     if len(req.request_id) > MAX_REQUEST_ID_CHARS:
-        raise invalid_argument(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters, got {len(req.request_id)}")
+        raise invalid_argument(
+            f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters, got {len(req.request_id)}"
+        )
     if len(req.client_id) > MAX_CLIENT_ID_CHARS:
         raise invalid_argument(f"client_id must be at most {MAX_CLIENT_ID_CHARS} characters, got {len(req.client_id)}")
     if req.original_key and not req.client_id:
@@ -221,7 +228,9 @@ def parse_request(
     if not req.instruction.strip():
         raise invalid_argument("instruction must be a non-empty text")
     if len(req.instruction) > MAX_INSTRUCTION_CHARS:
-        raise invalid_argument(f"instruction must be at most {MAX_INSTRUCTION_CHARS} characters, got {len(req.instruction)}")
+        raise invalid_argument(
+            f"instruction must be at most {MAX_INSTRUCTION_CHARS} characters, got {len(req.instruction)}"
+        )
     guidance = _optional_float(req, "guidance_scale", DEFAULT_GUIDANCE_SCALE, 0.0, MAX_GUIDANCE)
     image_guidance = _optional_float(req, "image_guidance_scale", DEFAULT_IMAGE_GUIDANCE_SCALE, 0.0, MAX_GUIDANCE)
     steps = req.diffusion_steps if req.HasField("diffusion_steps") else DEFAULT_DIFFUSION_STEPS

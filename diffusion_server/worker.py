@@ -16,7 +16,6 @@ import concurrent.futures
 import logging
 import threading
 import time
-from typing import Deque, List, Optional
 
 import grpc
 import numpy as np
@@ -54,10 +53,15 @@ def _backend_error(job: EditJob, error: BaseException) -> RequestError:
         return RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error))
     if isinstance(error, EditCancelled):
         return RequestError(grpc.StatusCode.CANCELLED, f"edit stopped: {error}")
-    log.error("backend failed on request %r (view %d): %s: %s", job.request_id, job.view_id, type(error).__name__, error,
-              exc_info=(type(error), error, error.__traceback__))
+    log.error(
+        "backend failed on request %r (view %d): %s: %s",
+        job.request_id,
+        job.view_id,
+        type(error).__name__,
+        error,
+        exc_info=(type(error), error, error.__traceback__),
+    )
     return RequestError(grpc.StatusCode.INTERNAL, f"backend error: {type(error).__name__}: {error}")
-
 
 
 class EditWorker:
@@ -69,7 +73,7 @@ class EditWorker:
         max_queued: int,
         max_batch: int = 1,
         max_delay_s: float = 0.0,
-        metrics: Optional[object] = None,
+        metrics: object | None = None,
     ):
         self._backend = backend
         self._max_queued = max_queued
@@ -77,7 +81,7 @@ class EditWorker:
         self._max_delay_s = max_delay_s
         self._metrics = metrics
         self._cond = threading.Condition()
-        self._queue: Deque[EditJob] = collections.deque()
+        self._queue: collections.deque[EditJob] = collections.deque()
         self._pending = 0  # queued or running
         self._closed = False
         self._draining = False
@@ -89,11 +93,13 @@ class EditWorker:
         with self._cond:
             return self._pending
 
-    def submit(self, job: EditJob) -> "concurrent.futures.Future[pb.EditResponse]":
+    def submit(self, job: EditJob) -> concurrent.futures.Future[pb.EditResponse]:
         """Queue `job`; raises RequestError: RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE when stopping."""
         with self._cond:
             if self._closed or self._draining:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another server or later")
+                raise RequestError(
+                    grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another server or later"
+                )
             if self._pending >= self._max_queued:
                 raise RequestError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -122,7 +128,7 @@ class EditWorker:
             self._update_gauges()
             self._cond.notify_all()
 
-    def _take_batch(self) -> Optional[List[EditJob]]:
+    def _take_batch(self) -> list[EditJob] | None:
         with self._cond:
             while not self._queue and not self._closed:
                 self._cond.wait()
@@ -149,7 +155,7 @@ class EditWorker:
                 return
             try:
                 self._run_batch(batch)
-            except Exception:  # noqa: BLE001 - never let the worker die
+            except Exception:
                 log.exception("edit worker failure")
                 for job in batch:
                     if not job.future.done():
@@ -158,7 +164,7 @@ class EditWorker:
                         except concurrent.futures.InvalidStateError:
                             pass
 
-    def _live(self, batch: List[EditJob]) -> List[EditJob]:
+    def _live(self, batch: list[EditJob]) -> list[EditJob]:
         """The jobs of `batch` still worth computing, marked running; the others are answered here."""
         now = time.perf_counter()
         live = []
@@ -171,13 +177,16 @@ class EditWorker:
             if job.deadline is not None and now > job.deadline:
                 waited = (now - job.arrival) * 1e3
                 job.future.set_exception(
-                    RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed after {waited:.0f} ms in the queue; not computed")
+                    RequestError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"deadline passed after {waited:.0f} ms in the queue; not computed",
+                    )
                 )
                 continue
             live.append(job)
         return live
 
-    def _run_batch(self, batch: List[EditJob]) -> None:
+    def _run_batch(self, batch: list[EditJob]) -> None:
         live = self._live(batch)
         if not live:
             return
@@ -185,7 +194,7 @@ class EditWorker:
             self._metrics.batch_size.observe(len(live))  # type: ignore[attr-defined]
         start = time.perf_counter()
         items = [EditItem(job.render, job.original, job.params, job.original_key, job.is_active) for job in live]
-        results: List[object]
+        results: list[object]
         if len(live) == 1:
             results = [self._one(items[0])]
         else:
@@ -194,7 +203,9 @@ class EditWorker:
                 if len(results) != len(items):
                     raise RuntimeError(f"edit_batch returned {len(results)} results for {len(items)} edits")
             except Exception as e:  # noqa: BLE001 - a failed batch: retry one by one, so each edit gets its own outcome
-                log.warning("batch of %d failed (%s: %s); running its edits one by one", len(items), type(e).__name__, e)
+                log.warning(
+                    "batch of %d failed (%s: %s); running its edits one by one", len(items), type(e).__name__, e
+                )
                 results = [self._one(item) for item in items]
         computed = time.perf_counter()
         for job, result in zip(live, results):
@@ -252,4 +263,3 @@ class EditWorker:
             self._cond.notify_all()
         for job in queued:
             job.future.cancel()
-

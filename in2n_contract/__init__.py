@@ -14,7 +14,6 @@ the backends and the trainer's config all import (nothing here imports torch or 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
@@ -40,7 +39,7 @@ class EditParams:
     diffusion_steps: int = DEFAULT_DIFFUSION_STEPS
     lower_bound: float = DEFAULT_LOWER_BOUND
     upper_bound: float = DEFAULT_UPPER_BOUND
-    seed: Optional[int] = None
+    seed: int | None = None
 
 
 # Headroom over two images' pixels for the rest of a request (instruction, ids, framing).
@@ -80,7 +79,6 @@ __all__ = [
     "DEFAULT_LOWER_BOUND",
     "DEFAULT_MAX_IMAGE_SIDE",
     "DEFAULT_UPPER_BOUND",
-    "EditParams",
     "MAX_CLIENT_ID_CHARS",
     "MAX_GUIDANCE",
     "MAX_INSTRUCTION_CHARS",
@@ -88,8 +86,9 @@ __all__ = [
     "MESSAGE_HEADROOM_BYTES",
     "ORIGINAL_NOT_CACHED",
     "ORIGINAL_REQUIRED",
-    "STREAM_IDLE",
     "SERVICE_NAME",
+    "STREAM_IDLE",
+    "EditParams",
     "max_message_bytes_for",
     "pb",
     "pb_grpc",

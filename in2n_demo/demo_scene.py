@@ -15,7 +15,6 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple
 
 import numpy as np
 from PIL import Image
@@ -81,7 +80,7 @@ def _hit_sphere(o: np.ndarray, d: np.ndarray, center, radius) -> np.ndarray:
     return np.where((disc > 0) & (t > 1e-4), t, np.inf)
 
 
-def _hit_box(o: np.ndarray, d: np.ndarray, lo, hi) -> Tuple[np.ndarray, np.ndarray]:
+def _hit_box(o: np.ndarray, d: np.ndarray, lo, hi) -> tuple[np.ndarray, np.ndarray]:
     """Distance [R] to an axis-aligned box and the hit normals [R, 3]."""
     inv = 1.0 / np.where(np.abs(d) < 1e-9, 1e-9, d)
     t0, t1 = (np.asarray(lo) - o) * inv, (np.asarray(hi) - o) * inv

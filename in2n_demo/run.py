@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Literal
 
 import tyro
 
@@ -47,7 +47,11 @@ SMALL_NERFACTO = [
 ]  # fmt: skip
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 # ns-train of this interpreter's environment (the venv make setup built), else the one on PATH.
-NS_TRAIN = str(Path(sys.executable).with_name("ns-train")) if Path(sys.executable).with_name("ns-train").exists() else "ns-train"
+NS_TRAIN = (
+    str(Path(sys.executable).with_name("ns-train"))
+    if Path(sys.executable).with_name("ns-train").exists()
+    else "ns-train"
+)
 
 
 @dataclass
@@ -95,7 +99,7 @@ def ip2p_weights_available(model: str) -> bool:
         from huggingface_hub import try_to_load_from_cache
 
         return isinstance(try_to_load_from_cache(model, "model_index.json"), str)
-    except Exception:  # not a valid repo id, no cache: not available
+    except Exception:  # noqa: BLE001 - not a valid repo id, no cache: not available
         return False
 
 
@@ -113,12 +117,14 @@ DEVICE_FORMS = ("cpu", "cuda", "cuda:N")
 TORCH_BACKENDS = ("ip2p", "ip2p-xl", "tiny-ip2p")  # backends with an IP2P precision
 
 
-def edit_devices(text: str) -> List[str]:
+def edit_devices(text: str) -> list[str]:
     """The devices of --edit-device ("cuda:1,cuda:2", "cpu,cpu"), each checked; SystemExit naming a bad one."""
     devices = [d.strip() for d in text.split(",")]
     for device in devices:
         if not (device in ("cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-            raise SystemExit(f"run: --edit-device must list cpu, cuda or cuda:N, comma-separated; got {device!r} in {text!r}")
+            raise SystemExit(
+                f"run: --edit-device must list cpu, cuda or cuda:N, comma-separated; got {device!r} in {text!r}"
+            )
     return devices
 
 
@@ -129,14 +135,14 @@ class ServerPlan:
     device: str
     port: int
     precision: str
-    command: List[str]
+    command: list[str]
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
 
-def plan_servers(config: RunConfig, backend: str) -> Tuple[List[ServerPlan], List[str]]:
+def plan_servers(config: RunConfig, backend: str) -> tuple[list[ServerPlan], list[str]]:
     """One server per edit device on ports port, port+1, ..., each at the variant's precision on its device.
 
     Returns the plans and the notes to show (one line per device kind whose precision differs from the variant's).
@@ -153,7 +159,7 @@ def plan_servers(config: RunConfig, backend: str) -> Tuple[List[ServerPlan], Lis
 
 
 def edit_command(config: RunConfig, load_dir: Path, scene: Path, name: str, stamp: str, instruction: str,
-                 addresses: List[str]) -> List[str]:  # fmt: skip
+                 addresses: list[str]) -> list[str]:  # fmt: skip
     """The `ns-train <method>` command of step 4 (device arguments included)."""
     device_args, _ = torch_device_args(config.train_device)
     # On a CPU, as many rays a step as the pretraining: the variants' defaults are sized for GPUs
@@ -207,28 +213,28 @@ def ensure_lpips_backbone(env: dict, root: Path) -> None:
     env["TORCH_HOME"] = str(local)
 
 
-def latest_checkpoint_dir(run_parent: Path) -> Optional[Path]:
+def latest_checkpoint_dir(run_parent: Path) -> Path | None:
     """nerfstudio_models folder of the newest run under `run_parent` that has a checkpoint."""
     found = sorted(run_parent.glob("*/nerfstudio_models/step-*.ckpt"), key=lambda p: p.stat().st_mtime)
     return found[-1].parent if found else None
 
 
-def run(cmd: List[str], env: dict) -> None:
+def run(cmd: list[str], env: dict) -> None:
     print("$ " + " ".join(cmd), flush=True)
     code = subprocess.call(cmd, env=env)
     if code != 0:
         raise SystemExit(f"run: command failed with exit code {code}: {' '.join(cmd[:3])} ...")
 
 
-def start_servers(plans: List[ServerPlan], env: dict, log_dir: Optional[Path]) -> List[subprocess.Popen]:
+def start_servers(plans: list[ServerPlan], env: dict, log_dir: Path | None) -> list[subprocess.Popen]:
     """Start every planned server (all at once: they load in parallel), then wait until each is ready.
 
     Their output goes to log_dir/server.log (server-PORT.log for several), or to this terminal without log_dir.
     """
     from diffusion_server.client import EditClient
 
-    servers: List[subprocess.Popen] = []
-    logs: Dict[int, Path] = {}
+    servers: list[subprocess.Popen] = []
+    logs: dict[int, Path] = {}
     try:
         for plan in plans:
             if log_dir is None:
@@ -245,13 +251,17 @@ def start_servers(plans: List[ServerPlan], env: dict, log_dir: Optional[Path]) -
                 while True:
                     if server.poll() is not None:
                         log = logs[plan.port].read_text() if plan.port in logs else "(its output is above)"
-                        raise SystemExit(f"run: the diffusion server on {plan.device} exited (code {server.returncode}):\n{log}")
+                        raise SystemExit(
+                            f"run: the diffusion server on {plan.device} exited (code {server.returncode}):\n{log}"
+                        )
                     try:
                         client.wait_ready(timeout_s=2.0)
                         break
                     except TimeoutError:
                         if time.monotonic() > deadline:
-                            raise SystemExit(f"run: the diffusion server on {plan.device} did not become ready in 300 s")
+                            raise SystemExit(
+                                f"run: the diffusion server on {plan.device} did not become ready in 300 s"
+                            )
     except BaseException:
         for server in servers:
             stop_server(server)
@@ -269,7 +279,7 @@ def stop_server(server: subprocess.Popen) -> None:
             server.wait()
 
 
-def main(config: RunConfig) -> Optional[Path]:
+def main(config: RunConfig) -> Path | None:
     root = Path.cwd()
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -283,7 +293,9 @@ def main(config: RunConfig) -> Optional[Path]:
     if config.scene:
         scene = Path(config.scene)
         if not (scene / "transforms.json").exists():
-            raise SystemExit(f"run: SCENE={scene} has no transforms.json (need a nerfstudio dataset, e.g. from ns-process-data)")
+            raise SystemExit(
+                f"run: SCENE={scene} has no transforms.json (need a nerfstudio dataset, e.g. from ns-process-data)"
+            )
     else:
         scene = root / "data" / "demo"
         if not (scene / "transforms.json").exists():

@@ -19,21 +19,20 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Type
 
 import torch
-from PIL import Image
 from nerfstudio.cameras.cameras import CAMERA_MODEL_TO_TYPE
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+from PIL import Image
 
 
 @dataclass
 class In2nDataManagerConfig(VanillaDataManagerConfig):
     """Training images in a swappable buffer, originals kept aside."""
 
-    _target: Type = field(default_factory=lambda: In2nDataManager)
+    _target: type = field(default_factory=lambda: In2nDataManager)
     """Target class to instantiate."""
     dataparser: NerfstudioDataParserConfig = field(default_factory=NerfstudioDataParserConfig)
     """Reads the scene (nerfstudio format: transforms.json and images)."""
@@ -53,7 +52,7 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _intrinsic_problem(key: str, value) -> Optional[str]:
+def _intrinsic_problem(key: str, value) -> str | None:
     """Why `value` cannot be intrinsic `key` (None when it can): focal lengths > 0, sizes whole numbers > 0."""
     if not _is_number(value):
         return f"must be a finite number, got {_brief(value)}"
@@ -87,11 +86,13 @@ def _check_cameras(meta_path: Path, meta: dict) -> None:
     each required intrinsic at top level or in the frame, every intrinsic and distortion coefficient a number."""
     camera_model = meta.get("camera_model", "OPENCV")  # absent: a perspective camera
     if not isinstance(camera_model, str) or camera_model not in CAMERA_MODEL_TO_TYPE:
-        raise SceneError(f"{meta_path}: unknown \"camera_model\" {_brief(camera_model)} (one of {', '.join(CAMERA_MODEL_TO_TYPE)})")
+        raise SceneError(
+            f'{meta_path}: unknown "camera_model" {_brief(camera_model)} (one of {", ".join(CAMERA_MODEL_TO_TYPE)})'
+        )
     for key in INTRINSICS + DISTORTION:  # at top level they hold for every frame
         problem = _intrinsic_problem(key, meta[key]) if key in meta else None
         if problem:
-            raise SceneError(f"{meta_path}: \"{key}\" {problem}")
+            raise SceneError(f'{meta_path}: "{key}" {problem}')
     # Like nerfstudio: any distortion key at top level means the frames' are not read.
     distortion_fixed = any(key in meta for key in DISTORTION + ("distortion_params",))
     for k, frame in enumerate(meta["frames"]):
@@ -104,14 +105,14 @@ def _check_cameras(meta_path: Path, meta: dict) -> None:
                 continue
             if key not in frame:
                 if key in INTRINSICS:
-                    raise SceneError(f"{where}: no \"{key}\" (nerfstudio needs it at top level or in every frame)")
+                    raise SceneError(f'{where}: no "{key}" (nerfstudio needs it at top level or in every frame)')
                 continue
             problem = _intrinsic_problem(key, frame[key])
             if problem:
-                raise SceneError(f"{where}: \"{key}\" {problem}")
+                raise SceneError(f'{where}: "{key}" {problem}')
 
 
-def check_scene(data: Path, images: bool = True) -> Tuple[int, Optional[Tuple[int, int]]]:
+def check_scene(data: Path, images: bool = True) -> tuple[int, tuple[int, int] | None]:
     """Check a nerfstudio scene (a folder with transforms.json, or the .json itself) before it is parsed.
 
     Returns (number of frames, (width, height) of the images, None when `images` is False). Raises
@@ -133,12 +134,16 @@ def check_scene(data: Path, images: bool = True) -> Tuple[int, Optional[Tuple[in
         raise SceneError(f"{meta_path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
     frames = meta.get("frames") if isinstance(meta, dict) else None
     if not isinstance(frames, list) or not frames:
-        raise SceneError(f"{meta_path}: no frames (\"frames\" must be a non-empty list)")
+        raise SceneError(f'{meta_path}: no frames ("frames" must be a non-empty list)')
     for k, frame in enumerate(frames):
-        if not isinstance(frame, dict) or not isinstance(frame.get("file_path"), str) or "transform_matrix" not in frame:
-            raise SceneError(f"{meta_path}: frame {k} needs a \"file_path\" and a \"transform_matrix\"")
+        if (
+            not isinstance(frame, dict)
+            or not isinstance(frame.get("file_path"), str)
+            or "transform_matrix" not in frame
+        ):
+            raise SceneError(f'{meta_path}: frame {k} needs a "file_path" and a "transform_matrix"')
     _check_cameras(meta_path, meta)
-    first: Optional[Tuple[Path, Tuple[int, int]]] = None
+    first: tuple[Path, tuple[int, int]] | None = None
     for k, frame in enumerate(frames):
         image = base / frame["file_path"]
         if not images:
@@ -149,7 +154,7 @@ def check_scene(data: Path, images: bool = True) -> Tuple[int, Optional[Tuple[in
             with Image.open(image) as im:
                 im.load()  # decodes it all: a truncated file fails here, not in the middle of training
                 size = im.size
-        except Exception as e:  # PIL raises several kinds for files it cannot decode
+        except Exception as e:  # noqa: BLE001 - PIL raises several kinds for files it cannot decode
             raise SceneError(f"{image}: unreadable image ({e})") from None
         if first is None:
             first = (image, size)
@@ -166,7 +171,9 @@ class In2nDataManager(VanillaDataManager):
 
     config: In2nDataManagerConfig
 
-    def __init__(self, config: In2nDataManagerConfig, device="cpu", test_mode="val", world_size=1, local_rank=0, **kwargs):
+    def __init__(
+        self, config: In2nDataManagerConfig, device="cpu", test_mode="val", world_size=1, local_rank=0, **kwargs
+    ):
         data = config.data if config.data is not None else config.dataparser.data
         if data is None or not Path(data).exists():
             raise SceneError(f"{data}: no such scene folder (--data)")
@@ -177,9 +184,9 @@ class In2nDataManager(VanillaDataManager):
         super().setup_train()
         batch = next(self.iter_train_image_dataloader)
         if not isinstance(batch["image"], torch.Tensor):
-            raise ValueError("in2n needs all training images at one resolution (got images of several sizes)")
+            raise ValueError("in2n needs all training images at one resolution (got images of several sizes)")  # noqa: TRY004 - a scene error, reported as the other scene errors
         order = torch.argsort(batch["image_idx"])
-        self.image_batch: Dict[str, torch.Tensor] = {
+        self.image_batch: dict[str, torch.Tensor] = {
             "image": batch["image"][order][..., :3].contiguous(),  # [N, H, W, 3] float32 in [0, 1]
             "image_idx": batch["image_idx"][order],  # [N], equal to arange(N)
         }
@@ -197,10 +204,12 @@ class In2nDataManager(VanillaDataManager):
     def swap_image(self, view: int, image: torch.Tensor) -> None:
         """Replace view `view`'s training image with `image` ([H, W, 3] float in [0, 1]), in one copy."""
         if image.shape != self.images.shape[1:]:
-            raise ValueError(f"image for view {view} has shape {tuple(image.shape)}, expected {tuple(self.images.shape[1:])}")
+            raise ValueError(
+                f"image for view {view} has shape {tuple(image.shape)}, expected {tuple(self.images.shape[1:])}"
+            )
         self.images[view].copy_(image)
 
-    def next_train(self, step: int) -> Tuple[RayBundle, Dict]:
+    def next_train(self, step: int) -> tuple[RayBundle, dict]:
         self.train_count += 1
         assert self.train_pixel_sampler is not None
         batch = self.train_pixel_sampler.sample(self.image_batch)

@@ -19,7 +19,6 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -48,7 +47,7 @@ class UpdateStats:
     rejected: int = 0
     failed: int = 0
     stale: int = 0
-    edits_per_view: Dict[int, int] = field(default_factory=dict)
+    edits_per_view: dict[int, int] = field(default_factory=dict)
 
 
 class DatasetUpdateSchedule:
@@ -60,7 +59,7 @@ class DatasetUpdateSchedule:
         edit_rate: int,
         edit_count: int,
         max_in_flight: int,
-        seed: Optional[int] = None,
+        seed: int | None = None,
         max_edits_per_view: int = 0,
     ) -> None:
         if num_views < 1:
@@ -74,15 +73,15 @@ class DatasetUpdateSchedule:
         self.max_edits_per_view = max_edits_per_view
         self.num_views = num_views
         self.edit_rate, self.edit_count, self.max_in_flight = edit_rate, edit_count, max_in_flight
-        self.order: List[int] = np.random.default_rng(seed).permutation(num_views).tolist()
+        self.order: list[int] = np.random.default_rng(seed).permutation(num_views).tolist()
         self._cursor = 0
-        self._retry: Deque[int] = deque()
-        self._window_start: Optional[int] = None
+        self._retry: deque[int] = deque()
+        self._window_start: int | None = None
         self._started_in_window = 0
         self._seq = 0
-        self.in_flight: Dict[str, Submission] = {}
-        self._latest_applied: Dict[int, int] = {}  # view -> seq of the edit now in the dataset
-        self._pending_views: Dict[int, int] = {}  # view -> number of its edits in flight
+        self.in_flight: dict[str, Submission] = {}
+        self._latest_applied: dict[int, int] = {}  # view -> seq of the edit now in the dataset
+        self._pending_views: dict[int, int] = {}  # view -> number of its edits in flight
         self.stats = UpdateStats()
 
     def state_dict(self) -> dict:
@@ -125,7 +124,7 @@ class DatasetUpdateSchedule:
         done = self.stats.edits_per_view.get(view, 0) + self._pending_views.get(view, 0)
         return done < self.max_edits_per_view
 
-    def _next_eligible(self) -> Optional[int]:
+    def _next_eligible(self) -> int | None:
         """Offset from the cursor of the next eligible view in the order, or None when none is left."""
         for offset in range(self.num_views):
             if self._eligible(self.order[(self._cursor + offset) % self.num_views]):
@@ -157,7 +156,7 @@ class DatasetUpdateSchedule:
         self._pending_views[view] = self._pending_views.get(view, 0) + 1
         self.stats.submitted += 1
 
-    def expired(self, sent_before: float) -> List[str]:
+    def expired(self, sent_before: float) -> list[str]:
         """Request ids of edits in flight sent before `sent_before` (a time.monotonic() value)."""
         return [rid for rid, sub in self.in_flight.items() if sub.sent_at < sent_before]
 
@@ -166,7 +165,7 @@ class DatasetUpdateSchedule:
         if view not in self._retry:
             self._retry.append(view)
 
-    def _finish(self, request_id: str) -> Optional[Submission]:
+    def _finish(self, request_id: str) -> Submission | None:
         sub = self.in_flight.pop(request_id, None)
         if sub is not None:
             self._pending_views[sub.view] -= 1
@@ -198,8 +197,8 @@ class DatasetUpdateSchedule:
         self.requeue(sub.view)
 
     def accept(
-        self, request_id: str, view_id: int, image: Optional[np.ndarray], expected_shape: Tuple[int, int, int]
-    ) -> Optional[Submission]:
+        self, request_id: str, view_id: int, image: np.ndarray | None, expected_shape: tuple[int, int, int]
+    ) -> Submission | None:
         """Check a returned edit. Returns its submission when it may be swapped in, else None.
 
         Rejects (and re-queues the view) a result whose view id does not match what

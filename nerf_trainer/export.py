@@ -16,7 +16,6 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ class ExportConfig:
     """The in2n run folder (holding config.yml and in2n_edits/)."""
     output: Path
     """Folder to write transforms.json and images/ into."""
-    step: Optional[int] = None
+    step: int | None = None
     """Checkpoint step to export; None: the latest saved."""
 
 
@@ -55,7 +54,7 @@ def export_edited_dataset(config: ExportConfig) -> Path:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             break
-        except Exception as e:  # torch raises many kinds (zip, pickle, EOF) for a damaged file
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds (zip, pickle, EOF) for a damaged file
             skipped.append(f"{path.name} ({damage(path, e)})")
     if state is None:
         raise SystemExit(f"export: no loadable edits in {run / EDITS_FOLDER}: " + "; ".join(skipped))

@@ -11,7 +11,6 @@ patch pixel sampler produces them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Type
 
 import torch
 from nerfstudio.models.nerfacto import NerfactoModel, NerfactoModelConfig
@@ -22,7 +21,7 @@ from torch.nn import L1Loss, MSELoss
 class In2nModelConfig(NerfactoModelConfig):
     """nerfacto, with the losses of Instruct-NeRF2NeRF."""
 
-    _target: Type = field(default_factory=lambda: In2nModel)
+    _target: type = field(default_factory=lambda: In2nModel)
     """Target class to instantiate."""
     use_l1: bool = True
     """Use L1 for the photometric loss (MSE when False)."""
@@ -43,7 +42,7 @@ class In2nModel(NerfactoModel):
         super().populate_modules()
         self.rgb_loss = L1Loss() if self.config.use_l1 else MSELoss()
 
-    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> dict[str, torch.Tensor]:
         loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
         if self.training and self.config.use_lpips:
             p = self.config.patch_size

@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Tuple, Type
+from typing import Literal
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ from nerf_trainer.view_renderer import RenderBudget, RenderPace, StepClock, View
 class In2nPipelineConfig(VanillaPipelineConfig):
     """nerfacto training plus the asynchronous Iterative Dataset Update."""
 
-    _target: Type = field(default_factory=lambda: In2nPipeline)
+    _target: type = field(default_factory=lambda: In2nPipeline)
     """Target class to instantiate."""
     datamanager: In2nDataManagerConfig = field(default_factory=In2nDataManagerConfig)
     """Training images in a swappable buffer, originals kept aside."""
@@ -64,7 +64,7 @@ class In2nPipelineConfig(VanillaPipelineConfig):
     edit_server_tls: bool = False
     """Connect with TLS, trusting the system's roots (or edit_server_root_cert). The bearer token of a server
     started with --token is read from the environment variable IN2N_TOKEN (never saved in config.yml)."""
-    edit_server_root_cert: Optional[Path] = None
+    edit_server_root_cert: Path | None = None
     """PEM file of the certificate (or CA) to trust for a TLS server with a self-signed certificate."""
     instruction: str = "don't change the image"
     """The text instruction applied to every view, e.g. "turn him into a bronze statue"."""
@@ -78,7 +78,7 @@ class In2nPipelineConfig(VanillaPipelineConfig):
     """Lower bound of the noise timestep, as a fraction of the 1000 training timesteps."""
     upper_bound: float = DEFAULT_UPPER_BOUND
     """Upper bound of the noise timestep, as a fraction of the 1000 training timesteps."""
-    edit_seed: Optional[int] = None
+    edit_seed: int | None = None
     """Seed of the edits (edit k uses edit_seed + k) and of the edit order; None: random."""
     edit_rate: int = 10
     """Start at most edit_count new edits every edit_rate steps (an upper bound; the servers set the pace)."""
@@ -129,28 +129,32 @@ class In2nPipeline(VanillaPipeline):
 
     config: In2nPipelineConfig
 
-    def __init__(self, config: In2nPipelineConfig, device, test_mode="val", world_size=1, local_rank=0, grad_scaler=None):
+    def __init__(
+        self, config: In2nPipelineConfig, device, test_mode="val", world_size=1, local_rank=0, grad_scaler=None
+    ):
         super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
         self._validate_config()
         # The servers' connections; replace before the first step to edit with stand-in clients (tests).
         self.edit_servers = EditServers.from_config(config)
         # Step timing; with render_budget, it also decides which steps render.
         self.clock = StepClock(RenderBudget(config.render_budget) if config.render_budget > 0 else None)
-        self.schedule: Optional[DatasetUpdateSchedule] = None
-        self.renderer: Optional[ViewRenderer] = None
-        self.pace: Optional[RenderPace] = None  # chunks of the view being prepared rendered per step
-        self.recorder: Optional[EvolutionRecorder] = None
-        self.run_dir: Optional[Path] = None
+        self.schedule: DatasetUpdateSchedule | None = None
+        self.renderer: ViewRenderer | None = None
+        self.pace: RenderPace | None = None  # chunks of the view being prepared rendered per step
+        self.recorder: EvolutionRecorder | None = None
+        self.run_dir: Path | None = None
         self._edit_number = 0
-        self._restored_schedule: Optional[dict] = None
+        self._restored_schedule: dict | None = None
         # Shown in the nerfstudio viewer's "Custom Elements" panel; changes apply to the next edit sent.
         self.viewer_instruction = ViewerText("Edit instruction", config.instruction, cb_hook=self._on_viewer_change)
-        self.viewer_guidance_scale = ViewerNumber("Text guidance", config.guidance_scale, cb_hook=self._on_viewer_change)
+        self.viewer_guidance_scale = ViewerNumber(
+            "Text guidance", config.guidance_scale, cb_hook=self._on_viewer_change
+        )
         self.viewer_image_guidance_scale = ViewerNumber(
             "Image guidance", config.image_guidance_scale, cb_hook=self._on_viewer_change
         )
-        self._latency_s: Optional[float] = None  # moving average of edit round trips
-        self._wire_originals: Dict[int, Tuple[np.ndarray, str]] = {}  # view -> (original as sent, its key)
+        self._latency_s: float | None = None  # moving average of edit round trips
+        self._wire_originals: dict[int, tuple[np.ndarray, str]] = {}  # view -> (original as sent, its key)
         self._peak_in_flight = 0  # most edits outstanding at once, over all servers
 
     def _validate_config(self) -> None:
@@ -158,9 +162,13 @@ class In2nPipeline(VanillaPipeline):
         if not c.instruction.strip():
             raise ValueError("pipeline.instruction must not be empty")
         if not 0.0 <= c.lower_bound <= c.upper_bound <= 1.0:
-            raise ValueError(f"need 0 <= pipeline.lower_bound <= pipeline.upper_bound <= 1, got {c.lower_bound}, {c.upper_bound}")
+            raise ValueError(
+                f"need 0 <= pipeline.lower_bound <= pipeline.upper_bound <= 1, got {c.lower_bound}, {c.upper_bound}"
+            )
         if c.render_max_chunks_per_step < 0:
-            raise ValueError(f"pipeline.render_max_chunks_per_step must be >= 0 (0: adapt), got {c.render_max_chunks_per_step}")
+            raise ValueError(
+                f"pipeline.render_max_chunks_per_step must be >= 0 (0: adapt), got {c.render_max_chunks_per_step}"
+            )
         if not 0.0 <= c.render_budget < 1.0:
             raise ValueError(f"pipeline.render_budget must be in [0, 1), got {c.render_budget}")
         if c.diffusion_steps < 1:
@@ -176,9 +184,15 @@ class In2nPipeline(VanillaPipeline):
         instruction = str(self.viewer_instruction.value).strip()
         text, image = float(self.viewer_guidance_scale.value), float(self.viewer_image_guidance_scale.value)
         if not instruction or not (0.0 <= text <= MAX_GUIDANCE and 0.0 <= image <= MAX_GUIDANCE):
-            CONSOLE.print(f"in2n: ignored viewer edit settings {instruction!r}, {text}, {image} (empty or out of [0, {MAX_GUIDANCE:g}])")
+            CONSOLE.print(
+                f"in2n: ignored viewer edit settings {instruction!r}, {text}, {image} (empty or out of [0, {MAX_GUIDANCE:g}])"
+            )
             return
-        changed = (instruction, text, image) != (self.config.instruction, self.config.guidance_scale, self.config.image_guidance_scale)
+        changed = (instruction, text, image) != (
+            self.config.instruction,
+            self.config.guidance_scale,
+            self.config.image_guidance_scale,
+        )
         self.config.instruction, self.config.guidance_scale, self.config.image_guidance_scale = instruction, text, image
         if changed:
             CONSOLE.print(f"in2n: from the viewer: {instruction!r}, guidance {text:g}, image guidance {image:g}")
@@ -193,8 +207,12 @@ class In2nPipeline(VanillaPipeline):
         if self.config.require_server:
             servers.wait_ready(self.config.connect_timeout_s)
         self.schedule = DatasetUpdateSchedule(
-            n, self.config.edit_rate, self.config.edit_count, self.config.max_in_flight * len(servers.addresses),
-            seed=self.config.edit_seed, max_edits_per_view=self.config.max_edits_per_view,
+            n,
+            self.config.edit_rate,
+            self.config.edit_count,
+            self.config.max_in_flight * len(servers.addresses),
+            seed=self.config.edit_seed,
+            max_edits_per_view=self.config.max_edits_per_view,
         )
         if self._restored_schedule is not None:
             self.schedule.load_state_dict(self._restored_schedule)
@@ -231,7 +249,7 @@ class In2nPipeline(VanillaPipeline):
             return (array * 255.0 + 0.5).astype(np.uint8)
         return array.astype(self.config.wire_dtype)
 
-    def _wire_original(self, view: int) -> Tuple[np.ndarray, str]:
+    def _wire_original(self, view: int) -> tuple[np.ndarray, str]:
         """The original of `view` as sent, and its content key: computed once per view (originals never change)."""
         entry = self._wire_originals.get(view)
         if entry is None:
@@ -240,7 +258,12 @@ class In2nPipeline(VanillaPipeline):
         return entry
 
     def apply_edit(
-        self, address: str, request_id: str, view_id: int, image: Optional[np.ndarray], error: Optional[str] = None,
+        self,
+        address: str,
+        request_id: str,
+        view_id: int,
+        image: np.ndarray | None,
+        error: str | None = None,
         malformed: bool = False,
     ) -> bool:
         """Take one answer, async or sync: check it, swap the image in, record it for the evolution sheet, count it.
@@ -351,11 +374,13 @@ class In2nPipeline(VanillaPipeline):
             self.schedule.submitted(request_id, view, step)
             servers.note_sent(address)
             try:
-                reply = servers.sync_client.edit(self._wire(render), self._wire_original(view)[0], self._params(), view_id=view)
+                reply = servers.sync_client.edit(
+                    self._wire(render), self._wire_original(view)[0], self._params(), view_id=view
+                )
             except ImageFormatError as e:  # an answer whose image could not be decoded: rejected
                 self.apply_edit(address, request_id, view, None, f"bad response: {e}", malformed=True)
                 continue
-            except Exception as e:  # the server failed or went away: the view waits for the next round
+            except Exception as e:  # noqa: BLE001 - the server failed or went away: the view waits for the next round
                 self.apply_edit(address, request_id, view, None, str(e))
                 continue
             finally:
@@ -364,7 +389,7 @@ class In2nPipeline(VanillaPipeline):
 
     # -- reporting and shutdown ---------------------------------------------------------------
 
-    def edit_metrics(self) -> Dict[str, float]:
+    def edit_metrics(self) -> dict[str, float]:
         """Counters for logs: edits applied, rejected, failed, in flight."""
         if self.schedule is None:
             return {}
@@ -382,7 +407,7 @@ class In2nPipeline(VanillaPipeline):
             "render_chunks_per_step": self.pace.chunks if self.pace is not None else 0,
         }
 
-    def server_metrics(self) -> List[dict]:
+    def server_metrics(self) -> list[dict]:
         """Per server: address, the backend, device and precision its Describe reported ("" before it answered),
         edits sent to it, applied and failed."""
         return self.edit_servers.metrics()
@@ -408,7 +433,7 @@ class In2nPipeline(VanillaPipeline):
 
     # -- state saved with checkpoints ------------------------------------------------------------
 
-    def edit_state(self) -> Optional[dict]:
+    def edit_state(self) -> dict | None:
         """The edited dataset and the update's progress, saved beside each checkpoint (None before any edit)."""
         if self.schedule is None:
             return None
@@ -440,8 +465,10 @@ class In2nPipeline(VanillaPipeline):
             )
         views, images = state["views"], state["images"]
         if not (isinstance(views, torch.Tensor) and isinstance(images, torch.Tensor)):
-            raise ValueError("views or images are not tensors")
-        if tuple(images.shape) != (len(views), *dm.images.shape[1:]) or (len(views) and not 0 <= int(views.min()) <= int(views.max()) < dm.num_views):
+            raise ValueError("views or images are not tensors")  # noqa: TRY004 - a damaged checkpoint, reported as the other damage
+        if tuple(images.shape) != (len(views), *dm.images.shape[1:]) or (
+            len(views) and not 0 <= int(views.min()) <= int(views.max()) < dm.num_views
+        ):
             raise ValueError(f"{tuple(images.shape)} images for views {views.tolist()[:8]}... do not fit this dataset")
         if not torch.isfinite(images).all():
             raise ValueError("saved images hold NaN or infinite values")
@@ -502,14 +529,12 @@ class In2nPipeline(VanillaPipeline):
             np.save(self.run_dir / "edit_report" / "step_times.npy", self.step_times())
         self.edit_servers.close()
 
-    def get_training_callbacks(self, attrs: TrainingCallbackAttributes) -> List[TrainingCallback]:
+    def get_training_callbacks(self, attrs: TrainingCallbackAttributes) -> list[TrainingCallback]:
         callbacks = super().get_training_callbacks(attrs)
         if attrs.trainer is not None:
             self.run_dir = Path(attrs.trainer.base_dir)
         callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN], self._finish))
         callbacks.append(
-            TrainingCallback(
-                [TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], lambda step: self.clock.step_started()
-            )
+            TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], lambda step: self.clock.step_started())
         )
         return callbacks

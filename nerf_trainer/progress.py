@@ -11,7 +11,7 @@ the latest count the pipeline logged.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from nerfstudio.utils import writer
 from nerfstudio.utils.writer import GLOBAL_BUFFER, LocalWriter
@@ -23,14 +23,14 @@ EDITS_APPLIED = "Edits/edits_applied"
 class EditProgressWriter(LocalWriter):
     """nerfstudio's LocalWriter, with steps and percentage counted from the start of this run."""
 
-    def __init__(self, config: Any, banner_messages: Optional[list] = None) -> None:
+    def __init__(self, config: Any, banner_messages: list | None = None) -> None:
         super().__init__(config, banner_messages=banner_messages)
         self.stats_to_track.append(EDITS_APPLIED)
         self.first_step = 0
         """Absolute step at which this run started (the loaded checkpoint's step + 1; 0 from scratch)."""
-        self.num_steps: Optional[int] = None
+        self.num_steps: int | None = None
         """Steps of this run (max_num_iterations); None: nerfstudio's own count."""
-        self._edits_applied: Optional[float] = None
+        self._edits_applied: float | None = None
 
     def start(self, first_step: int, num_steps: int) -> None:
         """Count this run's steps from `first_step`, `num_steps` in all; the ETA then covers what is left of them."""

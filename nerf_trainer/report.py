@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ def save_png(array: np.ndarray, path: Path) -> None:
 
 
 def grid(
-    rows: List[List[Optional[np.ndarray]]], pad: int = 2, min_side: int = 128, header: Optional[List[Optional[str]]] = None
+    rows: list[list[np.ndarray | None]], pad: int = 2, min_side: int = 128, header: list[str | None] | None = None
 ) -> np.ndarray:
     """Tile images ([H, W, 3] uint8, all one size; None = blank) into one sheet.
 
@@ -71,13 +70,13 @@ HEADER_HEIGHT = 20
 class EvolutionRecorder:
     """Keeps, for a few views, the original, the edits over time and the renders before and after."""
 
-    def __init__(self, views: List[int], originals: torch.Tensor, max_edits: int = 6) -> None:
+    def __init__(self, views: list[int], originals: torch.Tensor, max_edits: int = 6) -> None:
         self.views = list(views)
         self.max_edits = max_edits
         self.originals = {v: to_uint8(originals[v]) for v in self.views}
-        self.edits: Dict[int, List[np.ndarray]] = {v: [] for v in self.views}
-        self.before: Dict[int, np.ndarray] = {}
-        self.after: Dict[int, np.ndarray] = {}
+        self.edits: dict[int, list[np.ndarray]] = {v: [] for v in self.views}
+        self.before: dict[int, np.ndarray] = {}
+        self.after: dict[int, np.ndarray] = {}
 
     def record_before(self, view: int, image: torch.Tensor) -> None:
         self.before[view] = to_uint8(image)
@@ -94,7 +93,7 @@ class EvolutionRecorder:
         ncols = max([len(e) for e in self.edits.values()] + [0])
         rows = []
         for v in self.views:
-            edits: List[Optional[np.ndarray]] = list(self.edits[v]) + [None] * (ncols - len(self.edits[v]))
+            edits: list[np.ndarray | None] = list(self.edits[v]) + [None] * (ncols - len(self.edits[v]))
             rows.append([self.originals[v]] + edits + [self.after.get(v)])
         header = ["original"] + (["edits over time ->"] + [None] * (ncols - 1) if ncols else []) + ["current render"]
         return grid(rows, header=header)

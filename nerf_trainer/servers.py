@@ -10,8 +10,8 @@ The clients are made by `make_client` / `make_sync_client`, so tests can pass st
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import grpc
 from nerfstudio.utils.rich_utils import CONSOLE
@@ -20,7 +20,7 @@ from diffusion_server.client import EditClient, EditFailed, StreamClient, Stream
 from nerf_trainer.variants import precision_on
 
 
-def precision_mismatch(expected: str, address: str, reported: str, device: str = "") -> Optional[str]:
+def precision_mismatch(expected: str, address: str, reported: str, device: str = "") -> str | None:
     """The one line a trainer prints when the server at `address` runs another IP2P precision than its variant's.
 
     None when they agree, when a half-precision (fp16) variant's server runs bf16 on the CPU (the project's CPU
@@ -37,7 +37,7 @@ def precision_mismatch(expected: str, address: str, reported: str, device: str =
     )
 
 
-def parse_addresses(edit_server: str) -> List[str]:
+def parse_addresses(edit_server: str) -> list[str]:
     """The server addresses of a comma-separated pipeline.edit_server (checked when editing starts)."""
     return [a.strip() for a in edit_server.split(",") if a.strip()]
 
@@ -47,16 +47,16 @@ class EditServers:
 
     def __init__(
         self,
-        addresses: List[str],
+        addresses: list[str],
         max_in_flight: int = 2,
         precision_hint: str = "fp32",
         tls: bool = False,
-        root_cert: Optional[Path] = None,
-        token: Optional[str] = None,
+        root_cert: Path | None = None,
+        token: str | None = None,
         sync_timeout_s: float = 3600.0,
         describe_timeout_s: float = 30.0,
-        make_client: Optional[Callable[[str], object]] = None,
-        make_sync_client: Optional[Callable[[str], object]] = None,
+        make_client: Callable[[str], object] | None = None,
+        make_sync_client: Callable[[str], object] | None = None,
     ) -> None:
         """make_client(address) -> a started StreamClient (or a stand-in with can_submit, in_flight, submit, poll,
         close, server_info); make_sync_client(address) -> an EditClient (or a stand-in with edit, close)."""
@@ -68,14 +68,14 @@ class EditServers:
         self.describe_timeout_s = describe_timeout_s  # sync mode's Describe: short, a hung server holds no round long
         self.make_client = make_client or self._stream_client
         self.make_sync_client = make_sync_client or self._edit_client
-        self.clients: List = []  # one per address once started (async mode)
+        self.clients: list = []  # one per address once started (async mode)
         self.sync_client = None  # an EditClient to the first server (sync mode)
-        self.sent: Dict[str, int] = {}  # address -> edits sent to it
-        self.counts: Dict[str, Dict[str, int]] = {}  # address -> {"edits_applied": n, "edits_failed": n}
-        self.info: Dict[str, Dict[str, str]] = {}  # address -> backend, device, precision (its first Describe)
+        self.sent: dict[str, int] = {}  # address -> edits sent to it
+        self.counts: dict[str, dict[str, int]] = {}  # address -> {"edits_applied": n, "edits_failed": n}
+        self.info: dict[str, dict[str, str]] = {}  # address -> backend, device, precision (its first Describe)
 
     @classmethod
-    def from_config(cls, config, **factories) -> "EditServers":
+    def from_config(cls, config, **factories) -> EditServers:
         """From an In2nPipelineConfig; the bearer token comes from $IN2N_TOKEN (never saved in config.yml)."""
         return cls(
             parse_addresses(config.edit_server), max_in_flight=config.max_in_flight,
@@ -116,7 +116,7 @@ class EditServers:
         else:
             self.clients = [self.make_client(a) for a in self.addresses]
 
-    def free_client(self) -> Optional[Tuple[str, object]]:
+    def free_client(self) -> tuple[str, object] | None:
         """(address, client) of the connected client with the fewest edits in flight, the one sent the fewest so far
         among equals (so every server gets work even when one could keep up alone); servers that went away are
         routed around. None when no client can take an edit."""
@@ -135,7 +135,7 @@ class EditServers:
         counts = self.counts.setdefault(address, {"edits_applied": 0, "edits_failed": 0})
         counts[name] += 1
 
-    def poll(self) -> Iterator[Tuple[str, StreamResult]]:
+    def poll(self) -> Iterator[tuple[str, StreamResult]]:
         """(address, result) of every answer that has arrived, over all servers."""
         return iter([(a, r) for a, c in zip(self.addresses, self.clients) for r in c.poll()])
 
@@ -166,7 +166,7 @@ class EditServers:
         if note is not None:
             CONSOLE.print(note, soft_wrap=True)  # one line, whatever the terminal's width
 
-    def metrics(self) -> List[dict]:
+    def metrics(self) -> list[dict]:
         """Per server: address, the backend, device and precision its Describe reported ("" before it answered),
         edits sent to it, applied and failed."""
         rows = []

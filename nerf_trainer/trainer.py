@@ -29,9 +29,10 @@ import io
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Literal, Optional, Tuple, Type
+from typing import Literal
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ class ResumeError(RuntimeError):
 class CheckpointWriteError(RuntimeError):
     """A checkpoint or edits file could not be written (e.g. a full disk); the message is one line."""
 
-    def __init__(self, errno_: Optional[int], message: str):
+    def __init__(self, errno_: int | None, message: str):
         super().__init__(message)
         self.errno = errno_
 
@@ -73,10 +74,15 @@ SCALAR_PICKLE_NAMES = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.s
 def checkpoint_safe_globals() -> list:
     """The numpy types nerfstudio checkpoints contain, for torch.serialization.safe_globals."""
     scalar = np.float64(0).__reduce__()[0]  # numpy's scalar constructor, whatever numpy calls its module
-    return [*((scalar, name) for name in SCALAR_PICKLE_NAMES), np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.int64))]
+    return [
+        *((scalar, name) for name in SCALAR_PICKLE_NAMES),
+        np.dtype,
+        type(np.dtype(np.float64)),
+        type(np.dtype(np.int64)),
+    ]
 
 
-def pretrained_config_path(config: TrainerConfig) -> Optional[Path]:
+def pretrained_config_path(config: TrainerConfig) -> Path | None:
     """config.yml of the run that `--load-dir` or `--load-checkpoint` points into, if there is one."""
     if config.load_dir is not None:
         candidate = Path(config.load_dir).parent / "config.yml"
@@ -111,7 +117,7 @@ def inherit_pretrained_settings(config: TrainerConfig, pretrained: TrainerConfig
 class In2nTrainerConfig(TrainerConfig):
     """nerfstudio's TrainerConfig for in2n runs."""
 
-    _target: Type = field(default_factory=lambda: In2nTrainer)
+    _target: type = field(default_factory=lambda: In2nTrainer)
     """Target class to instantiate."""
     inherit_pretrained_model: bool = True
     """Copy the model settings (and the data path, if --data is unset) of the run that --load-dir points into."""
@@ -165,12 +171,14 @@ class In2nTrainer(Trainer):
             if self.config.load_step is not None:
                 candidates = [p for p in candidates if checkpoint_step(p) == self.config.load_step]
             if not candidates:
-                wanted = f"step-{self.config.load_step:09d}.ckpt" if self.config.load_step is not None else "step-*.ckpt"
+                wanted = (
+                    f"step-{self.config.load_step:09d}.ckpt" if self.config.load_step is not None else "step-*.ckpt"
+                )
                 raise ResumeError(f"no checkpoint ({wanted}) in {where}")
         run = candidates[0].parent.parent
         with_edits = expects_edits(run)
-        skipped: List[str] = []  # "name (why)" of each newer checkpoint passed over
-        without_edits: Optional[Tuple[Path, dict]] = None  # newest checkpoint whose model loads
+        skipped: list[str] = []  # "name (why)" of each newer checkpoint passed over
+        without_edits: tuple[Path, dict] | None = None  # newest checkpoint whose model loads
         for path in candidates:
             try:
                 loaded = read_checkpoint(path)
@@ -180,7 +188,9 @@ class In2nTrainer(Trainer):
             if not with_edits:
                 self._restore(path, loaded)
                 if skipped:
-                    CONSOLE.print(f"in2n: resumed from {path.name}; skipped newer: " + "; ".join(skipped), soft_wrap=True)
+                    CONSOLE.print(
+                        f"in2n: resumed from {path.name}; skipped newer: " + "; ".join(skipped), soft_wrap=True
+                    )
                 return
             edits = run / EDITS_FOLDER / f"step-{checkpoint_step(path):09d}.pt"
             try:
@@ -205,7 +215,8 @@ class In2nTrainer(Trainer):
         self._restore(path, loaded)
         CONSOLE.print(
             f"[bold yellow]in2n: resumed from {path.name} WITHOUT its edits (--resume-without-edits): training on "
-            "the original images; " + "; ".join(skipped), soft_wrap=True,
+            "the original images; " + "; ".join(skipped),
+            soft_wrap=True,
         )
 
     def _restore(self, path: Path, loaded: dict) -> None:
@@ -224,7 +235,7 @@ class In2nTrainer(Trainer):
             raise ValueError("missing")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many kinds (zip, pickle, EOF) for a damaged file
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds (zip, pickle, EOF) for a damaged file
             raise ValueError(damage(path, e)) from None
         self.pipeline.check_edit_state(state)
         return state
@@ -249,7 +260,9 @@ class In2nTrainer(Trainer):
         atomic_torch_save(
             {
                 "step": step,
-                "pipeline": self.pipeline.module.state_dict() if hasattr(self.pipeline, "module") else self.pipeline.state_dict(),
+                "pipeline": self.pipeline.module.state_dict()
+                if hasattr(self.pipeline, "module")
+                else self.pipeline.state_dict(),
                 "optimizers": {k: v.state_dict() for (k, v) in self.optimizers.optimizers.items()},
                 "schedulers": {k: v.state_dict() for (k, v) in self.optimizers.schedulers.items()},
                 "scalers": self.grad_scaler.state_dict(),
@@ -270,9 +283,13 @@ class In2nTrainer(Trainer):
                     old.unlink()
 
 
-def list_checkpoints(folder: Path) -> List[Path]:
+def list_checkpoints(folder: Path) -> list[Path]:
     """The `step-XXXXXXXXX.ckpt` files of `folder`, newest first; other files are ignored."""
-    found = [p for p in Path(folder).iterdir() if CHECKPOINT_NAME.match(p.name) and p.is_file()] if Path(folder).is_dir() else []
+    found = (
+        [p for p in Path(folder).iterdir() if CHECKPOINT_NAME.match(p.name) and p.is_file()]
+        if Path(folder).is_dir()
+        else []
+    )
     return sorted(found, key=checkpoint_step, reverse=True)
 
 
@@ -304,7 +321,7 @@ def read_checkpoint(path: Path) -> dict:
     try:
         with torch.serialization.safe_globals(checkpoint_safe_globals()):  # weights_only, numpy scalars allowed
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds (zip, pickle, EOF) for a damaged file
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds (zip, pickle, EOF) for a damaged file
         raise ValueError(damage(path, e)) from None
     if not isinstance(loaded, dict) or any(key not in loaded for key in _CHECKPOINT_KEYS):
         raise ValueError("not a nerfstudio checkpoint (keys missing)")
@@ -323,7 +340,7 @@ def expects_edits(run: Path) -> bool:
         return False
     try:
         saved = yaml.load(config.read_text(), Loader=yaml.Loader)
-    except Exception:  # an unreadable config says nothing either way; the edits folder is the evidence
+    except Exception:  # noqa: BLE001 - an unreadable config says nothing either way; the edits folder is the evidence
         return False
     from nerf_trainer.pipeline import In2nPipelineConfig
 

@@ -17,9 +17,7 @@ so a half-precision variant's server runs bf16 there.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
-
-VARIANT_PRECISION: Dict[str, str] = {"in2n": "fp32", "in2n-small": "fp16", "in2n-tiny": "fp16"}
+VARIANT_PRECISION: dict[str, str] = {"in2n": "fp32", "in2n-small": "fp16", "in2n-tiny": "fp16"}
 """The IP2P precision (the server's --precision) of each variant, as the method defines it."""
 
 
@@ -29,7 +27,7 @@ def precision_on(precision: str, device: str) -> str:
     return "bf16" if precision == "fp16" and device.split(":")[0] == "cpu" else precision
 
 
-def server_precision(method: str, device: str) -> Tuple[str, str]:
+def server_precision(method: str, device: str) -> tuple[str, str]:
     """(precision the server on `device` runs for `method`, a one-line reason when it is not the variant's, else "")."""
     if method not in VARIANT_PRECISION:
         raise ValueError(f"method must be one of {', '.join(VARIANT_PRECISION)}, got {method!r}")

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import List, Optional
 
 import numpy as np
-
 import torch
 from nerfstudio.models.base_model import Model
 
@@ -37,9 +35,9 @@ class ViewRenderer:
         self.ray_generator = ray_generator
         self.height, self.width = height, width
         self.chunk_rays = chunk_rays if chunk_rays > 0 else height * width
-        self.view: Optional[int] = None
-        self._pixels: Optional[torch.Tensor] = None  # [H*W, 2] (y, x)
-        self._rgb: Optional[torch.Tensor] = None  # [H*W, 3]
+        self.view: int | None = None
+        self._pixels: torch.Tensor | None = None  # [H*W, 2] (y, x)
+        self._rgb: torch.Tensor | None = None  # [H*W, 3]
         self._done = 0
 
     @property
@@ -61,7 +59,7 @@ class ViewRenderer:
         return math.ceil(self.height * self.width / self.chunk_rays)
 
     @torch.no_grad()
-    def advance(self, chunks: int = 1) -> Optional[torch.Tensor]:
+    def advance(self, chunks: int = 1) -> torch.Tensor | None:
         """Render the next `chunks` chunks (one model call each); returns the finished view ([H, W, 3] float32 on
         CPU) once complete."""
         assert self.view is not None and self._pixels is not None and self._rgb is not None
@@ -79,7 +77,7 @@ class ViewRenderer:
         self.view, self._pixels, self._rgb = None, None, None
         return image
 
-    def cancel(self) -> Optional[int]:
+    def cancel(self) -> int | None:
         """Abandon the view being rendered (if any); returns it."""
         view = self.view
         self.view, self._pixels, self._rgb = None, None, None
@@ -163,7 +161,7 @@ class RenderBudget:
             raise ValueError(f"share must be in (0, 1), got {share}")
         self.share = share
         self.smoothing = smoothing
-        self.step_s: Optional[float] = None  # moving average of a training step without its render
+        self.step_s: float | None = None  # moving average of a training step without its render
         self.balance = 0.0  # seconds of render time available
         self.steps = 0  # steps observed
         self.render_steps = 0  # steps that rendered
@@ -182,7 +180,9 @@ class RenderBudget:
         if not (step_s > 0 and math.isfinite(step_s) and math.isfinite(render_s)):
             return
         train_s = max(step_s - render_s, 0.0)
-        self.step_s = train_s if self.step_s is None else self.smoothing * self.step_s + (1.0 - self.smoothing) * train_s
+        self.step_s = (
+            train_s if self.step_s is None else self.smoothing * self.step_s + (1.0 - self.smoothing) * train_s
+        )
         if render_s > 0:
             self.balance += self.allowance - render_s
         else:  # a step without render banks at most one allowance
@@ -199,9 +199,9 @@ class StepClock:
     each observed step is also fed to it, and `may_render()` asks it.
     """
 
-    def __init__(self, budget: Optional[RenderBudget] = None) -> None:
+    def __init__(self, budget: RenderBudget | None = None) -> None:
         self.budget = budget
-        self.starts: List[float] = []  # time.perf_counter() at the start of each training step
+        self.starts: list[float] = []  # time.perf_counter() at the start of each training step
         self.render_steps = 0  # steps that rendered a chunk of a view to edit
         self._render_s = 0.0  # time spent rendering in the current step
         self._steps_seen = 0  # step starts already accounted

@@ -16,11 +16,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence, Tuple
 
 import grpc
 import numpy as np
+from typing_extensions import Self
 
 from diffusion_server.backends.base import BackendInfo, EditBackend, EditResult
 from in2n_contract import EditParams
@@ -36,7 +37,7 @@ def free_port() -> int:
 
 
 def dead_address() -> str:
-    """"127.0.0.1:PORT" with nothing listening on PORT (a free port): connecting to it fails."""
+    """ "127.0.0.1:PORT" with nothing listening on PORT (a free port): connecting to it fails."""
     return f"127.0.0.1:{free_port()}"
 
 
@@ -56,8 +57,8 @@ class GateBackend(EditBackend):
     def __init__(self, batching: bool = False) -> None:
         self.gate = threading.Event()
         self.started = threading.Event()
-        self.edited: List[str] = []
-        self.batch_sizes: List[int] = []
+        self.edited: list[str] = []
+        self.batch_sizes: list[int] = []
         self.supports_batching = batching
 
     def info(self) -> BackendInfo:
@@ -109,14 +110,14 @@ class InProcessServer:
         self.servicer.close()
         self.metrics.close()
 
-    def __enter__(self) -> "InProcessServer":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def serve_servicer(servicer: object, workers: int = 4) -> Tuple[grpc.Server, str]:
+def serve_servicer(servicer: object, workers: int = 4) -> tuple[grpc.Server, str]:
     """A started gRPC server in this process on 127.0.0.1 and an ephemeral port, running `servicer` (an
     EditServiceServicer a test writes to misbehave: bad answers, a Describe that hangs). Returns (server,
     "127.0.0.1:PORT"); stop it with server.stop(None)."""
@@ -162,7 +163,7 @@ class ServerProcess:
         port: int = 0,
         extra_args: Sequence[str] = (),
         device: str = "cpu",
-        env: Optional[Mapping[str, str]] = None,
+        env: Mapping[str, str] | None = None,
         script: Sequence[str] = ("-m", "diffusion_server"),
     ) -> None:
         self.workdir = Path(workdir)
@@ -175,9 +176,9 @@ class ServerProcess:
         self.script = list(script)
         self.port_file = self.workdir / f"port-{time.monotonic_ns()}"
         self.log_path = self.port_file.with_suffix(".log")
-        self.proc: Optional[subprocess.Popen] = None
-        self.port: Optional[int] = None
-        self.start_s: Optional[float] = None
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.start_s: float | None = None
 
     @property
     def address(self) -> str:
@@ -192,11 +193,11 @@ class ServerProcess:
             "--port-file", str(self.port_file), *self.extra_args,
         ]  # fmt: skip
 
-    def start(self, timeout_s: float = 60.0) -> "ServerProcess":
+    def start(self, timeout_s: float = 60.0) -> ServerProcess:
         """Spawn the server and wait until it serves (`spawn`, then `wait_ready`)."""
         return self.spawn().wait_ready(timeout_s)
 
-    def spawn(self) -> "ServerProcess":
+    def spawn(self) -> ServerProcess:
         """Start the process without waiting for it (it loads while the caller does something else)."""
         self._spawned_at = time.monotonic()
         with open(self.log_path, "wb") as log:
@@ -204,7 +205,7 @@ class ServerProcess:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
         return self
 
-    def wait_ready(self, timeout_s: float = 60.0) -> "ServerProcess":
+    def wait_ready(self, timeout_s: float = 60.0) -> ServerProcess:
         """Wait (polling, with a deadline) until the spawned server has written its port file: it serves from then on."""
         assert self.proc is not None, "spawn() first"
         deadline = time.monotonic() + timeout_s
@@ -238,7 +239,7 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait(timeout=10)
 
-    def stop(self, timeout_s: float = 15.0) -> Optional[int]:
+    def stop(self, timeout_s: float = 15.0) -> int | None:
         """SIGTERM (graceful); SIGKILL if it does not exit within timeout_s. Returns the exit code."""
         if self.proc is None:
             return None
@@ -251,7 +252,7 @@ class ServerProcess:
                 self.kill()
         return self.proc.returncode
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> Self:
         return self.start() if self.proc is None else self
 
     def __exit__(self, *exc: object) -> None:
@@ -259,9 +260,9 @@ class ServerProcess:
 
 
 __all__ = [
+    "REPO_ROOT",
     "GateBackend",
     "InProcessServer",
-    "REPO_ROOT",
     "ServerProcess",
     "dead_address",
     "free_port",
@@ -284,7 +285,7 @@ TINY_NERFACTO = [
 ]  # fmt: skip
 
 
-def read_edit_report(report: Path) -> Tuple[np.ndarray, dict]:
+def read_edit_report(report: Path) -> tuple[np.ndarray, dict]:
     """(step_times, edit_stats) of an in2n run's edit_report folder: the wall time of each whole training step
     after the first ([S-1] seconds) and edit_stats.json's counters ({} when the run did not edit)."""
     stats_file = report / "edit_stats.json"
@@ -294,7 +295,7 @@ def read_edit_report(report: Path) -> Tuple[np.ndarray, dict]:
 
 def demo_scene_and_pretrained(
     workdir: Path, ns_train: str, env: dict, *, num_views: int, size: int, steps: int, rays: int, flags: Sequence[str]
-) -> Tuple[Path, Path]:
+) -> tuple[Path, Path]:
     """(scene, load_dir): the demo scene in workdir/scene and a nerfacto pretrained on it by a real `ns-train`,
     each made only when workdir does not hold it yet. `flags`: the rest of ns-train's arguments (model size, ...)."""
     from in2n_demo.demo_scene import DemoSceneConfig, make_demo_scene

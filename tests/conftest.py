@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, List, Sequence
 
 import pytest
 
@@ -29,7 +29,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 # Re-exported: tests import TINY_NERFACTO and subprocess_env from conftest.
-from testing_support import TINY_NERFACTO, ServerProcess, subprocess_env  # noqa: E402
+from testing_support import TINY_NERFACTO, ServerProcess, subprocess_env
 
 # Nothing in the tests may download weights.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,16 +82,18 @@ def edit_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Edit
 
 @pytest.fixture
 def edit_server_address(edit_server: EditServerProcess) -> str:
-    """"127.0.0.1:PORT" of the `edit_server` fixture."""
+    """ "127.0.0.1:PORT" of the `edit_server` fixture."""
     return edit_server.address
 
 
 @pytest.fixture
 def edit_server_factory(tmp_path: Path) -> Iterator[Callable[..., EditServerProcess]]:
     """`start(backend="palette", port=0, extra_args=(), start=True)` -> EditServerProcess; all stopped at teardown."""
-    servers: List[EditServerProcess] = []
+    servers: list[EditServerProcess] = []
 
-    def start(backend: str = "palette", port: int = 0, extra_args: Sequence[str] = (), start: bool = True) -> EditServerProcess:
+    def start(
+        backend: str = "palette", port: int = 0, extra_args: Sequence[str] = (), start: bool = True
+    ) -> EditServerProcess:
         server = EditServerProcess(tmp_path / f"edit_server_{len(servers)}", backend, port, extra_args)
         servers.append(server)
         return server.start() if start else server
@@ -172,13 +174,28 @@ def make_pipeline(tiny_scene, trainer_env, **overrides):
         config = In2nPipelineConfig(
             datamanager=In2nDataManagerConfig(data=tiny_scene, train_num_rays_per_batch=128),
             model=In2nModelConfig(
-                implementation="torch", num_nerf_samples_per_ray=8, num_proposal_samples_per_ray=(16, 8),
-                num_levels=4, log2_hashmap_size=12, max_res=64, hidden_dim=16, hidden_dim_color=16,
-                use_lpips=False, average_init_density=0.01,
-            ),  # fmt: skip
-            **{"edit_server": "scripted:1", "render_chunk_rays": 0, "edit_seed": 0, "edit_rate": 1, "sheet_views": 2,
-               "log_every": 0, "instruction": "make it grayscale", **overrides},
-        )  # fmt: skip
+                implementation="torch",
+                num_nerf_samples_per_ray=8,
+                num_proposal_samples_per_ray=(16, 8),
+                num_levels=4,
+                log2_hashmap_size=12,
+                max_res=64,
+                hidden_dim=16,
+                hidden_dim_color=16,
+                use_lpips=False,
+                average_init_density=0.01,
+            ),
+            **{
+                "edit_server": "scripted:1",
+                "render_chunk_rays": 0,
+                "edit_seed": 0,
+                "edit_rate": 1,
+                "sheet_views": 2,
+                "log_every": 0,
+                "instruction": "make it grayscale",
+                **overrides,
+            },
+        )
         return config.setup(device="cpu", test_mode="val")
     finally:
         if old_home is None:

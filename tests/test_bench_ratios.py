@@ -9,7 +9,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from trainer_throughput import summarize  # noqa: E402
+from trainer_throughput import summarize
 
 
 def test_ratios_are_per_round_then_median() -> None:

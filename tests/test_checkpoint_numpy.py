@@ -28,7 +28,9 @@ def test_read_checkpoint_takes_numpy_scalars_under_either_numpy_name(tmp_path, n
     path.write_bytes(raw.replace(here, f"{name.rsplit('.', 1)[0]}\nscalar\n".encode()))  # as numpy 1 or 2 names it
 
     loaded = read_checkpoint(path)
-    assert loaded["step"] == 3 and loaded["scalers"]["scale"] == 0.5 and isinstance(loaded["scalers"]["scale"], np.float64)
+    assert (
+        loaded["step"] == 3 and loaded["scalers"]["scale"] == 0.5 and isinstance(loaded["scalers"]["scale"], np.float64)
+    )
     assert torch.equal(loaded["pipeline"]["w"], torch.ones(2))
 
 

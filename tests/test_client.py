@@ -7,17 +7,16 @@ so a test has to poll it, as the trainer does); nothing asserts on elapsed time.
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import grpc
 import numpy as np
 import pytest
-
-from in2n_contract import EditParams
-from diffusion_server.client import EditClient, EditFailed, StreamClient, StreamResult
-from testing_support import free_port
-
 from test_palette import expected_look, random_image
+
+from diffusion_server.client import EditClient, EditFailed, StreamClient, StreamResult
+from in2n_contract import EditParams
+from testing_support import free_port
 
 DEADLINE_S = 30.0
 
@@ -30,9 +29,9 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = DEAD
         time.sleep(0.01)
 
 
-def collect(client: StreamClient, count: int, timeout_s: float = DEADLINE_S) -> Dict[str, StreamResult]:
+def collect(client: StreamClient, count: int, timeout_s: float = DEADLINE_S) -> dict[str, StreamResult]:
     """Poll until `count` results have arrived; returns them by request id."""
-    results: Dict[str, StreamResult] = {}
+    results: dict[str, StreamResult] = {}
 
     def done() -> bool:
         results.update((r.request_id, r) for r in client.poll())
@@ -76,7 +75,7 @@ def test_stream_client_edits(edit_server_address: str) -> None:
     renders = [random_image(20 + i, 4 + i, 6) for i in range(len(looks))]
     with StreamClient(edit_server_address, max_in_flight=4) as client:
         wait_until(lambda: client.connected, "the client connected")
-        sent: Dict[str, int] = {}
+        sent: dict[str, int] = {}
         view = 0
         deadline = time.monotonic() + DEADLINE_S
         while any(r is not None for r in renders):
@@ -157,7 +156,7 @@ def test_server_killed_mid_flight_then_restarted(edit_server_factory) -> None:
         wait_until(lambda: client.connected, "the client connected")
         image = random_image(7)
         server.pause()  # requests stay in flight: the server cannot answer
-        ids: List[str] = [client.submit(v, image, image, EditParams("make it sepia")) for v in range(3)]
+        ids: list[str] = [client.submit(v, image, image, EditParams("make it sepia")) for v in range(3)]
         server.kill()
         results = collect(client, 3)
         assert sorted(results) == sorted(ids)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import NS_TRAIN, QUIET
 
 from bench.consistency import consistency_metrics, in2n_command, measure_run, run_dir_of
-from conftest import NS_TRAIN, QUIET
-from in2n_contract import EditParams
 from diffusion_server.backends.stochastic import StochasticLookBackend, alphas_cumprod, color_stats, make_backend
+from in2n_contract import EditParams
 from testing_support import InProcessServer
 
 
@@ -31,7 +31,9 @@ def scene_like_image(seed: int = 0, size: int = 32) -> np.ndarray:
     return np.stack(channels, axis=-1).astype(np.float32)
 
 
-def choices(backend: StochasticLookBackend, render: np.ndarray, original: np.ndarray, n: int = 300, **params) -> np.ndarray:
+def choices(
+    backend: StochasticLookBackend, render: np.ndarray, original: np.ndarray, n: int = 300, **params
+) -> np.ndarray:
     """Fraction of n seeded edits of `render` that chose each look: [K]."""
     counts = np.zeros(backend.num_looks)
     for seed in range(n):
@@ -51,7 +53,10 @@ def test_same_seed_same_edit_and_different_seeds_differ():
     again = StochasticLookBackend().edit(render, original, EditParams("x", seed=7))  # a fresh backend, same seed
     assert first.timestep == again.timestep
     np.testing.assert_array_equal(first.image, again.image)
-    others = {(r.timestep, r.image.tobytes()) for r in (backend.edit(render, original, EditParams("x", seed=s)) for s in range(20))}
+    others = {
+        (r.timestep, r.image.tobytes())
+        for r in (backend.edit(render, original, EditParams("x", seed=s)) for s in range(20))
+    }
     assert len(others) == 20  # every seed its own edit
     # Unseeded calls draw from the backend's generator: random, and reproducible from the backend's seed.
     a, b = StochasticLookBackend(seed=3), StochasticLookBackend(seed=3)
@@ -80,10 +85,14 @@ def test_timestep_follows_the_bounds_and_sets_the_edit_strength():
     backend = StochasticLookBackend()
     low = backend.edit(original, original, EditParams("x", seed=0, lower_bound=0.05, upper_bound=0.05))
     assert low.timestep == 50
-    np.testing.assert_allclose(low.image, 0.95 * original + 0.05 * backend.look(original, backend.last_choice.look), atol=1e-6)
+    np.testing.assert_allclose(
+        low.image, 0.95 * original + 0.05 * backend.look(original, backend.last_choice.look), atol=1e-6
+    )
     high = backend.edit(original, original, EditParams("x", seed=0, lower_bound=0.9, upper_bound=0.9))
     assert high.timestep == 900
-    np.testing.assert_allclose(high.image, 0.1 * original + 0.9 * backend.look(original, backend.last_choice.look), atol=1e-6)
+    np.testing.assert_allclose(
+        high.image, 0.1 * original + 0.9 * backend.look(original, backend.last_choice.look), atol=1e-6
+    )
     # The noise schedule is Stable Diffusion's: abar decreasing from ~1 to ~0.005.
     abar = alphas_cumprod()
     assert abar[0] > 0.999 and 0.004 < abar[-1] < 0.006 and (np.diff(abar) < 0).all()
@@ -109,7 +118,9 @@ def test_look_choice_follows_the_render():
 @pytest.mark.parametrize("seen_pixels", [None, 64])
 def test_large_timesteps_see_less_of_the_render(seen_pixels):
     """At T near 1000 the render is mostly noise: the choice follows it less than at small T (as in diffusion)."""
-    original = scene_like_image(4, size=8)  # few pixels (or a small latent): the colour estimate of a noised render is noisy
+    original = scene_like_image(
+        4, size=8
+    )  # few pixels (or a small latent): the colour estimate of a noised render is noisy
     backend = StochasticLookBackend(seen_pixels=seen_pixels)
     render = 0.6 * original + 0.4 * backend.look(original, 0)
     small_t = choices(backend, render, original, lower_bound=0.1, upper_bound=0.1)[0]
@@ -164,7 +175,9 @@ def test_metric_on_known_images():
 # -- IDU against edit-once, real ns-train runs ---------------------------------------------------------
 
 
-def run_mode(pretrained: Path, scene: Path, out: Path, port: int, env: dict, name: str, steps: int, *extra: str) -> Path:
+def run_mode(
+    pretrained: Path, scene: Path, out: Path, port: int, env: dict, name: str, steps: int, *extra: str
+) -> Path:
     cmd = in2n_command(NS_TRAIN, pretrained, scene, out, name, port, steps, 256, 16, 0, extra, QUIET)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -182,7 +195,9 @@ def assert_converged_to_one_look(idu: dict) -> None:
     with diffusion); the NeRF averages the strays out.
     """
     a = idu["after"]
-    report = summary("renders", a) + summary("training images", idu["training_images"]) + summary("before", idu["before"])
+    report = (
+        summary("renders", a) + summary("training images", idu["training_images"]) + summary("before", idu["before"])
+    )
     assert min(idu["training_images"]["edits_per_view"]) >= 2, report  # every view edited, and again
     assert a["views"] == len(idu["training_images"]["edits_per_view"]), report  # every training view measured
     # The pretrained renders carry no look yet: far from every look.
@@ -231,7 +246,9 @@ def test_idu_is_much_more_consistent_than_editing_once(pretrained, tiny_scene, t
     idu, once = runs["idu"], runs["once"]
     assert_converged_to_one_look(idu)
     report = summary("IDU renders", idu["after"]) + summary("once renders", once["after"])
-    report += summary("IDU training images", idu["training_images"]) + summary("once training images", once["training_images"])
+    report += summary("IDU training images", idu["training_images"]) + summary(
+        "once training images", once["training_images"]
+    )
     assert set(once["training_images"]["edits_per_view"]) == {1}, report
     # (b): each view got a look at random and kept it; the views disagree.
     assert once["training_images"]["agreement"] <= 0.75, report

@@ -32,12 +32,16 @@ def test_contract_imports_nothing_of_the_server() -> None:
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'diffusion_server', 'nerf_trainer', 'torch', 'nerfstudio'})\n"
         "print(heavy)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
     assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_service_name_is_the_protos() -> None:
-    assert in2n_contract.SERVICE_NAME == pb.DESCRIPTOR.services_by_name["EditService"].full_name == "in2n.v1.EditService"
+    assert (
+        in2n_contract.SERVICE_NAME == pb.DESCRIPTOR.services_by_name["EditService"].full_name == "in2n.v1.EditService"
+    )
 
 
 def test_trainer_config_takes_the_contract_defaults() -> None:
@@ -46,7 +50,9 @@ def test_trainer_config_takes_the_contract_defaults() -> None:
     tree = ast.parse((REPO / "nerf_trainer" / "pipeline.py").read_text())
     config = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "In2nPipelineConfig")
     defaults = {
-        n.target.id: ast.unparse(n.value) for n in config.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.value
+        n.target.id: ast.unparse(n.value)
+        for n in config.body
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.value
     }
     for name in ("guidance_scale", "image_guidance_scale", "diffusion_steps", "lower_bound", "upper_bound"):
         assert defaults[name] == f"DEFAULT_{name.upper()}", (name, defaults[name])

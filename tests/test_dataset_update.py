@@ -106,15 +106,17 @@ def test_failed_request_requeues_view_and_frees_its_slot():
     assert schedule.next_view(0) == view
 
 
-@pytest.mark.parametrize("kwargs", [dict(num_views=0), dict(edit_rate=0), dict(edit_count=0), dict(max_in_flight=0)])
+@pytest.mark.parametrize("kwargs", [{"num_views": 0}, {"edit_rate": 0}, {"edit_count": 0}, {"max_in_flight": 0}])
 def test_bad_arguments_name_themselves(kwargs):
-    args = dict(num_views=3, edit_rate=1, edit_count=1, max_in_flight=1) | kwargs
+    args = {"num_views": 3, "edit_rate": 1, "edit_count": 1, "max_in_flight": 1} | kwargs
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         DatasetUpdateSchedule(**args)
 
 
 def test_max_edits_per_view_edits_each_view_that_often_then_stops():
-    schedule = DatasetUpdateSchedule(num_views=4, edit_rate=1, edit_count=1, max_in_flight=2, seed=0, max_edits_per_view=1)
+    schedule = DatasetUpdateSchedule(
+        num_views=4, edit_rate=1, edit_count=1, max_in_flight=2, seed=0, max_edits_per_view=1
+    )
     taken = []
     step = 0
     while schedule.may_start(step):
@@ -132,7 +134,9 @@ def test_max_edits_per_view_edits_each_view_that_often_then_stops():
 
 
 def test_max_edits_per_view_still_retries_a_failed_view():
-    schedule = DatasetUpdateSchedule(num_views=2, edit_rate=1, edit_count=1, max_in_flight=1, seed=0, max_edits_per_view=1)
+    schedule = DatasetUpdateSchedule(
+        num_views=2, edit_rate=1, edit_count=1, max_in_flight=1, seed=0, max_edits_per_view=1
+    )
     first = schedule.next_view(0)
     schedule.submitted("a", first, 0)
     schedule.failed("a", "UNAVAILABLE")

@@ -83,7 +83,9 @@ def test_method_doc_states_the_noise_timestep() -> None:
 
 def test_option_tables_are_generated_from_the_configs() -> None:
     """docs/options.md is what tools/gen_options.py makes of the config dataclasses today."""
-    proc = subprocess.run([sys.executable, "tools/gen_options.py", "--check"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "tools/gen_options.py", "--check"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
 
 
@@ -108,7 +110,11 @@ def declared_fields(source: str, cls: str) -> list[str]:
 )
 def test_option_tables_name_every_option_the_project_declares(source: str, cls: str, prefix: str) -> None:
     """README calls docs/options.md every option: each field a project config declares is a row there."""
-    rows = {line.split("|")[1].strip() for line in (REPO / "docs/options.md").read_text().splitlines() if line.startswith("| `--")}
+    rows = {
+        line.split("|")[1].strip()
+        for line in (REPO / "docs/options.md").read_text().splitlines()
+        if line.startswith("| `--")
+    }
     skip = {"datamanager", "model"}  # sub-configs, not options: their own fields have their own rows
     fields = [f for f in declared_fields(source, cls) if f not in skip]
     assert fields, cls
@@ -121,6 +127,8 @@ def test_hand_written_option_notes_name_only_real_options(page: str, prefix: str
     """Every option a page's option table names exists in the generated list (no renamed or removed flag lingers)."""
     generated = set(re.findall(r"`(--[a-z0-9.-]+)`", (REPO / "docs/options.md").read_text()))
     rows = [line for line in (REPO / page).read_text().splitlines() if line.startswith("| `--")]
-    named = {flag for row in rows for flag in re.findall(r"`(--[a-z0-9.-]+)`", row.split("|")[1]) if flag.startswith(prefix)}
+    named = {
+        flag for row in rows for flag in re.findall(r"`(--[a-z0-9.-]+)`", row.split("|")[1]) if flag.startswith(prefix)
+    }
     assert len(named) >= 10, named
     assert named <= generated, f"{page} names options that do not exist: {sorted(named - generated)}"

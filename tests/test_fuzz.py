@@ -16,22 +16,21 @@ slow variant with ten times as many. Regression tests for the bugs the fuzzer fo
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
 import pytest
+from conftest import EditServerProcess, start_edit_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_palette import expected_look, random_image
 
-from conftest import EditServerProcess, start_edit_server
-from testing_support import rss_bytes
 from diffusion_server import codec
 from in2n_contract import MAX_CLIENT_ID_CHARS, MAX_INSTRUCTION_CHARS, MAX_REQUEST_ID_CHARS, ORIGINAL_REQUIRED
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
-
-from test_palette import expected_look, random_image
+from testing_support import rss_bytes
 
 MAX_SIDE = 64  # the fuzzed server's --max-image-side: its message limit is then about 4 MiB
 MAX_STEPS = 1000  # its --max-diffusion-steps (the default)
@@ -69,7 +68,9 @@ def channel(fuzz_server: EditServerProcess) -> Iterator[grpc.Channel]:
 # -- a valid request, and ways to break it -----------------------------------------------------------
 
 
-def valid_request(request_id: str = "fz", view_id: int = 0, dtype: str = "uint8", side: Tuple[int, int] = (8, 6)) -> pb.EditRequest:
+def valid_request(
+    request_id: str = "fz", view_id: int = 0, dtype: str = "uint8", side: tuple[int, int] = (8, 6)
+) -> pb.EditRequest:
     render, original = random_image(1, *side), random_image(2, *side)
     if dtype == "uint8":
         render, original = ((x * 255).round().astype(np.uint8) for x in (render, original))
@@ -134,7 +135,9 @@ def _not_finite_pixels(req: pb.EditRequest, data: st.DataObject) -> str:
     name = data.draw(IMAGE_FIELDS)
     dtype = data.draw(st.sampled_from([np.float16, np.float32]))
     image = random_image(3, 8, 6).astype(dtype)
-    image[data.draw(st.integers(0, 7)), data.draw(st.integers(0, 5)), data.draw(st.integers(0, 2))] = data.draw(NOT_FINITE)
+    image[data.draw(st.integers(0, 7)), data.draw(st.integers(0, 5)), data.draw(st.integers(0, 2))] = data.draw(
+        NOT_FINITE
+    )
     getattr(req, name).CopyFrom(codec.encode_image(image))
     return "NaN or infinite"
 
@@ -191,7 +194,13 @@ def _unknown_instruction(req: pb.EditRequest, data: st.DataObject) -> str:
 
 def _too_long_text(req: pb.EditRequest, data: st.DataObject) -> str:
     name, limit = data.draw(
-        st.sampled_from([("instruction", MAX_INSTRUCTION_CHARS), ("request_id", MAX_REQUEST_ID_CHARS), ("client_id", MAX_CLIENT_ID_CHARS)])
+        st.sampled_from(
+            [
+                ("instruction", MAX_INSTRUCTION_CHARS),
+                ("request_id", MAX_REQUEST_ID_CHARS),
+                ("client_id", MAX_CLIENT_ID_CHARS),
+            ]
+        )
     )
     setattr(req, name, "x" * data.draw(st.integers(limit + 1, 4 * limit)))
     return name
@@ -215,7 +224,7 @@ def _over_the_message_limit(req: pb.EditRequest, data: st.DataObject) -> str:
     return "larger than max"
 
 
-BREAKS: Dict[str, Break] = {
+BREAKS: dict[str, Break] = {
     "zero side": _zero_side,
     "huge side": _huge_side,
     "wrong channels": _wrong_channels,
@@ -236,10 +245,14 @@ BREAKS: Dict[str, Break] = {
     "key without client": _key_without_client,
     "uncached original": _uncached_original,
 }
-STREAM_BREAKS = dict(BREAKS, **{"missing request_id": lambda req, data: (req.ClearField("request_id"), "request_id")[1]})
+STREAM_BREAKS = dict(
+    BREAKS, **{"missing request_id": lambda req, data: (req.ClearField("request_id"), "request_id")[1]}
+)
 
 
-def broken_request(data: st.DataObject, breaks: Dict[str, Break], request_id: str) -> Tuple[pb.EditRequest, Optional[str], List[str]]:
+def broken_request(
+    data: st.DataObject, breaks: dict[str, Break], request_id: str
+) -> tuple[pb.EditRequest, str | None, list[str]]:
     """A valid request broken in 1 to 3 ways; returns (request, word its error must contain or None, names)."""
     req = valid_request(
         request_id=request_id,
@@ -286,8 +299,8 @@ class Tally:
 
     def __init__(self) -> None:
         self.requests = 0
-        self.by_kind: Dict[str, int] = {}
-        self.by_code: Dict[str, int] = {}
+        self.by_kind: dict[str, int] = {}
+        self.by_code: dict[str, int] = {}
 
     def add(self, kind: str, code: grpc.StatusCode) -> None:
         self.requests += 1
@@ -295,14 +308,14 @@ class Tally:
         self.by_code[code.name] = self.by_code.get(code.name, 0) + 1
 
 
-def check_error(code: grpc.StatusCode, message: str, word: Optional[str], what: str) -> None:
+def check_error(code: grpc.StatusCode, message: str, word: str | None, what: str) -> None:
     assert code in ALLOWED, f"{what}: got {code.name} ({message!r})"
     assert message.strip() and "Exception" not in message, f"{what}: unclear message {message!r}"
     if word is not None:
         assert word in message, f"{what}: message {message!r} does not say {word!r}"
 
 
-def unary_call(raw_edit, payload: bytes, word: Optional[str], what: str, tally: Tally, kind: str) -> None:
+def unary_call(raw_edit, payload: bytes, word: str | None, what: str, tally: Tally, kind: str) -> None:
     try:
         reply = raw_edit(payload, timeout=CALL_TIMEOUT_S)
     except grpc.RpcError as e:
@@ -313,7 +326,7 @@ def unary_call(raw_edit, payload: bytes, word: Optional[str], what: str, tally: 
     pytest.fail(f"{what}: got OK with {len(reply)} bytes")
 
 
-def stream_call(raw_stream, items: List[Tuple[bytes, str, Optional[str], str]], tally: Tally) -> None:
+def stream_call(raw_stream, items: list[tuple[bytes, str, str | None, str]], tally: Tally) -> None:
     """Send every item on one StreamEdit call; each must get exactly one EditError, in order (all are refused at once)."""
     try:
         replies = list(raw_stream(iter([payload for payload, *_ in items]), timeout=CALL_TIMEOUT_S))
@@ -338,7 +351,9 @@ def assert_serves_a_valid_edit(channel: grpc.Channel) -> None:
     )  # fmt: skip
     response = stub.Edit(request, timeout=CALL_TIMEOUT_S)
     assert (response.request_id, response.view_id) == ("after", 3)
-    np.testing.assert_allclose(codec.decode_image(response.edited, "edited"), expected_look("sepia", render), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        codec.decode_image(response.edited, "edited"), expected_look("sepia", render), rtol=0, atol=1e-6
+    )
     streamed = list(stub.StreamEdit(iter([pb.StreamEditRequest(edit=request)]), timeout=CALL_TIMEOUT_S))
     assert [r.WhichOneof("outcome") for r in streamed] == ["edited"]
 
@@ -348,7 +363,9 @@ def assert_serves_a_valid_edit(channel: grpc.Channel) -> None:
 
 def run_fuzzer(server: EditServerProcess, channel: grpc.Channel, unary_examples: int, stream_examples: int) -> Tally:
     raw_edit = channel.unary_unary("/in2n.v1.EditService/Edit", request_serializer=None, response_deserializer=None)
-    raw_stream = channel.stream_stream("/in2n.v1.EditService/StreamEdit", request_serializer=None, response_deserializer=None)
+    raw_stream = channel.stream_stream(
+        "/in2n.v1.EditService/StreamEdit", request_serializer=None, response_deserializer=None
+    )
     tally = Tally()
     fuzz_settings = settings(
         derandomize=True, database=None, deadline=None, print_blob=False,
@@ -380,7 +397,9 @@ def run_fuzzer(server: EditServerProcess, channel: grpc.Channel, unary_examples:
                 items.append((b"", "", "edit is required", "no edit: b''"))
             else:
                 req, word, names = broken_request(data, STREAM_BREAKS, f"s{i}")
-                items.append((pb.StreamEditRequest(edit=req).SerializeToString(), req.request_id, word, f"broken: {names}"))
+                items.append(
+                    (pb.StreamEditRequest(edit=req).SerializeToString(), req.request_id, word, f"broken: {names}")
+                )
         stream_call(raw_stream, items, tally)
 
     fuzz_unary_garbage()
@@ -389,14 +408,18 @@ def run_fuzzer(server: EditServerProcess, channel: grpc.Channel, unary_examples:
     return tally
 
 
-def fuzz_and_check(server: EditServerProcess, channel: grpc.Channel, unary_examples: int, stream_examples: int, minimum: int) -> None:
+def fuzz_and_check(
+    server: EditServerProcess, channel: grpc.Channel, unary_examples: int, stream_examples: int, minimum: int
+) -> None:
     warm = run_fuzzer(server, channel, 60, 20)  # warm-up: the allocator and gRPC reach their working size
     assert_serves_a_valid_edit(channel)
     rss_before = rss_bytes(server.proc.pid)
     tally = run_fuzzer(server, channel, unary_examples, stream_examples)
     assert_serves_a_valid_edit(channel)
     rss_after = rss_bytes(server.proc.pid)
-    print(f"fuzzed with {tally.requests} malformed requests (+{warm.requests} warm-up): {sorted(tally.by_kind.items())}")
+    print(
+        f"fuzzed with {tally.requests} malformed requests (+{warm.requests} warm-up): {sorted(tally.by_kind.items())}"
+    )
     print(f"codes: {sorted(tally.by_code.items())}; server RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB")
     assert tally.requests >= minimum
     assert rss_after - rss_before < RSS_GROWTH_LIMIT, f"server RSS grew by {(rss_after - rss_before) / 2**20:.1f} MiB"
@@ -405,7 +428,9 @@ def fuzz_and_check(server: EditServerProcess, channel: grpc.Channel, unary_examp
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
 
 
-def test_fuzzer_1000_malformed_requests_all_refused_clearly(fuzz_server: EditServerProcess, channel: grpc.Channel) -> None:
+def test_fuzzer_1000_malformed_requests_all_refused_clearly(
+    fuzz_server: EditServerProcess, channel: grpc.Channel
+) -> None:
     fuzz_and_check(fuzz_server, channel, unary_examples=600, stream_examples=150, minimum=1000)
 
 
@@ -427,7 +452,9 @@ def test_fuzzer_many_more_malformed_requests(fuzz_server: EditServerProcess, cha
     ],
     ids=["random", "truncated", "bad-utf8", "deep-groups"],
 )
-def test_undecodable_unary_request_is_invalid_argument(channel: grpc.Channel, fuzz_server: EditServerProcess, payload: bytes, words: List[str]) -> None:
+def test_undecodable_unary_request_is_invalid_argument(
+    channel: grpc.Channel, fuzz_server: EditServerProcess, payload: bytes, words: list[str]
+) -> None:
     """Was: INTERNAL "Exception deserializing request!" and a traceback in the server log for each."""
     raw_edit = channel.unary_unary("/in2n.v1.EditService/Edit", request_serializer=None, response_deserializer=None)
     with pytest.raises(grpc.RpcError) as info:
@@ -441,9 +468,13 @@ def test_undecodable_unary_request_is_invalid_argument(channel: grpc.Channel, fu
 
 def test_undecodable_stream_request_gets_an_edit_error_and_the_stream_stays_open(channel: grpc.Channel) -> None:
     """Was: the whole stream ended with INTERNAL, losing the client's other edits in flight."""
-    raw_stream = channel.stream_stream("/in2n.v1.EditService/StreamEdit", request_serializer=None, response_deserializer=None)
+    raw_stream = channel.stream_stream(
+        "/in2n.v1.EditService/StreamEdit", request_serializer=None, response_deserializer=None
+    )
     good = pb.StreamEditRequest(edit=valid_request("good")).SerializeToString()
-    replies = [pb.StreamEditResponse.FromString(r) for r in raw_stream(iter([b"\xff" * 8, good]), timeout=CALL_TIMEOUT_S)]
+    replies = [
+        pb.StreamEditResponse.FromString(r) for r in raw_stream(iter([b"\xff" * 8, good]), timeout=CALL_TIMEOUT_S)
+    ]
     assert [r.WhichOneof("outcome") for r in replies] == ["error", "edited"]
     assert replies[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert replies[0].error.message.startswith("request is not a valid in2n.v1.StreamEditRequest message (8 bytes)")

@@ -36,7 +36,9 @@ def _speed(point: dict, what: str) -> None:
 def report(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("gpu-bench")
     out = folder / "gpu_bench.json"
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", LIMIT_S="880", TMPDIR=str(folder))
+    env = dict(
+        os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", LIMIT_S="880", TMPDIR=str(folder)
+    )
     env.pop("OUT", None)
     proc = subprocess.run(
         ["bash", "bench/gpu/run.sh", "--tiny", "--device", "cpu", "--compile-backend", "eager", "--out", str(out),
@@ -103,7 +105,9 @@ def test_trainer_runs_every_mode(report: dict) -> None:
         _positive(setup[key], f"trainer.setup.{key}")
     runs = {r["mode"]: r for r in tr["runs"]}
     assert [(r["mode"], r["round"]) for r in tr["runs"]] == [("async", 0), ("sync", 0), ("off", 0)]
-    steps = report["config"]["trainer_steps"] - 1 - report["config"]["warmup_steps"]  # step_times: one per step after the first
+    steps = (
+        report["config"]["trainer_steps"] - 1 - report["config"]["warmup_steps"]
+    )  # step_times: one per step after the first
     for mode, r in runs.items():
         assert r["steps_timed"] == steps, r
         for key in ("steps_per_s", "median_step_ms", "p99_step_ms", "wall_s", "loop_s", "peak_rss_bytes"):
@@ -126,6 +130,13 @@ def test_trainer_summary_and_end_to_end(report: dict) -> None:
         assert m["steps_per_s"] == next(r["steps_per_s"] for r in tr["runs"] if r["mode"] == mode)  # one round: its run
     e2e = tr["end_to_end"]
     assert e2e["rounds"] == 1
-    for key in ("async_wall_s", "sync_wall_s", "sync_over_async_wall", "async_loop_s", "sync_loop_s", "sync_over_async_loop"):
+    for key in (
+        "async_wall_s",
+        "sync_wall_s",
+        "sync_over_async_wall",
+        "async_loop_s",
+        "sync_loop_s",
+        "sync_over_async_loop",
+    ):
         _positive(e2e[key], f"trainer.end_to_end.{key}")
     assert e2e["sync_edits_applied"] == next(r["edits_applied"] for r in tr["runs"] if r["mode"] == "sync")

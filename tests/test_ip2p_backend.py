@@ -11,11 +11,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from in2n_contract import EditParams
-from diffusion_server.codec import to_float01
 from diffusion_server.backends.ip2p import Ip2pBackend, WeightsNotFound
 from diffusion_server.backends.ip2p_reference import reference_edit
 from diffusion_server.backends.tiny_ip2p import build_tiny_ip2p, save_tiny_ip2p
+from diffusion_server.codec import to_float01
+from in2n_contract import EditParams
 
 FEW = 4  # diffusion steps where the count does not matter
 
@@ -57,7 +57,9 @@ def test_seed_reproducible_and_timestep_in_bounds(backend: Ip2pBackend) -> None:
     a, b = backend.edit(render, original, p), backend.edit(render, original, p)
     np.testing.assert_array_equal(a.image, b.image)
     assert a.timestep == b.timestep
-    c = backend.edit(render, original, EditParams("make it red", diffusion_steps=FEW, seed=8, lower_bound=0.3, upper_bound=0.6))
+    c = backend.edit(
+        render, original, EditParams("make it red", diffusion_steps=FEW, seed=8, lower_bound=0.3, upper_bound=0.6)
+    )
     assert not np.array_equal(a.image, c.image)
     small_r, small_o = _images(8, 8)
     for seed in range(8):
@@ -119,7 +121,7 @@ def test_ddim_from_a_config_without_the_reference_settings_takes_them() -> None:
     from diffusion_server.backends.ip2p import ddim_from_config
     from diffusion_server.backends.tiny_ip2p import tiny_components
 
-    schedule = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    schedule = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
     euler = EulerAncestralDiscreteScheduler(**schedule)  # its config holds steps_offset=0, a default filled in
     parts = tiny_components(0)
     parts["scheduler"] = euler
@@ -151,7 +153,7 @@ def test_uint8_images_are_edited_as_their_float_values(backend: Ip2pBackend, hw:
 
 def test_guidance_scales_matter(backend: Ip2pBackend) -> None:
     render, original = _images()
-    base = dict(instruction="make it red", diffusion_steps=FEW, seed=2)
+    base = {"instruction": "make it red", "diffusion_steps": FEW, "seed": 2}
     a = backend.edit(render, original, EditParams(**base)).image
     b = backend.edit(render, original, EditParams(**base, guidance_scale=2.0)).image
     c = backend.edit(render, original, EditParams(**base, image_guidance_scale=3.0)).image
@@ -163,7 +165,10 @@ def test_instruction_and_original_matter(backend: Ip2pBackend) -> None:
     render, original = _images()
     p = EditParams("make it red", diffusion_steps=FEW, seed=2)
     a = backend.edit(render, original, p).image
-    assert np.abs(a - backend.edit(render, original, EditParams("make it blue", diffusion_steps=FEW, seed=2)).image).max() > 1e-3
+    assert (
+        np.abs(a - backend.edit(render, original, EditParams("make it blue", diffusion_steps=FEW, seed=2)).image).max()
+        > 1e-3
+    )
     assert np.abs(a - backend.edit(render, 1 - original, p).image).max() > 1e-3
 
 
@@ -272,7 +277,10 @@ def test_batched_edits_equal_the_same_edits_alone(backend: Ip2pBackend) -> None:
     for i, (hw, params) in enumerate(
         [
             ((32, 32), EditParams("turn it red", seed=1, diffusion_steps=FEW)),
-            ((32, 32), EditParams("make it night", seed=2, diffusion_steps=FEW, guidance_scale=3.0, image_guidance_scale=0.5)),
+            (
+                (32, 32),
+                EditParams("make it night", seed=2, diffusion_steps=FEW, guidance_scale=3.0, image_guidance_scale=0.5),
+            ),
             ((30, 46), EditParams("turn it red", seed=3, diffusion_steps=FEW)),  # another size: another group
             ((32, 32), EditParams("the end", seed=4, diffusion_steps=2, lower_bound=0.5)),  # other step count
             ((32, 32), EditParams("and then", seed=5, diffusion_steps=FEW, lower_bound=0.9, upper_bound=0.95)),
@@ -327,7 +335,9 @@ def test_channels_last_gives_the_same_edit(backend: Ip2pBackend) -> None:
     other = build_tiny_ip2p(seed=0)
     other.optimize(channels_last=True)
     assert other.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    np.testing.assert_allclose(other.edit(render, original, p).image, backend.edit(render, original, p).image, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        other.edit(render, original, p).image, backend.edit(render, original, p).image, rtol=0, atol=1e-5
+    )
 
 
 def test_cpu_offload_refused_off_cuda(backend: Ip2pBackend) -> None:

@@ -22,7 +22,6 @@ from diffusion_server.backends.tiny_ip2p import build_tiny_ip2p, tiny_components
 from in2n_contract import EditParams
 from protos.in2n.v1 import edit_service_pb2 as pb
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op torch thread
 
 
@@ -51,7 +50,9 @@ def test_batched_ddim_update_equals_each_edits_scheduler_step() -> None:
     lat = torch.randn(3, 4, 6, 5, generator=g)
     for k in range(steps):
         eps = torch.randn(lat.shape, generator=g)
-        expected = torch.cat([s.step(eps[i : i + 1], s.timesteps[k], lat[i : i + 1]).prev_sample for i, s in enumerate(scheds)])
+        expected = torch.cat(
+            [s.step(eps[i : i + 1], s.timesteps[k], lat[i : i + 1]).prev_sample for i, s in enumerate(scheds)]
+        )
         lat = Ip2pBackend._ddim_step(eps, lat, coef, k)
         torch.testing.assert_close(lat, expected, rtol=0, atol=1e-6)
     assert (timesteps[:, -1] - torch.tensor([T // steps for T in Ts]) < 0).any()  # a last step used the final alpha
@@ -82,12 +83,25 @@ def test_compile_compiles_once_per_batch_size_and_gives_the_same_edits() -> None
     render, original = _images(32, 32, seed=1)
     edits = [
         EditParams("turn it red", seed=1, diffusion_steps=3),
-        EditParams("make it night", seed=2, diffusion_steps=4, guidance_scale=3.0, image_guidance_scale=0.5, lower_bound=0.8, upper_bound=0.95),
+        EditParams(
+            "make it night",
+            seed=2,
+            diffusion_steps=4,
+            guidance_scale=3.0,
+            image_guidance_scale=0.5,
+            lower_bound=0.8,
+            upper_bound=0.95,
+        ),
     ]
     for p in edits:  # batch 1: other timesteps, seeds, instructions, guidance: no new graph
-        np.testing.assert_allclose(compiled.edit(render, original, p).image, plain.edit(render, original, p).image, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            compiled.edit(render, original, p).image, plain.edit(render, original, p).image, rtol=0, atol=1e-5
+        )
     assert _frames_compiled() == after_warmup
-    pair = [EditItem(render, original, edits[1]), EditItem(original, render, EditParams("other", seed=5, diffusion_steps=4))]
+    pair = [
+        EditItem(render, original, edits[1]),
+        EditItem(original, render, EditParams("other", seed=5, diffusion_steps=4)),
+    ]
     compiled.edit_batch(pair)  # batch 2: compiles once
     after_pair = _frames_compiled()
     assert after_pair > after_warmup
@@ -96,7 +110,9 @@ def test_compile_compiles_once_per_batch_size_and_gives_the_same_edits() -> None
     out = compiled.edit_batch(again)
     assert _frames_compiled() == after_pair  # the same batch size again: no recompile
     for item, res in zip(again, out):
-        np.testing.assert_allclose(res.image, plain.edit(item.render, item.original, item.params).image, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            res.image, plain.edit(item.render, item.original, item.params).image, rtol=0, atol=1e-5
+        )
     torch._dynamo.reset()
 
 

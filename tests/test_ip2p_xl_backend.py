@@ -10,14 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from diffusion_server.backends import create_backend  # noqa: E402
-from diffusion_server.backends.base import EditItem  # noqa: E402
-from diffusion_server.backends.ip2p_xl import Ip2pXlBackend  # noqa: E402
-from diffusion_server.backends.tiny_ip2p import tiny_ddim_config, tiny_text_config, tiny_tokenizer, tiny_vae  # noqa: E402
-from in2n_contract import EditParams  # noqa: E402
+from diffusion_server.backends import create_backend
+from diffusion_server.backends.base import EditItem
+from diffusion_server.backends.ip2p_xl import Ip2pXlBackend
+from diffusion_server.backends.tiny_ip2p import tiny_ddim_config, tiny_text_config, tiny_tokenizer, tiny_vae
+from in2n_contract import EditParams
 
 
 def tiny_xl_components(seed: int = 0) -> dict:
@@ -47,10 +47,10 @@ def tiny_xl_components(seed: int = 0) -> dict:
     scheduler = DDIMScheduler(**tiny_ddim_config())
     for module in (unet, vae, text_encoder, text_encoder_2):
         module.eval()
-    return dict(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(),
-        text_encoder_2=text_encoder_2, tokenizer_2=tiny_tokenizer(), scheduler=scheduler,
-    )  # fmt: skip
+    return {
+        "unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tiny_tokenizer(),
+        "text_encoder_2": text_encoder_2, "tokenizer_2": tiny_tokenizer(), "scheduler": scheduler,
+    }  # fmt: skip
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op torch thread
@@ -126,7 +126,10 @@ def test_matches_independent_reference(backend: Ip2pXlBackend) -> None:
 
 def test_instruction_matters_and_batched_equals_alone(backend: Ip2pXlBackend) -> None:
     render, original = _images(seed=2)
-    items = [EditItem(render, original, EditParams(text, diffusion_steps=3, seed=4)) for text in ("make it red", "make it night")]
+    items = [
+        EditItem(render, original, EditParams(text, diffusion_steps=3, seed=4))
+        for text in ("make it red", "make it night")
+    ]
     batched = backend.edit_batch(items)
     for item, result in zip(items, batched):
         alone = backend.edit(item.render, item.original, item.params)
@@ -163,7 +166,9 @@ def test_saved_pipeline_loads_through_the_registry(tmp_path, backend: Ip2pXlBack
     p = EditParams("turn it into bronze", diffusion_steps=2, seed=3)
     # Same weights, same numbers up to float32 rounding: the loaded text encoders may take another
     # attention kernel than those built from a config (1.7e-6 apart on an AMD EPYC, within 1e-6 on Intel).
-    np.testing.assert_allclose(loaded.edit(render, original, p).image, backend.edit(render, original, p).image, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        loaded.edit(render, original, p).image, backend.edit(render, original, p).image, rtol=0, atol=1e-5
+    )
 
 
 def test_sd15_unet_is_refused() -> None:

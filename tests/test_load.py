@@ -21,20 +21,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, List
 
 import grpc
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT, EditServerProcess, start_edit_server, subprocess_env
-from testing_support import rss_bytes
+
 from diffusion_server import codec
 from diffusion_server.backends.identity import IdentityBackend
 from in2n_contract import EditParams
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
+from testing_support import rss_bytes
 
 CLIENTS = 16
 MAX_QUEUED = 4
@@ -64,8 +64,8 @@ class Outcomes:
     accepted: int = 0
     refused: int = 0
     finished_edits: int = 0  # accepted answers received so far: the clock of `edits_seen_while_refused`
-    edits_seen_while_refused: List[int] = field(default_factory=list)
-    failures: List[str] = field(default_factory=list)
+    edits_seen_while_refused: list[int] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
 
 
 def client(index: int, address: str, attempts: int, start: threading.Barrier, out: Outcomes) -> None:
@@ -110,7 +110,9 @@ def client(index: int, address: str, attempts: int, start: threading.Barrier, ou
 def run_clients(address: str, attempts: int) -> Outcomes:
     out = Outcomes()
     start = threading.Barrier(CLIENTS)
-    threads = [threading.Thread(target=client, args=(i, address, attempts, start, out), daemon=True) for i in range(CLIENTS)]
+    threads = [
+        threading.Thread(target=client, args=(i, address, attempts, start, out), daemon=True) for i in range(CLIENTS)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -142,7 +144,9 @@ def test_16_clients_bounded_queue(load_server: EditServerProcess) -> None:
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
     with grpc.insecure_channel(load_server.address) as channel:  # the queue drained: a lone request is accepted
         render = np.full((4, 4, 3), 7, np.uint8)
-        request = pb.EditRequest(request_id="after", render=codec.encode_image(render), original=codec.encode_image(render), instruction="x")
+        request = pb.EditRequest(
+            request_id="after", render=codec.encode_image(render), original=codec.encode_image(render), instruction="x"
+        )
         assert pb_grpc.EditServiceStub(channel).Edit(request, timeout=CALL_TIMEOUT_S).edited.data == render.tobytes()
 
 
@@ -162,7 +166,7 @@ def test_identity_delay_is_a_fixed_cost_per_edit() -> None:
     ],
     ids=["not-identity", "negative"],
 )
-def test_delay_ms_errors_are_one_line(args: List[str], words: List[str]) -> None:
+def test_delay_ms_errors_are_one_line(args: list[str], words: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "diffusion_server", "--device", "cpu", "--port", "0", *args],
                           env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2

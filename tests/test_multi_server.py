@@ -9,14 +9,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 
 import numpy as np
 import pytest
-
 from conftest import NS_TRAIN, QUIET, make_pipeline
+
 from diffusion_server.client import StreamResult
 from protos.in2n.v1 import edit_service_pb2 as pb
 
@@ -82,7 +81,9 @@ class CappedClient:
         self.sent = []  # (request_id, view_id, render)
         self.open = []  # request ids in flight
         self.replies = []
-        self.server_info = pb.DescribeResponse(backend="tiny-ip2p", device="cpu", precision=precision) if reachable else None
+        self.server_info = (
+            pb.DescribeResponse(backend="tiny-ip2p", device="cpu", precision=precision) if reachable else None
+        )
         self.prefix = f"c{id(self)}-"
 
     @property
@@ -180,7 +181,9 @@ def test_ns_train_edits_on_two_servers_and_names_the_one_with_another_precision(
            "--pipeline.instruction", "make it sepia", *QUIET]  # fmt: skip
     proc = subprocess.run(cmd, env=trainer_env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stats = json.loads((tmp_path / "out" / "tiny" / "in2n-tiny" / "edit" / "edit_report" / "edit_stats.json").read_text())
+    stats = json.loads(
+        (tmp_path / "out" / "tiny" / "in2n-tiny" / "edit" / "edit_report" / "edit_stats.json").read_text()
+    )
     servers = {row["address"]: row for row in stats["servers"]}
     assert set(servers) == {fp32.address, slow.address}
     assert servers[fp32.address]["edits_applied"] >= 1 and servers[slow.address]["edits_applied"] >= 1, stats
@@ -188,7 +191,9 @@ def test_ns_train_edits_on_two_servers_and_names_the_one_with_another_precision(
     assert servers[slow.address]["backend"] == "identity" and servers[slow.address]["device"] == "cpu"
     assert sum(row["edits_applied"] for row in stats["servers"]) == stats["edits_applied"]
     notes = [line for line in proc.stdout.splitlines() if "runs IP2P in" in line]
-    assert len(notes) == 1 and fp32.address in notes[0] and "fp32" in notes[0] and "fp16" in notes[0], proc.stdout[-3000:]
+    assert len(notes) == 1 and fp32.address in notes[0] and "fp32" in notes[0] and "fp16" in notes[0], proc.stdout[
+        -3000:
+    ]
     assert "by server:" in proc.stdout
 
 
@@ -205,7 +210,7 @@ def test_sync_modes_describe_gives_up_on_a_hung_server_after_the_connect_timeout
     asked = threading.Event()
 
     class HungDescribe(pb_grpc.EditServiceServicer):
-        def Describe(self, request, context):  # noqa: N802 - the gRPC method's name
+        def Describe(self, request, context):
             asked.set()
             release.wait(120)
             return pb.DescribeResponse(backend="hung", device="cpu", precision="fp32")

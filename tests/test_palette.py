@@ -10,8 +10,8 @@ import pytest
 
 from diffusion_server.backends import BACKEND_NAMES, create_backend
 from diffusion_server.backends.base import EditRejected
-from in2n_contract import EditParams
 from diffusion_server.backends.palette import PaletteBackend, known_instructions
+from in2n_contract import EditParams
 
 
 def expected_look(look: str, x: np.ndarray) -> np.ndarray:
@@ -142,7 +142,9 @@ def test_looks_are_projections_so_repeated_edits_do_not_drift(instruction: str) 
     once = backend.edit(image, image, EditParams(instruction)).image
     twice = backend.edit(once, image, EditParams(instruction)).image
     np.testing.assert_allclose(twice, once, rtol=0, atol=1e-5)
-    bright = random_image(4, 16, 16)  # with clamping, passes only darken what clamped: they settle, never drift to white
+    bright = random_image(
+        4, 16, 16
+    )  # with clamping, passes only darken what clamped: they settle, never drift to white
     first = backend.edit(bright, bright, EditParams(instruction)).image
     for _ in range(20):
         bright = backend.edit(bright, bright, EditParams(instruction)).image

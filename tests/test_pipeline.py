@@ -7,15 +7,13 @@ passed in through its EditServers, so each test decides exactly what comes back.
 
 from __future__ import annotations
 
-import os
 import time
-from typing import Optional
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_pipeline
+
 from diffusion_server.client import StreamResult, original_key
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -129,11 +127,13 @@ def test_a_bad_edit_is_rejected_without_touching_the_dataset_and_its_view_requeu
     assert pipeline.schedule.stats.rejected == rejected + 1
     assert next_view == view  # re-queued first
     # leave nothing in flight for the next test
-    pipeline.edit_servers.clients[0].replies.append(StreamResult(pipeline.edit_servers.clients[0].sent[-1][0], next_view, None, error_code=None))
+    pipeline.edit_servers.clients[0].replies.append(
+        StreamResult(pipeline.edit_servers.clients[0].sent[-1][0], next_view, None, error_code=None)
+    )
     pipeline.update_dataset(500)
 
 
-def lying_edit_service(precision: Optional[str] = "n/a"):
+def lying_edit_service(precision: str | None = "n/a"):
     """An EditService whose Edit and stream answer every request with a bad image, cycling NaN, out of range, no
     pixels; its Describe reports a tiny-ip2p on the CPU in `precision` (None: Describe is UNIMPLEMENTED)."""
     import grpc
@@ -171,7 +171,9 @@ def lying_edit_service(precision: Optional[str] = "n/a"):
         def StreamEdit(self, requests, context):
             for request in requests:
                 yield pb.StreamEditResponse(
-                    request_id=request.edit.request_id, view_id=request.edit.view_id, edited=self.bad_answer(request.edit)
+                    request_id=request.edit.request_id,
+                    view_id=request.edit.view_id,
+                    edited=self.bad_answer(request.edit),
                 )
 
     return LyingEditService()
@@ -185,7 +187,7 @@ def lying_server():
 
     servers = []
 
-    def start(precision: Optional[str] = "n/a"):
+    def start(precision: str | None = "n/a"):
         service = lying_edit_service(precision)
         server, address = serve_servicer(service)
         servers.append(server)
@@ -249,7 +251,9 @@ def test_sync_edits_are_swapped_in_counted_and_recorded_for_the_evolution_sheet(
     pipe.edit_servers.close()
 
 
-def test_sync_mode_checks_the_precision_once_and_rejects_undecodable_answers(tiny_scene, trainer_env, lying_server, capsys):
+def test_sync_mode_checks_the_precision_once_and_rejects_undecodable_answers(
+    tiny_scene, trainer_env, lying_server, capsys
+):
     """Sync mode with the real blocking EditClient against a real (in-process) gRPC server that reports fp32 and
     answers every Edit with a NaN, out-of-range or zero-size image: the fp16 variant's trainer names the server's
     precision once, in one line, at the first round (as async mode does), and counts every answer as rejected
@@ -269,7 +273,11 @@ def test_sync_mode_checks_the_precision_once_and_rejects_undecodable_answers(tin
     assert len(notes) == 1 and address in notes[0] and "fp32" in notes[0] and "fp16" in notes[0], notes
     assert service.described == 1 and pipe.server_metrics()[0]["precision"] == "fp32"
     metrics = pipe.edit_metrics()
-    assert service.answered == 6 and (metrics["edits_rejected"], metrics["edits_failed"], metrics["edits_applied"]) == (6, 0, 0)
+    assert service.answered == 6 and (metrics["edits_rejected"], metrics["edits_failed"], metrics["edits_applied"]) == (
+        6,
+        0,
+        0,
+    )
     assert torch.equal(dm.images, before)
 
 

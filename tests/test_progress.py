@@ -33,7 +33,7 @@ def table(capsys):
 
 
 def test_steps_and_percent_are_the_runs_own(table: str) -> None:
-    rows = re.findall(r"^(\d+) \((\d+\.\d+)%\)", table, flags=re.M)
+    rows = re.findall(r"^(\d+) \((\d+\.\d+)%\)", table, flags=re.MULTILINE)
     assert rows, table
     percents = [float(p) for _, p in rows]
     assert max(percents) <= 100.0

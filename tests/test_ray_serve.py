@@ -17,14 +17,14 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, List
 
 import grpc
 import numpy as np
 import pytest
-
 from conftest import NS_TRAIN, QUIET, REPO_ROOT, subprocess_env
+
 from testing_support import free_port
 
 SERVER_PY = REPO_ROOT / ".venv-server" / "bin" / "python"
@@ -70,7 +70,7 @@ def test_generated_code_imports_under_both_protobuf_versions():
 class RayServeProcess:
     """`python -m diffusion_server.ray_serve` in the server's environment: a local Ray instance and the app."""
 
-    def __init__(self, workdir: Path, args: List[str]):
+    def __init__(self, workdir: Path, args: list[str]):
         self.port = free_port()
         self.port_file = workdir / "port"
         self.log_path = workdir / "ray_serve.log"
@@ -102,7 +102,7 @@ class RayServeProcess:
         """Pid of the replica holding the one open stream, from the replicas' log lines (forwarded by Ray)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            open_on: List[int] = []
+            open_on: list[int] = []
             for event, pid in STREAM_EVENT.findall(self.output()):
                 if event == "opened":
                     open_on.append(int(pid))
@@ -167,8 +167,8 @@ def test_contract_through_the_ray_proxy(ray_server):
     """Readiness (Describe, health being UNIMPLEMENTED), Describe, Edit, StreamEdit and validation, via the proxy."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from in2n_contract import EditParams
     from diffusion_server.client import EditClient, EditFailed, StreamClient
+    from in2n_contract import EditParams
 
     with grpc.insecure_channel(ray_server.address) as channel:
         with pytest.raises(grpc.RpcError) as health:
@@ -317,8 +317,8 @@ def _connected(client, timeout_s: float = 30.0) -> None:
 
 
 def test_stream_client_resends_what_a_stream_ended_by_internal_had_no_answer_for():
-    from in2n_contract import EditParams
     from diffusion_server.client import StreamClient
+    from in2n_contract import EditParams
 
     server, servicer, address = _server_whose_streams_die(after=2, times=1)
     rng = np.random.default_rng(1)
@@ -340,8 +340,8 @@ def test_stream_client_resends_what_a_stream_ended_by_internal_had_no_answer_for
 def test_stream_client_hands_a_request_back_after_two_resends():
     import grpc as grpc_module
 
-    from in2n_contract import EditParams
     from diffusion_server.client import MAX_RESENDS, StreamClient
+    from in2n_contract import EditParams
 
     server, servicer, address = _server_whose_streams_die(after=1, times=MAX_RESENDS + 1)
     image = np.zeros((8, 8, 3), dtype=np.uint8)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import NS_TRAIN, QUIET, EditServerProcess
+
 from testing_support import dead_address
 
 STEPS = 30  # steps after the pretrained model's last (149): checkpoints at 150, 160, 170 and 179
@@ -30,7 +30,7 @@ def ckpt_steps(run: Path) -> list:
 def finished_run(pretrained, trainer_env, tmp_path_factory) -> Path:
     """A finished in2n-tiny run with four checkpoints, each with its edits (the last two hold edited views)."""
     tmp = tmp_path_factory.mktemp("finished")
-    last = int(sorted(pretrained.glob("step-*.ckpt"))[-1].stem.split("-")[1]) + STEPS
+    last = int(max(pretrained.glob("step-*.ckpt")).stem.split("-")[1]) + STEPS
     with EditServerProcess(tmp / "server", backend="palette") as server:
         cmd = [NS_TRAIN, "in2n-tiny", "--load-dir", str(pretrained), "--output-dir", str(tmp / "out"),
                "--experiment-name", "tiny", "--timestamp", "done", "--max-num-iterations", str(STEPS),
@@ -66,7 +66,7 @@ def resume(run: Path, tmp_path: Path, env: dict, *extra: str) -> subprocess.Comp
 def saved_edits(tmp_path: Path) -> dict:
     """The last edits the resumed run saved."""
     folder = tmp_path / "out" / "tiny" / "in2n-tiny" / "resumed" / "in2n_edits"
-    return torch.load(sorted(folder.glob("step-*.pt"))[-1], map_location="cpu", weights_only=True)
+    return torch.load(max(folder.glob("step-*.pt")), map_location="cpu", weights_only=True)
 
 
 def edits_of(run: Path, step: int) -> dict:
@@ -113,7 +113,9 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_with_its_edi
     assert "Traceback" not in proc.stdout + proc.stderr
     line = resumed_line(proc)  # one line: which checkpoint, and why the newer one was skipped
     expected = edits_of(run, previous)
-    assert f"resumed from step-{previous:09d}.ckpt" in line and f"restored {len(expected['views'])} edited views" in line
+    assert (
+        f"resumed from step-{previous:09d}.ckpt" in line and f"restored {len(expected['views'])} edited views" in line
+    )
     assert f"skipped newer: step-{latest:09d}.ckpt" in line and why in line, line
     resumed = saved_edits(tmp_path)
     assert torch.equal(resumed["views"], expected["views"]) and torch.equal(resumed["images"], expected["images"])
@@ -240,7 +242,9 @@ def test_a_real_full_disk_gives_the_same_line(tmp_path, child_env):
         env=child_env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.split(" ", 1)[0] in ("ERROR", "FILES", "OLD"))
+    lines = dict(
+        line.split(" ", 1) for line in proc.stdout.splitlines() if line.split(" ", 1)[0] in ("ERROR", "FILES", "OLD")
+    )
     assert lines["ERROR"].startswith("disk full") and str(small) in lines["ERROR"], proc.stdout
     assert lines["FILES"] == "step-000000010.ckpt"  # no partial file left
     assert lines["OLD"] == "True"

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT, subprocess_env
+
 from testing_support import free_port
 
 METHODS = ["in2n", "in2n-small", "in2n-tiny"]

@@ -13,9 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import NS_TRAIN, QUIET
 from PIL import Image
 
-from conftest import NS_TRAIN, QUIET
 from nerf_trainer.datamanager import SceneError, check_scene
 
 

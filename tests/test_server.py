@@ -14,23 +14,22 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from typing import Callable, Iterator, List, Optional
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from test_palette import expected_look, random_image
 
 from diffusion_server import codec
-from in2n_contract import EditParams
 from diffusion_server.backends.palette import apply_look
 from diffusion_server.client import StreamClient
+from in2n_contract import EditParams
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 from testing_support import GateBackend, InProcessServer, free_port
-
-from test_palette import expected_look, random_image
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -41,8 +40,8 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 def edit_request(
     request_id: str = "r",
     instruction: str = "make it sepia",
-    render: Optional[np.ndarray] = None,
-    original: Optional[np.ndarray] = None,
+    render: np.ndarray | None = None,
+    original: np.ndarray | None = None,
     view_id: int = 0,
     **fields: object,
 ) -> pb.EditRequest:
@@ -77,7 +76,7 @@ class OpenStream:
     """A StreamEdit call whose requests are sent one at a time and whose responses are read one at a time."""
 
     def __init__(self, stub: pb_grpc.EditServiceStub):
-        self._requests: "queue.Queue[Optional[pb.StreamEditRequest]]" = queue.Queue()
+        self._requests: queue.Queue[pb.StreamEditRequest | None] = queue.Queue()
         self.call = stub.StreamEdit(iter(self._requests.get, None), timeout=60)
 
     def send(self, request: pb.EditRequest) -> None:
@@ -90,7 +89,7 @@ class OpenStream:
         self.call.cancel()
         self._requests.put(None)  # release gRPC's request-reading thread
 
-    def half_close(self) -> List[pb.StreamEditResponse]:
+    def half_close(self) -> list[pb.StreamEditResponse]:
         """End the requests; return the remaining responses (the server then ends the stream)."""
         self._requests.put(None)
         return list(self.call)
@@ -100,7 +99,12 @@ class OpenStream:
 
 
 def test_stream_many_in_flight_matched_by_request_id(stub: pb_grpc.EditServiceStub) -> None:
-    looks = {"make it sepia": "sepia", "turn it red": "red", "invert the colors": "invert", "make it look like night": "night"}
+    looks = {
+        "make it sepia": "sepia",
+        "turn it red": "red",
+        "invert the colors": "invert",
+        "make it look like night": "night",
+    }
     renders = {f"req-{i}": random_image(10 + i, 5 + i, 8) for i in range(8)}
     instructions = {rid: list(looks)[i % len(looks)] for i, rid in enumerate(renders)}
     requests = [
@@ -161,12 +165,17 @@ def test_describe(stub: pb_grpc.EditServiceStub) -> None:
 def test_health_serving(channel: grpc.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "in2n.v1.EditService"):
-        assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
 
 
 def test_reflection_lists_the_service(channel: grpc.Channel) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    [answer] = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+    [answer] = list(
+        stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+    )
     names = {s.name for s in answer.list_services_response.service}
     assert {"in2n.v1.EditService", "grpc.health.v1.Health"} <= names
 
@@ -240,7 +249,7 @@ def bad_request(mutate: Callable[[pb.EditRequest], None], request_id: str = "bad
 
 
 @pytest.mark.parametrize("mutate,words", [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS])
-def test_bad_unary_request_is_invalid_argument(stub: pb_grpc.EditServiceStub, mutate, words: List[str]) -> None:
+def test_bad_unary_request_is_invalid_argument(stub: pb_grpc.EditServiceStub, mutate, words: list[str]) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stub.Edit(bad_request(mutate), timeout=30)
     assert info.value.code() == INVALID
@@ -250,7 +259,9 @@ def test_bad_unary_request_is_invalid_argument(stub: pb_grpc.EditServiceStub, mu
 
 
 @pytest.mark.parametrize("mutate,words", [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS])
-def test_bad_stream_request_gets_error_and_stream_stays_open(stub: pb_grpc.EditServiceStub, mutate, words: List[str]) -> None:
+def test_bad_stream_request_gets_error_and_stream_stays_open(
+    stub: pb_grpc.EditServiceStub, mutate, words: list[str]
+) -> None:
     stream = OpenStream(stub)
     stream.send(bad_request(mutate, "bad-1"))
     response = stream.receive()
@@ -337,7 +348,7 @@ def test_cancelled_stream_does_not_wedge_the_server(fake_server) -> None:
 # -- process life cycle ----------------------------------------------------------------------------
 
 
-def run_server_cli(args: List[str], env: dict) -> subprocess.CompletedProcess:
+def run_server_cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "diffusion_server", *args], env=env, capture_output=True, text=True, timeout=120
     )
@@ -366,7 +377,9 @@ def test_unknown_backend_fails_with_one_line(child_env: dict) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="ip2p needs diffusers")
 def test_missing_weights_fail_with_one_line(child_env: dict, tmp_path) -> None:
-    result = run_server_cli(["--backend", "ip2p", "--model", str(tmp_path / "no-such-model"), "--device", "cpu", "--port", "0"], child_env)
+    result = run_server_cli(
+        ["--backend", "ip2p", "--model", str(tmp_path / "no-such-model"), "--device", "cpu", "--port", "0"], child_env
+    )
     assert_one_line_error(result, "no-such-model")
 
 
@@ -374,7 +387,9 @@ def test_busy_port_fails_with_one_line(child_env: dict) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
-        result = run_server_cli(["--backend", "palette", "--device", "cpu", "--port", str(sock.getsockname()[1])], child_env)
+        result = run_server_cli(
+            ["--backend", "palette", "--device", "cpu", "--port", str(sock.getsockname()[1])], child_env
+        )
     assert_one_line_error(result, "--port")
 
 
@@ -387,7 +402,9 @@ def test_unusable_cuda_device_fails_with_one_line(child_env: dict) -> None:
 def test_sigterm_stops_gracefully(edit_server) -> None:
     assert edit_server.stop() == 0
     assert not edit_server.port_file.exists()  # removed on a graceful exit
-    assert f"serving palette (model=-, device=cpu, precision=n/a) on 127.0.0.1:{edit_server.port}" in edit_server.output()
+    assert (
+        f"serving palette (model=-, device=cpu, precision=n/a) on 127.0.0.1:{edit_server.port}" in edit_server.output()
+    )
 
 
 # -- a real diffusion backend behind the server ----------------------------------------------------
@@ -404,7 +421,7 @@ def test_tiny_ip2p_behind_the_server_and_sigterm_finishes_the_edit_in_flight(edi
         d = stub.Describe(pb.DescribeRequest(), timeout=10)
         assert (d.backend, d.device, d.precision) == ("tiny-ip2p", "cpu", "fp32")
         render = random_image(0, 24, 16)
-        fields = dict(diffusion_steps=2, seed=5, lower_bound=0.3, upper_bound=0.6)
+        fields = {"diffusion_steps": 2, "seed": 5, "lower_bound": 0.3, "upper_bound": 0.6}
         unary = stub.Edit(edit_request("t1", "turn him into a statue", render, **fields), timeout=120)
         assert 300 <= unary.timestep <= 600
         image = decoded(unary)

@@ -14,36 +14,34 @@ import queue
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from diffusion_server import codec
-from diffusion_server.backends.base import BackendInfo, EditBackend, EditResult
-from in2n_contract import EditParams
-from diffusion_server.backends.identity import IdentityBackend
-from diffusion_server.client import EditClient, EditFailed, StreamClient, original_key
-from diffusion_server.server import shutdown
-from protos.in2n.v1 import edit_service_pb2 as pb
-from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
-from testing_support import GateBackend, InProcessServer, free_port
-
 from test_client import collect, wait_until
 from test_palette import random_image
 from test_server import OpenStream, assert_one_line_error, decoded, edit_request, run_server_cli
+
+from diffusion_server import codec
+from diffusion_server.backends.base import BackendInfo, EditBackend, EditResult
+from diffusion_server.backends.identity import IdentityBackend
+from diffusion_server.client import EditClient, EditFailed, StreamClient, original_key
+from diffusion_server.server import shutdown
+from in2n_contract import EditParams
+from protos.in2n.v1 import edit_service_pb2 as pb
+from testing_support import GateBackend, InProcessServer, free_port
 
 OK = "edited"
 
 
 @pytest.fixture
 def make_server() -> Iterator[Callable[..., InProcessServer]]:
-    servers: List[InProcessServer] = []
+    servers: list[InProcessServer] = []
 
-    def make(backend: Optional[EditBackend] = None, **config: object) -> InProcessServer:
+    def make(backend: EditBackend | None = None, **config: object) -> InProcessServer:
         servers.append(InProcessServer(backend or GateBackend(), **config))
         return servers[-1]
 
@@ -81,9 +79,13 @@ def test_expired_unary_request_is_not_computed(make_server) -> None:
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     s.backend.gate.set()
     assert blocker.result().request_id == "w"
-    assert s.stub.Edit(edit_request("after", "after"), timeout=30).request_id == "after"  # FIFO: "late" was handled before
+    assert (
+        s.stub.Edit(edit_request("after", "after"), timeout=30).request_id == "after"
+    )  # FIFO: "late" was handled before
     assert s.backend.edited == ["wait", "after"]
-    wait_until(lambda: metric(s, "in2n_requests_total", method="Edit", code="DEADLINE_EXCEEDED") == 1, "the expiry was counted")
+    wait_until(
+        lambda: metric(s, "in2n_requests_total", method="Edit", code="DEADLINE_EXCEEDED") == 1, "the expiry was counted"
+    )
 
 
 def test_stream_request_timeout_ms_gives_deadline_exceeded(make_server) -> None:
@@ -121,7 +123,7 @@ def test_cancelled_requests_cost_no_compute(make_server) -> None:
 
 def test_shutdown_finishes_accepted_edits_then_ends_streams(make_server) -> None:
     s, stream = one_running_one_queued(make_server)
-    outcome: "queue.Queue[bool]" = queue.Queue()
+    outcome: queue.Queue[bool] = queue.Queue()
     stopper = threading.Thread(target=lambda: outcome.put(shutdown(s.server, s.servicer, s.health, grace_s=30)))
     stopper.start()
 
@@ -145,7 +147,7 @@ def test_shutdown_finishes_accepted_edits_then_ends_streams(make_server) -> None
 
 
 def test_shutdown_gives_up_after_the_grace_period(make_server) -> None:
-    s, stream = one_running_one_queued(make_server)
+    s, _stream = one_running_one_queued(make_server)
     assert shutdown(s.server, s.servicer, s.health, grace_s=0.2) is False  # the gate never opened
     s.backend.gate.set()
     assert "queued" not in s.backend.edited
@@ -191,10 +193,12 @@ def tiny_backend() -> Iterator[EditBackend]:
 def test_tiny_ip2p_batched_over_grpc_equals_alone(make_server, tiny_backend) -> None:
     backend = tiny_backend
     s = make_server(backend, max_batch=3, max_delay_ms=10_000)
-    fields = [dict(seed=1), dict(seed=2, guidance_scale=2.0), dict(seed=3, lower_bound=0.6)]
+    fields = [{"seed": 1}, {"seed": 2, "guidance_scale": 2.0}, {"seed": 3, "lower_bound": 0.6}]
     texts = ["turn it red", "make it night", "turn it red"]
     requests = [
-        pb.StreamEditRequest(edit=edit_request(f"t{i}", texts[i], random_image(20 + i, 16, 16), diffusion_steps=2, **fields[i]))
+        pb.StreamEditRequest(
+            edit=edit_request(f"t{i}", texts[i], random_image(20 + i, 16, 16), diffusion_steps=2, **fields[i])
+        )
         for i in range(3)
     ]
     responses = {r.request_id: r for r in s.stub.StreamEdit(iter(requests), timeout=120)}
@@ -213,8 +217,15 @@ def test_tiny_ip2p_batched_over_grpc_equals_alone(make_server, tiny_backend) -> 
 # -- originals sent once ---------------------------------------------------------------------------
 
 
-def _cached(request_id: str, view_id: int, key: str, with_original: bool, render: np.ndarray, original: np.ndarray,
-            client_id: str = "c1") -> pb.EditRequest:
+def _cached(
+    request_id: str,
+    view_id: int,
+    key: str,
+    with_original: bool,
+    render: np.ndarray,
+    original: np.ndarray,
+    client_id: str = "c1",
+) -> pb.EditRequest:
     request = edit_request(request_id, "original", render, original, view_id=view_id)
     request.client_id, request.original_key = client_id, key
     if not with_original:
@@ -228,7 +239,9 @@ def test_original_cache_contract(make_server) -> None:
     k1, k2 = original_key(original), original_key(render)  # the key of the original sent, another image's key
     with pytest.raises(grpc.RpcError) as info:  # never sent: a defined miss
         s.stub.Edit(_cached("m", 3, k1, False, render, original), timeout=10)
-    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and info.value.details().startswith("original not cached")
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and info.value.details().startswith(
+        "original not cached"
+    )
     first = s.stub.Edit(_cached("a", 3, k1, True, render, original), timeout=10)
     np.testing.assert_array_equal(decoded(first), original)
     again = s.stub.Edit(_cached("b", 3, k1, False, render, original), timeout=10)  # only the render travels
@@ -253,7 +266,7 @@ class DtypeRecorder(EditBackend):
 
     def __init__(self, accepts_uint8: bool) -> None:
         self.accepts_uint8 = accepts_uint8
-        self.seen: List[tuple] = []
+        self.seen: list[tuple] = []
 
     def info(self) -> BackendInfo:
         return BackendInfo(model="dtypes", device="cpu", precision="fp32")
@@ -293,7 +306,9 @@ def test_a_uint8_edit_answers_a_float_request_in_float() -> None:
 
 
 @pytest.mark.parametrize("side,expect_misses", [(64, False), (300, True)], ids=["fits", "evicted"])
-def test_stream_client_sends_originals_once_and_recovers_from_misses(make_server, side: int, expect_misses: bool) -> None:
+def test_stream_client_sends_originals_once_and_recovers_from_misses(
+    make_server, side: int, expect_misses: bool
+) -> None:
     # 1 MiB of cache: two 64x64 float32 originals fit; one 300x300 (1.08 MB) never does, so every
     # request sent without its original misses and the client must re-send it by itself.
     s = make_server(original_cache_mb=1)
@@ -302,7 +317,10 @@ def test_stream_client_sends_originals_once_and_recovers_from_misses(make_server
     with StreamClient(s.address, max_in_flight=2) as client:
         wait_until(client.can_submit, "connected")
         for round_ in range(3):
-            ids = {client.submit(view, random_image(10 + view, side, side), originals[view], params): view for view in (0, 1)}
+            ids = {
+                client.submit(view, random_image(10 + view, side, side), originals[view], params): view
+                for view in (0, 1)
+            }
             results = collect(client, 2)
             assert set(results) == set(ids)
             for rid, result in results.items():
@@ -435,9 +453,11 @@ def test_message_over_the_limit(make_server) -> None:
     with pytest.raises(grpc.RpcError) as info:
         s.stub.Edit(edit_request("huge", "x", big, big), timeout=30)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    with EditClient(s.address, max_message_bytes=1 << 20) as client:
-        with pytest.raises(ValueError, match="over the message limit"):
-            client.edit(big, big, EditParams("x"))
+    with (
+        EditClient(s.address, max_message_bytes=1 << 20) as client,
+        pytest.raises(ValueError, match="over the message limit"),
+    ):
+        client.edit(big, big, EditParams("x"))
 
 
 # -- the command line: metrics, JSON logs, SIGTERM, start-up errors --------------------------------
@@ -446,7 +466,8 @@ def test_message_over_the_limit(make_server) -> None:
 def test_cli_metrics_json_logs_and_sigterm(edit_server_factory) -> None:
     port = free_port()
     server = edit_server_factory(
-        "palette", extra_args=["--metrics-port", str(port), "--log-format", "json", "--log-level", "info", "--grace-s", "5"]
+        "palette",
+        extra_args=["--metrics-port", str(port), "--log-format", "json", "--log-level", "info", "--grace-s", "5"],
     )
     with EditClient(server.address, timeout_s=30) as client:
         client.edit(random_image(1), random_image(2), EditParams("make it sepia"))
@@ -478,7 +499,7 @@ def test_cli_metrics_json_logs_and_sigterm(edit_server_factory) -> None:
     ],
     ids=["cert-without-key", "missing-cert", "compile-on-palette", "zero-batch"],
 )
-def test_startup_errors_are_one_line(child_env: dict, args: List[str], words: List[str]) -> None:
+def test_startup_errors_are_one_line(child_env: dict, args: list[str], words: list[str]) -> None:
     result = run_server_cli(["--backend", "palette", "--device", "cpu", "--port", "0", *args], child_env)
     assert_one_line_error(result, *words)
 
@@ -490,7 +511,8 @@ def test_busy_metrics_port_is_one_line(child_env: dict) -> None:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         result = run_server_cli(
-            ["--backend", "palette", "--device", "cpu", "--port", "0", "--metrics-port", str(sock.getsockname()[1])], child_env
+            ["--backend", "palette", "--device", "cpu", "--port", "0", "--metrics-port", str(sock.getsockname()[1])],
+            child_env,
         )
     assert_one_line_error(result, "--metrics-port")
 
@@ -501,13 +523,12 @@ def test_cpu_offload_needs_cuda(child_env: dict) -> None:
     assert_one_line_error(result, "--cpu-offload", "CUDA")
 
 
-
 def test_cancelled_running_ip2p_edit_stops_between_steps(make_server, tiny_backend) -> None:
     backend = tiny_backend
     s = make_server(backend)
     before = backend.unet_steps_run
     stream = OpenStream(s.stub)
-    long_edit = dict(diffusion_steps=200, lower_bound=0.999, upper_bound=0.999, seed=1)  # T = 999: 200 steps
+    long_edit = {"diffusion_steps": 200, "lower_bound": 0.999, "upper_bound": 0.999, "seed": 1}  # T = 999: 200 steps
     stream.send(edit_request("long", "turn it red", random_image(1, 8, 8), **long_edit))
     wait_until(lambda: backend.unet_steps_run > before, "the edit is running")
     stream.cancel()

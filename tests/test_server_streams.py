@@ -22,22 +22,21 @@ import logging
 import queue
 import re
 import urllib.request
-from typing import Iterator, List, Optional
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_client import collect, wait_until
+from test_palette import random_image
+from test_server import assert_one_line_error, decoded, edit_request, run_server_cli
 
 from diffusion_server.client import StreamClient, original_key
 from in2n_contract import STREAM_IDLE, EditParams
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 from testing_support import GateBackend, InProcessServer, free_port, rss_bytes
-
-from test_client import collect, wait_until
-from test_palette import random_image
-from test_server import assert_one_line_error, decoded, edit_request, run_server_cli
 
 IDLE_STREAMS = 300
 MAX_STREAMS = 40
@@ -76,7 +75,9 @@ async def _idle_streams_scenario(address: str, metrics_port: int, max_streams: i
         finished: set = set()
         pending = set(ends)
         while len(finished) < refused_expected and loop.time() < deadline:
-            done, pending = await asyncio.wait(pending, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait(
+                pending, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+            )
             finished |= done
         assert len(finished) == refused_expected, f"{len(finished)} streams ended, expected {refused_expected}"
         for task in finished:
@@ -145,7 +146,9 @@ async def _idle_timeout_scenario(address: str) -> None:
 
 def test_idle_stream_is_closed_with_unavailable(edit_server_factory) -> None:
     # identity with --delay-ms 1500: each edit takes 1.5 s, three times the idle timeout.
-    server = edit_server_factory(backend="identity", extra_args=["--delay-ms", "1500", "--stream-idle-timeout-s", "0.5"])
+    server = edit_server_factory(
+        backend="identity", extra_args=["--delay-ms", "1500", "--stream-idle-timeout-s", "0.5"]
+    )
     asyncio.run(_idle_timeout_scenario(server.address))
     assert "Traceback" not in server.output()
 
@@ -166,7 +169,9 @@ def test_the_client_takes_an_idle_close_calmly_and_edits_on(edit_server_factory,
 
         wait_until(closed_for_idleness, "the server closed the idle stream")
         idle_records = [r for r in caplog.records if STREAM_IDLE in r.getMessage()]
-        assert all(r.levelno == logging.INFO for r in idle_records), [(r.levelname, r.getMessage()) for r in idle_records]
+        assert all(r.levelno == logging.INFO for r in idle_records), [
+            (r.levelname, r.getMessage()) for r in idle_records
+        ]
         wait_until(client.can_submit, "the client reconnected")
         second = client.submit(1, image, image, EditParams("x"))
         results = collect(client, 1)
@@ -182,7 +187,7 @@ AFTER_GROWTH_LIMIT = 64 << 20
 
 
 def _answered_on_streams(values: dict) -> float:
-    return sum(v for k, v in values.items() if k.startswith('in2n_requests_total{') and 'method="StreamEdit"' in k)
+    return sum(v for k, v in values.items() if k.startswith("in2n_requests_total{") and 'method="StreamEdit"' in k)
 
 
 def test_a_client_that_never_reads_cannot_grow_server_memory(edit_server_factory) -> None:
@@ -200,7 +205,7 @@ def test_a_client_that_never_reads_cannot_grow_server_memory(edit_server_factory
         assert len(warm) == 40 and all(r.WhichOneof("outcome") == "edited" for r in warm)
         baseline = rss_bytes(server.proc.pid)
 
-        sent: "queue.Queue[int]" = queue.Queue()
+        sent: queue.Queue[int] = queue.Queue()
 
         def flood() -> Iterator[pb.StreamEditRequest]:
             for i in range(FLOOD_REQUESTS):
@@ -219,14 +224,18 @@ def test_a_client_that_never_reads_cannot_grow_server_memory(edit_server_factory
         read_by_server = _answered_on_streams(_metrics(metrics_port)) - 40
         print(f"server RSS: baseline {baseline / 2**20:.0f} MiB, flooding {flooding / 2**20:.0f} MiB; "
               f"{sent.qsize()} requests sent, {read_by_server:.0f} answered")  # fmt: skip
-        assert flooding - baseline < FLOOD_GROWTH_LIMIT, f"server RSS grew by {(flooding - baseline) / 2**20:.0f} MiB while flooded"
+        assert flooding - baseline < FLOOD_GROWTH_LIMIT, (
+            f"server RSS grew by {(flooding - baseline) / 2**20:.0f} MiB while flooded"
+        )
         assert sent.qsize() < FLOOD_REQUESTS  # the client was held back: its requests waited on its side
         call.cancel()
         wait_until(lambda: _metrics(metrics_port).get("in2n_streams_open", 1) == 0, "the server let go of the stream")
         wait_until(lambda: _metrics(metrics_port).get("in2n_edits_in_progress", 1) == 0, "no edit left in the server")
         after = rss_bytes(server.proc.pid)
         print(f"server RSS after cancel {after / 2**20:.0f} MiB")
-        assert after - baseline < AFTER_GROWTH_LIMIT, f"server RSS stayed {(after - baseline) / 2**20:.0f} MiB over the baseline"
+        assert after - baseline < AFTER_GROWTH_LIMIT, (
+            f"server RSS stayed {(after - baseline) / 2**20:.0f} MiB over the baseline"
+        )
 
         # The server still serves, on a new stream.
         reply = list(stub.StreamEdit(iter([pb.StreamEditRequest(edit=_small_edit("after"))]), timeout=RPC_TIMEOUT_S))
@@ -239,12 +248,12 @@ def test_back_pressure_loses_nothing() -> None:
     server = InProcessServer(GateBackend(), max_stream_backlog=4)
     try:
         render = random_image(7, FLOOD_SIDE, FLOOD_SIDE)  # answers of 786 KiB: the client's receive window fills
-        requests: "queue.Queue[Optional[pb.StreamEditRequest]]" = queue.Queue()
+        requests: queue.Queue[pb.StreamEditRequest | None] = queue.Queue()
         for i in range(30):
             requests.put(pb.StreamEditRequest(edit=edit_request(f"b{i}", "x", render, render)))
         requests.put(None)
         call = server.stub.StreamEdit(iter(requests.get, None), timeout=120)
-        paused = lambda: server.metrics.registry.get_sample_value("in2n_streams_paused") == 1  # noqa: E731
+        paused = lambda: server.metrics.registry.get_sample_value("in2n_streams_paused") == 1
         wait_until(paused, "the server stops reading the stream")
         responses = list(call)  # now read: the server reads on, and answers everything
         assert sorted(r.request_id for r in responses) == sorted(f"b{i}" for i in range(30))
@@ -291,8 +300,9 @@ def test_a_stream_whose_client_never_reads_is_closed(edit_server_factory) -> Non
 # -- item 5: originals cache ---------------------------------------------------------------------------
 
 
-def _with_key(request_id: str, render: np.ndarray, original: Optional[np.ndarray], key: str, client_id: str,
-              view_id: int = 0) -> pb.EditRequest:
+def _with_key(
+    request_id: str, render: np.ndarray, original: np.ndarray | None, key: str, client_id: str, view_id: int = 0
+) -> pb.EditRequest:
     request = edit_request(request_id, "original", render, render if original is None else original, view_id=view_id)
     request.client_id, request.original_key = client_id, key
     if original is None:
@@ -325,7 +335,9 @@ def test_original_must_match_its_key(gate_server: InProcessServer) -> None:
     again = stub.Edit(_with_key("again", render, None, key, victim), timeout=10)  # only the render travels
     np.testing.assert_array_equal(decoded(again), mine)  # still the victim's own original
     # The key the client computes matches for every dtype it sends (uint8, float16, float32, float64 as float32).
-    for i, image in enumerate((np.rint(mine * 255).astype(np.uint8), mine.astype(np.float16), mine, mine.astype(np.float64))):
+    for i, image in enumerate(
+        (np.rint(mine * 255).astype(np.uint8), mine.astype(np.float16), mine, mine.astype(np.float64))
+    ):
         wire = image.astype(np.float32) if image.dtype == np.float64 else image
         request = _with_key(f"dtype{i}", wire, wire, original_key(image), victim, view_id=10 + i)
         assert stub.Edit(request, timeout=10).request_id == f"dtype{i}"
@@ -385,6 +397,6 @@ def test_client_id_is_never_written_in_clear(edit_server_factory) -> None:
     ],
     ids=["zero-streams", "negative-idle", "nan-idle", "zero-backlog", "zero-threads"],
 )
-def test_stream_limit_errors_are_one_line(child_env: dict, args: List[str], flag: str) -> None:
+def test_stream_limit_errors_are_one_line(child_env: dict, args: list[str], flag: str) -> None:
     result = run_server_cli(["--backend", "palette", "--device", "cpu", "--port", "0", *args], child_env)
     assert_one_line_error(result, flag)

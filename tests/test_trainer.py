@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import NS_TRAIN, QUIET, EditServerProcess
 from PIL import Image
 
-from conftest import NS_TRAIN, QUIET, EditServerProcess
 from testing_support import free_port
 
 
@@ -44,7 +44,10 @@ def test_ns_train_lists_the_in2n_methods_and_documents_their_options(trainer_env
                    "--pipeline.upper-bound", "--pipeline.max-in-flight", "--pipeline.model.use-lpips"):  # fmt: skip
         assert option in proc.stdout, option
     for method in ("in2n-small", "in2n-tiny"):
-        assert subprocess.run([NS_TRAIN, method, "--help"], env=trainer_env, capture_output=True, timeout=300).returncode == 0
+        assert (
+            subprocess.run([NS_TRAIN, method, "--help"], env=trainer_env, capture_output=True, timeout=300).returncode
+            == 0
+        )
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def grayscale_run(pretrained, trainer_env, tmp_path_factory) -> Path:
 def test_progress_counts_the_edit_runs_own_steps(grayscale_run):
     """The terminal table of a 300-step edit resumed from a pretrained nerfacto reads 0 to 100 %, not past it."""
     stdout = (grayscale_run.parents[3] / "stdout.txt").read_text()
-    rows = re.findall(r"^(\d+) \((\d+\.\d+)%\)", stdout, flags=re.M)
+    rows = re.findall(r"^(\d+) \((\d+\.\d+)%\)", stdout, flags=re.MULTILINE)
     assert rows, stdout[-2000:]
     assert max(float(p) for _, p in rows) <= 100.0
     assert int(rows[0][0]) <= 10 and float(rows[-1][1]) >= 95.0  # counted from this run's first step to its last
@@ -165,7 +168,9 @@ def test_in2n_reaches_a_server_that_requires_a_token(pretrained, trainer_env, tm
         refused = run_in2n(pretrained, tmp_path / "refused", server.address, dict(trainer_env, IN2N_TOKEN="wrong"), 30,
                            "--pipeline.instruction", "make it sepia")  # fmt: skip
         assert refused.returncode == 0, "a refused edit never stops training"
-    stats = json.loads((tmp_path / "out" / "tiny" / "in2n-tiny" / "edit" / "edit_report" / "edit_stats.json").read_text())
+    stats = json.loads(
+        (tmp_path / "out" / "tiny" / "in2n-tiny" / "edit" / "edit_report" / "edit_stats.json").read_text()
+    )
     assert stats["edits_applied"] >= 1
     refused_stats = json.loads(
         (tmp_path / "refused" / "tiny" / "in2n-tiny" / "edit" / "edit_report" / "edit_stats.json").read_text()
@@ -181,7 +186,9 @@ def test_render_budget_skips_renders_to_keep_its_share(pretrained, trainer_env, 
         proc = run_in2n(pretrained, tmp_path / "out", server.address, trainer_env, steps,
                         "--pipeline.instruction", "make it sepia", "--pipeline.render-budget", "0.1")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stats = json.loads((tmp_path / "out" / "tiny" / "in2n-tiny" / "edit" / "edit_report" / "edit_stats.json").read_text())
+    stats = json.loads(
+        (tmp_path / "out" / "tiny" / "in2n-tiny" / "edit" / "edit_report" / "edit_stats.json").read_text()
+    )
     assert stats["edits_applied"] >= 1, stats
     assert 1 <= stats["render_steps"] <= steps // 2, stats  # without a budget, edit-rate 1 renders nearly every step
     assert 0.0 < stats["render_share"] < 1.0, stats

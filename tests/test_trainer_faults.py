@@ -15,9 +15,8 @@ import threading
 import time
 
 import numpy as np
-
-
 from conftest import NS_TRAIN, QUIET, EditServerProcess
+
 from testing_support import dead_address, free_port
 
 APPLIED = re.compile(r"in2n: edits applied (\d+)")
@@ -27,7 +26,7 @@ class LogWatcher:
     """Reads a process's combined output on a thread; `wait_for` blocks until a line matches (with a deadline)."""
 
     def __init__(self, proc: subprocess.Popen) -> None:
-        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.lines: queue.Queue[str] = queue.Queue()
         self.seen = []
         threading.Thread(target=self._read, args=(proc,), daemon=True).start()
 
@@ -84,7 +83,7 @@ def test_training_survives_a_late_server_and_three_server_crashes(pretrained, tr
             line = log.wait_for(lambda line: applied_in(line) >= 0)  # a whole logging period without a server
             outages.append((at_kill, applied_in(line)))
             server = EditServerProcess(tmp_path / f"server{k + 2}", backend="palette", port=port).start()
-            line = log.wait_for(lambda line, n=applied_in(line): applied_in(line) >= n + 2)
+            line = log.wait_for(lambda line, n=applied_in(line): applied_in(line) >= n + 2)  # noqa: B008 - n is bound when the lambda is made
         assert trainer.wait(timeout=600) == 0, "".join(log.seen[-40:])
     finally:
         if trainer.poll() is None:
@@ -119,7 +118,10 @@ def test_a_trainer_killed_mid_run_resumes_with_its_edits_bit_identical(pretraine
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline and trainer.poll() is None:
                 saved = sorted((run / "in2n_edits").glob("step-*.pt"))
-                if saved and int(saved[-1].stem.split("-")[1]) >= int(sorted(pretrained.glob("*.ckpt"))[-1].stem.split("-")[1]) + 60:
+                if (
+                    saved
+                    and int(saved[-1].stem.split("-")[1]) >= int(max(pretrained.glob("*.ckpt")).stem.split("-")[1]) + 60
+                ):
                     break
                 time.sleep(0.05)
             assert trainer.poll() is None, "trainer ended before it could be killed"
@@ -129,7 +131,7 @@ def test_a_trainer_killed_mid_run_resumes_with_its_edits_bit_identical(pretraine
             if trainer.poll() is None:
                 trainer.kill()
     ckpt_step = max(int(p.stem.split("-")[1]) for p in (run / "nerfstudio_models").glob("step-*.ckpt"))
-    expected_file = max((p for p in (run / "in2n_edits").glob("step-*.pt") if int(p.stem.split("-")[1]) <= ckpt_step))
+    expected_file = max(p for p in (run / "in2n_edits").glob("step-*.pt") if int(p.stem.split("-")[1]) <= ckpt_step)
     expected = torch.load(expected_file, map_location="cpu", weights_only=True)
     assert len(expected["views"]) > 0
 
@@ -142,7 +144,7 @@ def test_a_trainer_killed_mid_run_resumes_with_its_edits_bit_identical(pretraine
     )  # fmt: skip
     assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
     assert f"restored {len(expected['views'])} edited views" in resume.stdout
-    resumed_file = sorted((tmp_path / "resumed" / "tiny" / "in2n-tiny" / "resumed" / "in2n_edits").glob("step-*.pt"))[-1]
+    resumed_file = max((tmp_path / "resumed" / "tiny" / "in2n-tiny" / "resumed" / "in2n_edits").glob("step-*.pt"))
     resumed = torch.load(resumed_file, map_location="cpu", weights_only=True)
     assert torch.equal(resumed["views"], expected["views"])
     assert torch.equal(resumed["images"], expected["images"])  # bit-identical

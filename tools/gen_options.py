@@ -14,10 +14,11 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import itertools
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "docs" / "options.md"
@@ -28,10 +29,17 @@ def field_docs(cls: type) -> dict:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
-    for node, after in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
-                docs[node.target.id] = " ".join(after.value.value.split())
+    for node, after in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and (
+                isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            )
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
 
@@ -49,7 +57,7 @@ def _default(f: dataclasses.Field) -> str:
     return type(value).__name__
 
 
-def rows(cls: type, prefix: str, skip: Tuple[str, ...] = ()) -> List[Tuple[str, str, str]]:
+def rows(cls: type, prefix: str, skip: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
     """(flag, default, meaning) of each documented field `cls` declares, in declaration order."""
     docs = field_docs(cls)
     out = []
@@ -60,7 +68,7 @@ def rows(cls: type, prefix: str, skip: Tuple[str, ...] = ()) -> List[Tuple[str, 
     return out
 
 
-def table(entries: List[Tuple[str, str, str]]) -> str:
+def table(entries: list[tuple[str, str, str]]) -> str:
     lines = ["| option | default | meaning |", "|---|---|---|"]
     lines += [f"| {flag} | {default} | {meaning} |" for flag, default, meaning in entries]
     return "\n".join(lines)
@@ -112,7 +120,9 @@ def main() -> int:
     text = render()
     if args.check:
         if not OUTPUT.exists() or OUTPUT.read_text() != text:
-            print(f"{OUTPUT.relative_to(REPO)} is out of date with the config dataclasses: run python tools/gen_options.py")
+            print(
+                f"{OUTPUT.relative_to(REPO)} is out of date with the config dataclasses: run python tools/gen_options.py"
+            )
             return 1
         return 0
     OUTPUT.write_text(text)

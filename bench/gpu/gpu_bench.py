@@ -36,44 +36,76 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from testing_support import ServerProcess as SubprocessServer, subprocess_env  # noqa: E402
+from testing_support import ServerProcess as SubprocessServer
+from testing_support import subprocess_env
 
 NOMINAL_DENSE_FP16_TFLOPS = 790.0  # what an H200 sustains in fp16 matrix work (the issue's floor)
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny random components and a small scene (CPU smoke test)")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
-    p.add_argument("--out", default="", help="JSON path (default: $OUT/gpu_bench.json, else bench/results/gpu_bench[_tiny].json)")
-    p.add_argument("--budget-s", type=float, default=400.0, help="stop starting optional sections after this many seconds")
-    p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes, in-process and --max-batch (default 1 4 8 16, tiny 1 2)")
+    p.add_argument(
+        "--out", default="", help="JSON path (default: $OUT/gpu_bench.json, else bench/results/gpu_bench[_tiny].json)"
+    )
+    p.add_argument(
+        "--budget-s", type=float, default=400.0, help="stop starting optional sections after this many seconds"
+    )
+    p.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch sizes, in-process and --max-batch (default 1 4 8 16, tiny 1 2)",
+    )
     p.add_argument("--steps", type=int, default=0, help="diffusion steps per edit (default 20, tiny 4)")
     p.add_argument("--side", type=int, default=0, help="image side in pixels (default 512, tiny 32)")
     p.add_argument("--repeats", type=int, default=0, help="timed edits (or batches) per point (default 5, tiny 2)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile lever")
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile lever (eager: fast, for the smoke test)")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode of the compile lever (e.g. max-autotune: CUDA graphs; slow to compile)")
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of the compile lever (eager: fast, for the smoke test)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode of the compile lever (e.g. max-autotune: CUDA graphs; slow to compile)",
+    )
     p.add_argument("--no-server", action="store_true", help="skip the gRPC server section")
     p.add_argument("--no-trainer", action="store_true", help="skip the trainer section")
     p.add_argument("--trainer-steps", type=int, default=0, help="in2n steps per run (default 100, tiny 24)")
-    p.add_argument("--trainer-rounds", type=int, default=0, help="interleaved rounds of async, sync, off (default 2, tiny 1), as time allows")
-    p.add_argument("--trainer-budget-s", type=float, default=0,
-                   help="seconds the trainer section may take (default 180, tiny 600); on a GPU the editor's optional sections stop at --budget-s minus this")
-    p.add_argument("--pretrain-steps", type=int, default=0, help="nerfacto steps of the pretraining (default 200, tiny 20)")
+    p.add_argument(
+        "--trainer-rounds",
+        type=int,
+        default=0,
+        help="interleaved rounds of async, sync, off (default 2, tiny 1), as time allows",
+    )
+    p.add_argument(
+        "--trainer-budget-s",
+        type=float,
+        default=0,
+        help="seconds the trainer section may take (default 180, tiny 600); on a GPU the editor's optional sections stop at --budget-s minus this",
+    )
+    p.add_argument(
+        "--pretrain-steps", type=int, default=0, help="nerfacto steps of the pretraining (default 200, tiny 20)"
+    )
     p.add_argument("--trainer-views", type=int, default=0, help="views of the demo scene (default 60, tiny 16)")
     p.add_argument("--trainer-side", type=int, default=0, help="side of the demo scene's images (default 512, tiny 32)")
     p.add_argument("--edit-rate", type=int, default=10, help="the trainer's --pipeline.edit-rate (its default: 10)")
-    p.add_argument("--warmup-steps", type=int, default=0, help="steps left out of each run's step times (default 20, tiny 4)")
+    p.add_argument(
+        "--warmup-steps", type=int, default=0, help="steps left out of each run's step times (default 20, tiny 4)"
+    )
     a = p.parse_args(argv)
     a.side = a.side or (32 if a.tiny else 512)
     a.batches = a.batches or ([1, 2] if a.tiny else [1, 4, 8, 16])
@@ -104,7 +136,11 @@ class Report:
         # run.sh's own limit (GPU_BENCH_LIMIT_S: what LIMIT_S leaves when this starts): nothing may run past it.
         limit = float(os.environ.get("GPU_BENCH_LIMIT_S") or 0)
         self.hard_deadline = self.start + limit - 15 if limit else float("inf")
-        self.doc: Dict = {"machine": machine(args.device), "config": {k: v for k, v in vars(args).items()}, "editor": {}}
+        self.doc: dict = {
+            "machine": machine(args.device),
+            "config": {k: v for k, v in vars(args).items()},
+            "editor": {},
+        }
         self.save()
 
     def elapsed(self) -> float:
@@ -117,7 +153,7 @@ class Report:
         Path(tmp).write_text(json.dumps(self.doc, indent=2, default=str))
         os.replace(tmp, self.path)
 
-    def section(self, where: Dict, name: str, run: Callable[[], object], optional: bool = True) -> None:
+    def section(self, where: dict, name: str, run: Callable[[], object], optional: bool = True) -> None:
         """Run one section into where[name]; its failure or a spent budget is recorded as {"skipped": why}."""
         if optional and self.elapsed() > self.budget_s:
             where[name] = {"skipped": f"time budget of {self.budget_s:.0f} s spent before this section"}
@@ -126,12 +162,15 @@ class Report:
             try:
                 where[name] = run()
             except Exception as e:  # noqa: BLE001 - recorded, and the other sections still run
-                where[name] = {"skipped": f"{type(e).__name__}: {str(e).strip()[:500]}", "traceback": traceback.format_exc()[-2000:]}
+                where[name] = {
+                    "skipped": f"{type(e).__name__}: {str(e).strip()[:500]}",
+                    "traceback": traceback.format_exc()[-2000:],
+                }
             print(f"[{self.elapsed():6.1f} s] {name}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
         self.save()
 
 
-def machine(device: str) -> Dict:
+def machine(device: str) -> dict:
     from bench._server import cpu_model
 
     info = {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
@@ -162,11 +201,11 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak(device: torch.device) -> Optional[int]:
+def peak(device: torch.device) -> int | None:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> List[float]:
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
     """Wall seconds of `repeats` calls of fn after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
@@ -180,7 +219,7 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
     return times
 
 
-def images(side: int, n: int, seed: int = 0) -> List[tuple]:
+def images(side: int, n: int, seed: int = 0) -> list[tuple]:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
@@ -189,7 +228,7 @@ def images(side: int, n: int, seed: int = 0) -> List[tuple]:
     return out
 
 
-def matmul_tflops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
     """Sustained dense matmul throughput of this device (8192^3 in dtype), in TFLOP/s; None on the CPU."""
     if device.type != "cuda":
         return None
@@ -202,7 +241,7 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
 # ---------------------------------------------------------------------------------------------- editor
 
 
-def editor_sections(rep: Report, args: argparse.Namespace) -> Optional[Callable[[], None]]:
+def editor_sections(rep: Report, args: argparse.Namespace) -> Callable[[], None] | None:
     """The editor's sections; returns the compile lever's section, which main runs after the trainer's."""
     from bench.gpu.models import random_components, save_components, unet_tflop_per_row
     from diffusion_server.backends import resolve_precision
@@ -217,7 +256,9 @@ def editor_sections(rep: Report, args: argparse.Namespace) -> Optional[Callable[
     ed = rep.doc["editor"]
     t0 = time.monotonic()
     parts = random_components(full, device=args.device, seed=0)
-    backend = Ip2pBackend(**parts, device=args.device, precision=precision, model="random full-size ip2p" if full else "tiny")
+    backend = Ip2pBackend(
+        **parts, device=args.device, precision=precision, model="random full-size ip2p" if full else "tiny"
+    )
     ed["setup"] = {"build_s": round(time.monotonic() - t0, 1), "precision": precision, "side": args.side, "steps": args.steps,
                    "params": {name: int(sum(p.numel() for p in getattr(backend, name).parameters()))
                               for name in ("unet", "vae", "text_encoder")}}  # fmt: skip
@@ -229,7 +270,7 @@ def editor_sections(rep: Report, args: argparse.Namespace) -> Optional[Callable[
                    "floor_ms_per_edit_nominal": round(tflop_edit / NOMINAL_DENSE_FP16_TFLOPS * 1e3, 2)}  # fmt: skip
     rep.save()
 
-    def fractions(edits_per_s: float) -> Dict:
+    def fractions(edits_per_s: float) -> dict:
         achieved = tflop_edit * edits_per_s
         out = {"achieved_tflops": round(achieved, 4)}
         if peak_tflops:
@@ -238,19 +279,21 @@ def editor_sections(rep: Report, args: argparse.Namespace) -> Optional[Callable[
         return out
 
     def params(seed: int) -> EditParams:
-        return EditParams("turn it into bronze", guidance_scale=7.5, image_guidance_scale=1.5, diffusion_steps=args.steps, seed=seed)
+        return EditParams(
+            "turn it into bronze", guidance_scale=7.5, image_guidance_scale=1.5, diffusion_steps=args.steps, seed=seed
+        )
 
     imgs = images(args.side, max(args.batches) * 2, seed=1)
     r0, o0 = imgs[0]
 
-    def reference() -> Dict:
+    def reference() -> dict:
         reset_peak(device)
         times = timed(lambda: reference_edit(backend, r0, o0, params(3)), device, args.repeats)
         med = statistics.median(times)
         return {"ms_per_edit": round(med * 1e3, 2), "edits_per_s": round(1 / med, 3), "peak_gpu_bytes": peak(device),
                 "times_ms": [round(t * 1e3, 2) for t in times], **fractions(1 / med)}  # fmt: skip
 
-    def backend_alone() -> Dict:
+    def backend_alone() -> dict:
         reset_peak(device)
         times = timed(lambda: backend.edit(r0, o0, params(3)), device, args.repeats)
         med = statistics.median(times)
@@ -263,34 +306,44 @@ def editor_sections(rep: Report, args: argparse.Namespace) -> Optional[Callable[
     rep.section(ed, "reference", reference, optional=False)
     rep.section(ed, "backend", backend_alone, optional=False)
 
-    def batch_point(batch: int, label: str) -> Dict:
+    def batch_point(batch: int, label: str) -> dict:
         items = [EditItem(r, o, params(100 + i)) for i, (r, o) in enumerate(imgs[:batch])]
         reset_peak(device)
-        times = timed(lambda: backend.edit_batch(items), device, max(1, args.repeats // 2 if batch > 4 else args.repeats))
+        times = timed(
+            lambda: backend.edit_batch(items), device, max(1, args.repeats // 2 if batch > 4 else args.repeats)
+        )
         med = statistics.median(times)
         return {"lever": label, "batch": batch, "ms_per_batch": round(med * 1e3, 2), "edits_per_s": round(batch / med, 3),
                 "peak_gpu_bytes": peak(device), **fractions(batch / med)}  # fmt: skip
 
-    levers: List[Dict] = []
+    levers: list[dict] = []
     ed["levers"] = levers
 
-    def add_points(label: str, batches: List[int]) -> None:
+    def add_points(label: str, batches: list[int]) -> None:
         for b in batches:
-            holder: Dict = {}
+            holder: dict = {}
             rep.section(holder, "p", lambda b=b: batch_point(b, label))
             levers.append(holder["p"] if "skipped" not in holder["p"] else {"lever": label, "batch": b, **holder["p"]})
             rep.save()
 
     add_points("plain", args.batches)
-    mid = sorted({min(args.batches), max([b for b in args.batches if b <= 8] or [min(args.batches)])})  # 1 and 8 by default
+    mid = sorted(
+        {min(args.batches), max([b for b in args.batches if b <= 8] or [min(args.batches)])}
+    )  # 1 and 8 by default
     backend.unet.to(memory_format=torch.channels_last)
     backend.vae.to(memory_format=torch.channels_last)
     add_points("channels_last", mid)
     backend.unet.to(memory_format=torch.contiguous_format)
     backend.vae.to(memory_format=torch.contiguous_format)
 
-    def precision_memory() -> Dict:
-        out = {precision: {"peak_gpu_bytes": next((p["peak_gpu_bytes"] for p in levers if p.get("lever") == "plain" and p.get("batch") == 1), None)}}
+    def precision_memory() -> dict:
+        out = {
+            precision: {
+                "peak_gpu_bytes": next(
+                    (p["peak_gpu_bytes"] for p in levers if p.get("lever") == "plain" and p.get("batch") == 1), None
+                )
+            }
+        }
         if device.type != "cuda":
             return {"fp16": {"peak_gpu_bytes": None}, "fp32": {"peak_gpu_bytes": None}}
         fp32 = Ip2pBackend(**random_components(full, device=args.device, seed=0), device=args.device, precision="fp32")
@@ -304,16 +357,18 @@ def editor_sections(rep: Report, args: argparse.Namespace) -> Optional[Callable[
 
     rep.section(ed, "precision_memory", precision_memory)
 
-    def vae_cost() -> List[Dict]:
+    def vae_cost() -> list[dict]:
         """The VAE's share: encode (render and original) and decode of B images, against the batch's edit time."""
         rows = []
         for b in mid:
             x = torch.rand(b, 3, args.side, args.side, device=device, dtype=backend.vae_dtype) * 2 - 1
             with torch.inference_mode():
-                enc = timed(lambda: backend.vae.encode(torch.cat([x, x])).latent_dist.mode(), device, args.repeats)
+                enc = timed(lambda x=x: backend.vae.encode(torch.cat([x, x])).latent_dist.mode(), device, args.repeats)
                 z = backend.vae.encode(x).latent_dist.mode()
-                dec = timed(lambda: backend.vae.decode(z).sample, device, args.repeats)
-            batch_ms = next((p["ms_per_batch"] for p in levers if p.get("lever") == "plain" and p.get("batch") == b), None)
+                dec = timed(lambda z=z: backend.vae.decode(z).sample, device, args.repeats)
+            batch_ms = next(
+                (p["ms_per_batch"] for p in levers if p.get("lever") == "plain" and p.get("batch") == b), None
+            )
             total = (statistics.median(enc) + statistics.median(dec)) * 1e3
             rows.append({"batch": b, "encode_2b_ms": round(statistics.median(enc) * 1e3, 2), "decode_ms": round(statistics.median(dec) * 1e3, 2),
                          "share_of_batch": round(total / batch_ms, 4) if batch_ms else None})  # fmt: skip
@@ -333,13 +388,15 @@ def editor_sections(rep: Report, args: argparse.Namespace) -> Optional[Callable[
     if args.no_compile:
         return None
 
-    def compile_lever() -> Dict:
+    def compile_lever() -> dict:
         import torch._dynamo as dynamo
         from torch._dynamo.utils import counters
 
         dynamo.reset()
         t0 = time.monotonic()
-        backend.optimize(compile=True, warmup_side=args.side, compile_backend=args.compile_backend, compile_mode=args.compile_mode)
+        backend.optimize(
+            compile=True, warmup_side=args.side, compile_backend=args.compile_backend, compile_mode=args.compile_mode
+        )
         compile_s = time.monotonic() - t0
         points = []
         for b in mid:  # each batch size compiles once, in its untimed warm-up call
@@ -361,7 +418,7 @@ class ServerProcess(SubprocessServer):
     on 127.0.0.1 and a free port, its log in a file: testing_support's server subprocess, spawned at once,
     waited for by `wait_address`."""
 
-    def __init__(self, args: argparse.Namespace, folder: str, tmp: Path, precision: str, extra: List[str]) -> None:
+    def __init__(self, args: argparse.Namespace, folder: str, tmp: Path, precision: str, extra: list[str]) -> None:
         self.mem_file = tmp / "mem.json"
         env = subprocess_env(one_thread=args.device == "cpu")
         super().__init__(tmp, "ip2p", device=args.device, env=env, script=[str(REPO / "bench" / "gpu" / "serve.py"), str(self.mem_file)],
@@ -369,16 +426,16 @@ class ServerProcess(SubprocessServer):
         self.spawn()
 
     def wait_address(self, timeout_s: float = 180.0) -> str:
-        """"127.0.0.1:PORT" once the server has written its port (it serves from then on)."""
+        """ "127.0.0.1:PORT" once the server has written its port (it serves from then on)."""
         try:
             return self.wait_ready(timeout_s).address
         except (RuntimeError, TimeoutError):
             raise RuntimeError(f"server did not start: {self.output()[-1000:]}") from None
 
-    def peaks(self, after: float, timeout_s: float = 10.0) -> Dict:
+    def peaks(self, after: float, timeout_s: float = 10.0) -> dict:
         """The peaks the server wrote after wall time `after` (time.time()), or the latest within timeout_s."""
         deadline = time.monotonic() + timeout_s
-        mem: Dict = {}
+        mem: dict = {}
         while time.monotonic() < deadline:
             try:
                 mem = json.loads(self.mem_file.read_text())
@@ -393,7 +450,7 @@ class ServerProcess(SubprocessServer):
         self.stop(timeout_s=30)
 
 
-def server_section(rep: Report, args: argparse.Namespace, folder: str) -> List[Dict]:
+def server_section(rep: Report, args: argparse.Namespace, folder: str) -> list[dict]:
     from diffusion_server.backends import resolve_precision
     from diffusion_server.client import StreamClient
     from in2n_contract import EditParams
@@ -419,15 +476,17 @@ def server_section(rep: Report, args: argparse.Namespace, folder: str) -> List[D
                         time.sleep(0.01)
 
                     def run(count: int, first_seed: int) -> tuple:
-                        sent: Dict[str, float] = {}
-                        lat: List[float] = []
+                        sent: dict[str, float] = {}
+                        lat: list[float] = []
                         submitted = 0
                         t0 = time.perf_counter()
                         while len(lat) < count:
                             while submitted < count and client.can_submit():
-                                v = submitted % len(views)
-                                p = EditParams("turn it into bronze", diffusion_steps=args.steps, seed=first_seed + submitted)
-                                sent[client.submit(v, renders[v], originals[v], p)] = time.perf_counter()
+                                v = submitted % len(views)  # noqa: B023 - run() is called inside this iteration
+                                p = EditParams(
+                                    "turn it into bronze", diffusion_steps=args.steps, seed=first_seed + submitted
+                                )
+                                sent[client.submit(v, renders[v], originals[v], p)] = time.perf_counter()  # noqa: B023 - run() is called inside this iteration
                                 submitted += 1
                             for res in client.poll():
                                 if not res.ok:
@@ -472,7 +531,7 @@ def model_folder(args: argparse.Namespace) -> str:
 TRAINER_MODES = ("async", "sync", "off")  # each round runs them in this order: the pair that matters most first
 
 
-def trainer_section(rep: Report, args: argparse.Namespace) -> Dict:
+def trainer_section(rep: Report, args: argparse.Namespace) -> dict:
     """`ns-train in2n` against this project's diffusion server on the same device: edits off, async and sync.
 
     Full: in2n (default nerfacto size, 16384 rays a step, LPIPS) on the demo scene at 512 x 512, 60 views,
@@ -492,7 +551,11 @@ def trainer_section(rep: Report, args: argparse.Namespace) -> Dict:
     cuda = args.device.startswith("cuda")
     precision, _ = server_precision(method, "cuda" if cuda else "cpu")
     model_flags = list(TINY_NERFACTO) if args.tiny else []  # full: nerfacto's default size
-    rays_flags = ["--pipeline.datamanager.train-num-rays-per-batch", "256", "--pipeline.render-chunk-rays", "256"] if args.tiny else []
+    rays_flags = (
+        ["--pipeline.datamanager.train-num-rays-per-batch", "256", "--pipeline.render-chunk-rays", "256"]
+        if args.tiny
+        else []
+    )
     workdir = Path(tempfile.gettempdir()) / "in2n-gpu-bench" / (
         f"trainer{'-tiny' if args.tiny else ''}-{args.trainer_side}px-{args.trainer_views}v-{args.pretrain_steps}")  # fmt: skip
     workdir.mkdir(parents=True, exist_ok=True)
@@ -500,7 +563,9 @@ def trainer_section(rep: Report, args: argparse.Namespace) -> Dict:
     env = dict(subprocess_env(one_thread=False), **device_env)
     ensure_lpips_backbone(env, workdir)  # nerfacto's LPIPS metric wants AlexNet weights: random ones, no download
     ns_train = workdir / "ns-train"  # this interpreter, bench/gpu/train.py (methods registered, peak-memory hook)
-    ns_train.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(REPO / 'bench' / 'gpu' / 'train.py'))} \"$@\"\n")
+    ns_train.write_text(
+        f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(REPO / "bench" / "gpu" / "train.py"))} "$@"\n'
+    )
     ns_train.chmod(0o755)
     try:
         from importlib.util import find_spec
@@ -508,7 +573,7 @@ def trainer_section(rep: Report, args: argparse.Namespace) -> Dict:
         hash_grid = "tcnn" if find_spec("tinycudann") else "torch (tinycudann not installed: nerfstudio's fallback)"
     except (ImportError, ValueError):
         hash_grid = "torch"
-    setup: Dict = {"method": method, "device": args.device, "scene": f"demo scene, {args.trainer_views} views, {args.trainer_side}x{args.trainer_side}",
+    setup: dict = {"method": method, "device": args.device, "scene": f"demo scene, {args.trainer_views} views, {args.trainer_side}x{args.trainer_side}",
                    "model": "TINY_NERFACTO (testing_support)" if args.tiny else "nerfacto default size", "hash_grid": hash_grid,
                    "rays_per_step": 256 if args.tiny else 16384, "pretrain_steps": args.pretrain_steps, "steps_per_run": args.trainer_steps,
                    "warmup_steps": args.warmup_steps, "edit_rate": args.edit_rate, "server": f"ip2p, random {'tiny' if args.tiny else 'full-size'} weights",
@@ -516,11 +581,11 @@ def trainer_section(rep: Report, args: argparse.Namespace) -> Dict:
                    "peak_gpu_memory": "torch.cuda.max_memory_allocated of each process (bench/gpu/train.py, bench/gpu/serve.py)"}  # fmt: skip
     # Progress shows in the JSON as it goes; "skipped" says where a run cut off by run.sh's time limit stopped,
     # and goes once the section is done.
-    out: Dict = {"setup": setup, "runs": [], "skipped": "cut off while making the scene and pretraining"}
+    out: dict = {"setup": setup, "runs": [], "skipped": "cut off while making the scene and pretraining"}
     rep.doc["trainer"] = out
     rep.save()
     tmp = Path(tempfile.mkdtemp(prefix="in2n-gpu-trainer-"))
-    server: Optional[ServerProcess] = None
+    server: ServerProcess | None = None
     try:
         # The server loads while the scene is made and nerfacto pretrains.
         server = ServerProcess(args, model_folder(args), tmp, precision, [])
@@ -531,20 +596,24 @@ def trainer_section(rep: Report, args: argparse.Namespace) -> Dict:
             scene, load_dir = demo_scene_and_pretrained(workdir, str(ns_train), env, num_views=args.trainer_views, size=args.trainer_side,
                                                         steps=args.pretrain_steps, rays=256 if args.tiny else 4096, flags=flags)  # fmt: skip
         except subprocess.CalledProcessError as e:
-            raise RuntimeError(f"pretraining failed ({e.returncode}): {(e.stderr or b'')[-1500:].decode(errors='replace')}") from None
+            raise RuntimeError(
+                f"pretraining failed ({e.returncode}): {(e.stderr or b'')[-1500:].decode(errors='replace')}"
+            ) from None
         setup["scene_and_pretrain_s"] = round(time.monotonic() - t0, 1)
         address = server.wait_address()
         setup["server_start_s"] = round(server.start_s, 1)
         out["skipped"] = "cut off during the ns-train runs"
         rep.save()
-        runs: List[Dict] = out["runs"]
+        runs: list[dict] = out["runs"]
         for round_ in range(args.trainer_rounds):
             for mode in TRAINER_MODES:
                 # The first round is always tried (a run still going at the deadline is stopped); a later one only
                 # when its runs fit, judged by the same mode's earlier runs.
                 need = 1.2 * max(r["wall_s"] for r in runs if r["mode"] == mode) + 5 if round_ else 0.0
                 if round_ and time.monotonic() + need > deadline:
-                    out["stopped"] = f"round {round_} {mode} would need about {need:.0f} s, {max(0.0, deadline - time.monotonic()):.0f} s left"
+                    out["stopped"] = (
+                        f"round {round_} {mode} would need about {need:.0f} s, {max(0.0, deadline - time.monotonic()):.0f} s left"
+                    )
                     break
                 try:
                     runs.append(trainer_run(args, workdir, ns_train, env, method, mode, round_, scene, load_dir, address,
@@ -573,10 +642,11 @@ class RunTimeout(RuntimeError):
     """An ns-train run stopped at the trainer section's deadline."""
 
 
-def trainer_run(args: argparse.Namespace, workdir: Path, ns_train: Path, env: Dict, method: str, mode: str, round_: int, scene: Path,
-                load_dir: Path, address: str, flags: List[str], deadline: float) -> Dict:  # fmt: skip
+def trainer_run(args: argparse.Namespace, workdir: Path, ns_train: Path, env: dict, method: str, mode: str, round_: int, scene: Path,
+                load_dir: Path, address: str, flags: list[str], deadline: float) -> dict:  # fmt: skip
     """One `ns-train <method>` of --trainer-steps steps in `mode`: its step times, edit counters, wall time and peaks."""
     from testing_support import read_edit_report
+
     name = f"{mode}-r{round_}"
     run_dir = workdir / "runs" / "bench" / method / name
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -598,7 +668,9 @@ def trainer_run(args: argparse.Namespace, workdir: Path, ns_train: Path, env: Di
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            raise RunTimeout(f"{name}: ns-train still running at the section's deadline (after {time.monotonic() - t0:.0f} s)") from None
+            raise RunTimeout(
+                f"{name}: ns-train still running at the section's deadline (after {time.monotonic() - t0:.0f} s)"
+            ) from None
     wall = time.monotonic() - t0
     if code != 0:
         raise RuntimeError(f"{name}: ns-train exited with {code}: {log_path.read_text()[-1500:]}")
@@ -607,17 +679,17 @@ def trainer_run(args: argparse.Namespace, workdir: Path, ns_train: Path, env: Di
     timed_steps = times[args.warmup_steps :]
     peaks = json.loads(peak_file.read_text()) if peak_file.exists() else {}
     med, p99 = float(np.median(timed_steps)), float(np.percentile(timed_steps, 99))
-    return {"mode": mode, "round": round_, "steps_timed": int(len(timed_steps)), "steps_per_s": round(1 / float(timed_steps.mean()), 3),
+    return {"mode": mode, "round": round_, "steps_timed": len(timed_steps), "steps_per_s": round(1 / float(timed_steps.mean()), 3),
             "median_step_ms": round(med * 1e3, 2), "p99_step_ms": round(p99 * 1e3, 2), "p99_over_median": round(p99 / med, 3),
             "edits_applied": int(stats.get("edits_applied", 0)), "edits_failed": int(stats.get("edits_failed", 0)),
             "render_share": float(stats.get("render_share", 0.0)), "wall_s": round(wall, 2), "loop_s": round(float(times.sum()), 2),
             "peak_gpu_bytes": peaks.get("peak_gpu_bytes"), "peak_rss_bytes": peaks.get("peak_rss_bytes")}  # fmt: skip
 
 
-def trainer_summary(runs: List[Dict]) -> Dict:
+def trainer_summary(runs: list[dict]) -> dict:
     """Per mode: median steps/s over rounds, each round's ratio to that round's "off" (median and range),
     the rounds' p99 / median step, edits applied, render share and peak memory (medians / max)."""
-    out: Dict = {}
+    out: dict = {}
     off = {r["round"]: r for r in runs if r["mode"] == "off"}
     for mode in TRAINER_MODES:
         rows = [r for r in runs if r["mode"] == mode]
@@ -637,7 +709,7 @@ def trainer_summary(runs: List[Dict]) -> Dict:
     return out
 
 
-def end_to_end(runs: List[Dict], args: argparse.Namespace) -> Dict:
+def end_to_end(runs: list[dict], args: argparse.Namespace) -> dict:
     """The same fixed job (--trainer-steps steps from the same checkpoint, the default edit rate) async against
     sync: whole-process wall time (start-up included) and training-loop time, per round, then medians."""
     pairs = []
@@ -648,7 +720,7 @@ def end_to_end(runs: List[Dict], args: argparse.Namespace) -> Dict:
             pairs.append((a, s))
     if not pairs:
         return {"skipped": "no round with both an async and a sync run"}
-    med = lambda xs: round(statistics.median(xs), 3)  # noqa: E731
+    med = lambda xs: round(statistics.median(xs), 3)
     return {"job": f"{args.trainer_steps} in2n steps from the pretrained checkpoint, edit rate {args.edit_rate} (async: at most)", "rounds": len(pairs),
             "async_wall_s": med([a["wall_s"] for a, _ in pairs]), "sync_wall_s": med([s["wall_s"] for _, s in pairs]),
             "sync_over_async_wall": med([s["wall_s"] / a["wall_s"] for a, s in pairs]),
@@ -657,10 +729,13 @@ def end_to_end(runs: List[Dict], args: argparse.Namespace) -> Dict:
             "async_edits_applied": med([a["edits_applied"] for a, _ in pairs]), "sync_edits_applied": med([s["edits_applied"] for _, s in pairs])}  # fmt: skip
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("bench/gpu: --device cuda but CUDA is not available; use --tiny --device cpu for the CPU smoke run", file=sys.stderr)
+        print(
+            "bench/gpu: --device cuda but CUDA is not available; use --tiny --device cpu for the CPU smoke run",
+            file=sys.stderr,
+        )
         return 2
     if args.device == "cpu":
         torch.set_num_threads(1)  # on a small shared CPU, more threads run far slower
@@ -669,7 +744,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     compile_section = None
     full_budget = rep.budget_s
     if args.device.startswith("cuda") and not args.no_trainer:
-        rep.budget_s = max(0.0, full_budget - args.trainer_budget_s)  # the editor's optional sections leave the trainer its time
+        rep.budget_s = max(
+            0.0, full_budget - args.trainer_budget_s
+        )  # the editor's optional sections leave the trainer its time
     try:
         compile_section = editor_sections(rep, args)
     except Exception as e:  # noqa: BLE001 - the JSON says what failed

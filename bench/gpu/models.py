@@ -10,29 +10,28 @@ Tiny: the test suite's tiny model (diffusion_server/backends/tiny_ip2p.py).
 from __future__ import annotations
 
 import os
-from typing import Dict
 
 import torch
 
 # Stable Diffusion 1.5's UNet (runwayml/stable-diffusion-v1-5 unet/config.json), 8 input channels as IP2P.
-SD15_UNET: Dict = dict(
-    sample_size=64, in_channels=8, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
-    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
-)  # fmt: skip
+SD15_UNET: dict = {
+    "sample_size": 64, "in_channels": 8, "out_channels": 4, "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2, "downsample_padding": 1, "mid_block_scale_factor": 1,
+    "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5, "cross_attention_dim": 768, "attention_head_dim": 8,
+}  # fmt: skip
 # Its VAE (vae/config.json).
-SD15_VAE: Dict = dict(
-    in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2, act_fn="silu",
-    norm_num_groups=32, block_out_channels=(128, 256, 512, 512), scaling_factor=0.18215,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-)  # fmt: skip
+SD15_VAE: dict = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 512, "layers_per_block": 2, "act_fn": "silu",
+    "norm_num_groups": 32, "block_out_channels": (128, 256, 512, 512), "scaling_factor": 0.18215,
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+}  # fmt: skip
 # CLIP ViT-L/14's text tower (openai/clip-vit-large-patch14), with the tiny tokenizer's special ids.
-CLIP_L14_TEXT: Dict = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=0, pad_token_id=1, eos_token_id=2,
-)  # fmt: skip
+CLIP_L14_TEXT: dict = {
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768, "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2,
+}  # fmt: skip
 
 
 def random_components(full: bool, device: str = "cpu", seed: int = 0) -> dict:
@@ -51,7 +50,13 @@ def random_components(full: bool, device: str = "cpu", seed: int = 0) -> dict:
         text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L14_TEXT))
     for module in (unet, vae, text_encoder):
         module.eval()
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), scheduler=DDIMScheduler(**tiny_ddim_config()))
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tiny_tokenizer(),
+        "scheduler": DDIMScheduler(**tiny_ddim_config()),
+    }
 
 
 def save_components(parts: dict, folder: str, dtype: torch.dtype) -> str:

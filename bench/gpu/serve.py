@@ -25,7 +25,11 @@ def peaks() -> dict:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         gpu = int(torch.cuda.max_memory_allocated())
-    return {"peak_gpu_bytes": gpu, "peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "t": time.time()}
+    return {
+        "peak_gpu_bytes": gpu,
+        "peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
+        "t": time.time(),
+    }
 
 
 def write_once(path: str) -> None:

@@ -29,13 +29,15 @@ def register_methods() -> None:
     """Make ns-train see the in2n methods when no installed package declares their entry points."""
     if "in2n" in entry_points(group="nerfstudio.method_configs").names or "NERFSTUDIO_METHOD_CONFIGS" in os.environ:
         return
-    os.environ["NERFSTUDIO_METHOD_CONFIGS"] = ",".join(f"{name}=nerf_trainer.method_configs:{attr}" for name, attr in METHODS.items())
+    os.environ["NERFSTUDIO_METHOD_CONFIGS"] = ",".join(
+        f"{name}=nerf_trainer.method_configs:{attr}" for name, attr in METHODS.items()
+    )
 
 
 def final_peaks(write_once, path: str) -> None:  # type: ignore[no-untyped-def]
     try:
         write_once(path)
-    except Exception:  # noqa: BLE001 - at exit, CUDA may already be torn down; the thread's last write stands
+    except Exception:  # noqa: BLE001, S110 - at exit, CUDA may already be torn down; the thread's last write stands
         pass
 
 

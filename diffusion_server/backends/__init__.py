@@ -10,8 +10,9 @@ one line saying what to do.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Literal, Optional, Tuple, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from diffusion_server.backends.base import EditBackend
 
@@ -51,7 +52,7 @@ def check_device_syntax(device: str) -> None:
         raise BackendUnavailable(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps")
 
 
-def resolve_device(device: str) -> "torch.device":
+def resolve_device(device: str) -> torch.device:
     """Parse `device` and check that torch can use it on this machine (CUDA present, the index among the
     visible devices, MPS present); raise ValueError naming `device`. Imports torch."""
     import torch
@@ -67,7 +68,9 @@ def resolve_device(device: str) -> "torch.device":
             raise ValueError(f"device {device}: CUDA is not available on this machine; use cpu")
         count = torch.cuda.device_count()
         if (dev.index or 0) >= count:
-            raise ValueError(f"device {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1}); pick one of them")
+            raise ValueError(
+                f"device {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1}); pick one of them"
+            )
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {device}: MPS is not available on this machine; use cpu")
     return dev
@@ -96,10 +99,12 @@ class TorchOptions:
     cpu_offload: bool = False
 
     def flags(self) -> str:
-        return " ".join(f"--{name.replace('_', '-')}" for name in ("channels_last", "compile", "cpu_offload") if getattr(self, name))
+        return " ".join(
+            f"--{name.replace('_', '-')}" for name in ("channels_last", "compile", "cpu_offload") if getattr(self, name)
+        )
 
 
-def no_torch_options(backend: str, options: Optional[TorchOptions]) -> None:
+def no_torch_options(backend: str, options: TorchOptions | None) -> None:
     """Raise `BackendUnavailable` if `options` sets any torch option: `backend` does not run torch."""
     if options is not None and options.flags():
         raise BackendUnavailable(
@@ -107,13 +112,15 @@ def no_torch_options(backend: str, options: Optional[TorchOptions]) -> None:
         )
 
 
-def check_torch_options(device: str, options: Optional[TorchOptions]) -> None:
+def check_torch_options(device: str, options: TorchOptions | None) -> None:
     """Raise `BackendUnavailable` for torch options that `device` cannot use (--cpu-offload off CUDA)."""
     if options is not None and options.cpu_offload and not device.startswith("cuda"):
-        raise BackendUnavailable(f"--cpu-offload needs a CUDA device (weights wait in CPU memory for the GPU); --device is {device}")
+        raise BackendUnavailable(
+            f"--cpu-offload needs a CUDA device (weights wait in CPU memory for the GPU); --device is {device}"
+        )
 
 
-def apply_torch_options(backend: EditBackend, options: Optional[TorchOptions]) -> EditBackend:
+def apply_torch_options(backend: EditBackend, options: TorchOptions | None) -> EditBackend:
     """`backend.optimize(...)` with `options` (a torch backend); a failure is one `BackendUnavailable` line."""
     if options is None:
         return backend
@@ -121,7 +128,9 @@ def apply_torch_options(backend: EditBackend, options: Optional[TorchOptions]) -
         backend.optimize(channels_last=options.channels_last, compile=options.compile, cpu_offload=options.cpu_offload)  # type: ignore[attr-defined]
     except (RuntimeError, ValueError, ImportError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise BackendUnavailable(f"{options.flags()}: not usable here ({type(e).__name__}: {first}); start without it") from e
+        raise BackendUnavailable(
+            f"{options.flags()}: not usable here ({type(e).__name__}: {first}); start without it"
+        ) from e
     return backend
 
 
@@ -133,20 +142,24 @@ def _lazy(module: str, packages: str = "its packages") -> BackendFactory:
     """The `make_backend` of `diffusion_server.backends.<module>`, imported only when the backend is chosen
     (so choosing `palette` never imports torch or diffusers)."""
 
-    def factory(model: str, device: str, precision: str, seed: int, options: TorchOptions = TorchOptions(), **extra: Any) -> EditBackend:
+    def factory(
+        model: str, device: str, precision: str, seed: int, options: TorchOptions = TorchOptions(), **extra: Any
+    ) -> EditBackend:
         import importlib
 
         try:
             loaded = importlib.import_module(f"diffusion_server.backends.{module}")
         except ImportError as e:
             name = module.replace("_", "-")
-            raise BackendUnavailable(f"the {name} backend cannot be imported ({e}); install {packages}, or use --backend palette") from e
+            raise BackendUnavailable(
+                f"the {name} backend cannot be imported ({e}); install {packages}, or use --backend palette"
+            ) from e
         return loaded.make_backend(model, device, precision, seed, options, **extra)
 
     return factory
 
 
-_FACTORIES: Dict[str, BackendFactory] = {
+_FACTORIES: dict[str, BackendFactory] = {
     "ip2p": _lazy("ip2p", "diffusers and transformers"),
     "ip2p-xl": _lazy("ip2p_xl", "diffusers and transformers"),
     "tiny-ip2p": _lazy("tiny_ip2p", "diffusers and transformers"),
@@ -156,7 +169,7 @@ _FACTORIES: Dict[str, BackendFactory] = {
 }
 """The registry: adding a backend is a module under backends/ with a `make_backend` (and a `name`) and one line here."""
 
-BACKEND_NAMES: Tuple[str, ...] = tuple(_FACTORIES)
+BACKEND_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 BackendName = Literal[BACKEND_NAMES]  # type: ignore[valid-type]
 """Names accepted by `--backend` (the registry's keys)."""
 
@@ -191,6 +204,8 @@ def create_backend(
     check_device_syntax(device)
     options = TorchOptions(channels_last=channels_last, compile=compile, cpu_offload=cpu_offload)
     if delay_ms and name != "identity":
-        raise BackendUnavailable(f"--delay-ms: only the identity backend takes it (a fixed cost per edit, for load tests), not {name}")
+        raise BackendUnavailable(
+            f"--delay-ms: only the identity backend takes it (a fixed cost per edit, for load tests), not {name}"
+        )
     extra = {"delay_ms": delay_ms} if delay_ms else {}
     return _FACTORIES[name](model, device, resolve_precision(precision, device), seed, options, **extra)

@@ -8,12 +8,12 @@ nothing of gRPC: the service validates requests, decodes images and calls
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from in2n_contract import EditParams  # noqa: F401 - the contract's type, re-exported for backends
+from in2n_contract import EditParams
 
 
 class EditRejected(ValueError):
@@ -39,7 +39,7 @@ class BackendInfo:
     model: str = ""
     device: str = "cpu"
     precision: str = "n/a"
-    known_instructions: List[str] = field(default_factory=list)
+    known_instructions: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -51,10 +51,10 @@ class EditItem:
     original: np.ndarray
     """Same size as `render`, either kind (each image keeps the dtype it travelled in); read-only."""
     params: EditParams
-    original_key: Optional[Hashable] = None
+    original_key: Hashable | None = None
     """Identifies `original` when the server caches it (same key: same pixels), so a backend may cache
     what it derives from it (e.g. conditioning latents); None: not cached."""
-    is_active: Optional[Callable[[], bool]] = None
+    is_active: Callable[[], bool] | None = None
     """False once nobody waits for this edit (client gone): a long backend may stop early and raise
     `EditCancelled` (checked by ip2p between diffusion steps). None: always active."""
 
@@ -100,13 +100,13 @@ class EditBackend(abc.ABC):
             params: validated edit parameters.
         """
 
-    def edit_batch(self, items: Sequence[EditItem]) -> List[Union[EditResult, Exception]]:
+    def edit_batch(self, items: Sequence[EditItem]) -> list[EditResult | Exception]:
         """Edit several views; one result (or the exception of that edit) per item, in order.
 
         Default: `edit` on each item in turn. A batching backend must give each item the result
         `edit` would give it alone (same seed, same numbers, up to floating-point rounding).
         """
-        results: List[Union[EditResult, Exception]] = []
+        results: list[EditResult | Exception] = []
         for item in items:
             try:
                 results.append(self.edit(item.render, item.original, item.params))

@@ -9,7 +9,6 @@ it accepts any instruction and parameters; the reported timestep is 0.
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import numpy as np
 
@@ -39,7 +38,7 @@ class IdentityBackend(EditBackend):
 
 
 def make_backend(
-    model: str, device: str, precision: str, seed: int, options: Optional[object] = None, delay_ms: float = 0.0
+    model: str, device: str, precision: str, seed: int, options: object | None = None, delay_ms: float = 0.0
 ) -> IdentityBackend:
     """Registry factory: `delay_ms` is --delay-ms (a fixed cost per edit); model, precision and seed are ignored."""
     from diffusion_server.backends import no_torch_options

@@ -43,16 +43,16 @@ import math
 import os
 import warnings
 from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
-
 from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import DEFAULT_IP2P_MODEL, resolve_device, resolve_precision
 from .base import BackendInfo, EditBackend, EditCancelled, EditItem, EditParams, EditResult
@@ -77,7 +77,7 @@ class WeightsNotFound(RuntimeError):
     (and could not, or may not, be downloaded)."""
 
 
-REFERENCE_DDIM_SETTINGS: Dict[str, Any] = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+REFERENCE_DDIM_SETTINGS: dict[str, Any] = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
 """What the reference's DDIM has (built from Stable Diffusion's scheduler config): no x0 clipping (latent
 diffusion), the last step to alphas_cumprod[0] rather than 1, timesteps k * (T // n) + 1."""
 
@@ -106,7 +106,8 @@ def _looks_like_path(model: str) -> bool:
         or model.startswith((".", "~"))
         or model.endswith(("/", os.sep))
         or model.count("/") > 1
-        or os.sep != "/" and os.sep in model
+        or os.sep != "/"
+        and os.sep in model
     )
 
 
@@ -150,7 +151,11 @@ class Ip2pBackend(EditBackend):
         if not isinstance(scheduler, DDIMScheduler):  # e.g. the Euler scheduler IP2P ships with
             scheduler = ddim_from_config(scheduler.config)
         cfg = scheduler.config
-        if cfg.get("prediction_type", "epsilon") != "epsilon" or cfg.get("thresholding", False) or cfg.get("clip_sample", False):
+        if (
+            cfg.get("prediction_type", "epsilon") != "epsilon"
+            or cfg.get("thresholding", False)
+            or cfg.get("clip_sample", False)
+        ):
             raise ValueError(
                 "scheduler: the batched DDIM update needs prediction_type='epsilon', no thresholding and no clip_sample "
                 f"(got {cfg.get('prediction_type')!r}, {cfg.get('thresholding')!r}, {cfg.get('clip_sample')!r})"
@@ -170,23 +175,25 @@ class Ip2pBackend(EditBackend):
         self.vae_dtype = self.dtype  # the VAE's own precision (ip2p-xl keeps an fp16-unsafe VAE in fp32)
         self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self._text_cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-        self._empty_embedding: Optional[torch.Tensor] = None
-        self._cond_cache: "OrderedDict[Hashable, torch.Tensor]" = OrderedDict()
+        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._empty_embedding: torch.Tensor | None = None
+        self._cond_cache: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
         self.cond_encodes = 0  # originals encoded by the VAE (cache misses), for tests
         self.unet_steps_run = 0  # denoising steps run (one UNet call each), for tests
-        self.options: Dict[str, bool] = {}
+        self.options: dict[str, bool] = {}
         try:
             from diffusers.models.attention_processor import AttnProcessor2_0
 
             processors = list(self.unet.attn_processors.values())
-            self.attention = "sdpa" if processors and all(isinstance(p, AttnProcessor2_0) for p in processors) else "other"
+            self.attention = (
+                "sdpa" if processors and all(isinstance(p, AttnProcessor2_0) for p in processors) else "other"
+            )
         except Exception:  # noqa: BLE001 - informational only
             self.attention = "unknown"
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, model: str = DEFAULT_MODEL, device: str = "cpu", precision: str = "auto") -> "Ip2pBackend":
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, device: str = "cpu", precision: str = "auto") -> Ip2pBackend:
         """Load an IP2P model in diffusers format from a local folder or a hub id.
 
         Local files come first (the folder, or the Hugging Face cache for a hub id);
@@ -242,19 +249,18 @@ class Ip2pBackend(EditBackend):
 
     @classmethod
     def _load_components_unfiltered(cls, model: str, dtype: torch.dtype, local_files_only: bool) -> dict:
-        kw: dict = dict(local_files_only=local_files_only)
-        return dict(
-            scheduler=ddim_from_config(DDIMScheduler.load_config(model, subfolder="scheduler", **kw)),
-            tokenizer=CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kw),
-            text_encoder=CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **kw),  # cast later
-            vae=AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kw),
-            unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kw),
-        )
+        kw: dict = {"local_files_only": local_files_only}
+        return {
+            "scheduler": ddim_from_config(DDIMScheduler.load_config(model, subfolder="scheduler", **kw)),
+            "tokenizer": CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kw),
+            "text_encoder": CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **kw),  # cast later
+            "vae": AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kw),
+            "unet": UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kw),
+        }
 
     # ------------------------------------------------------------------ interface
     def info(self) -> BackendInfo:
         return BackendInfo(model=self.model, device=str(self.device), precision=self.precision)
-
 
     def edit(self, render: np.ndarray, original: np.ndarray, params: EditParams) -> EditResult:
         result = self.edit_batch([EditItem(render, original, params)])[0]
@@ -263,9 +269,9 @@ class Ip2pBackend(EditBackend):
         return result
 
     @torch.inference_mode()
-    def edit_batch(self, items: Sequence[EditItem]) -> List[Union[EditResult, Exception]]:
-        results: List[Union[EditResult, Exception, None]] = [None] * len(items)
-        groups: "OrderedDict[Tuple[int, int, int], List[Tuple[int, _Prepared]]]" = OrderedDict()
+    def edit_batch(self, items: Sequence[EditItem]) -> list[EditResult | Exception]:
+        results: list[EditResult | Exception | None] = [None] * len(items)
+        groups: OrderedDict[tuple[int, int, int], list[tuple[int, _Prepared]]] = OrderedDict()
         for i, item in enumerate(items):
             try:
                 p = self._prepare(item)
@@ -275,12 +281,14 @@ class Ip2pBackend(EditBackend):
             groups.setdefault((p.h8, p.w8, p.steps), []).append((i, p))
         for members in groups.values():
             try:
-                outs: List[Union[EditResult, Exception]] = list(self._run_group([p for _, p in members]))
+                outs: list[EditResult | Exception] = list(self._run_group([p for _, p in members]))
             except Exception as e:  # noqa: BLE001
                 if len(members) == 1 or isinstance(e, EditCancelled):
                     outs = [e] * len(members)
                 else:  # e.g. out of memory: each edit alone
-                    logger.warning("batch of %d edits failed (%s: %s); running them one by one", len(members), type(e).__name__, e)
+                    logger.warning(
+                        "batch of %d edits failed (%s: %s); running them one by one", len(members), type(e).__name__, e
+                    )
                     outs = []
                     for _, p in members:
                         try:
@@ -291,7 +299,7 @@ class Ip2pBackend(EditBackend):
                 results[i] = out
         return results  # type: ignore[return-value]
 
-    def _draw_timestep(self, gen: torch.Generator, params: EditParams) -> Tuple[int, int]:
+    def _draw_timestep(self, gen: torch.Generator, params: EditParams) -> tuple[int, int]:
         """(T, steps): T from `gen` (its first draw), steps = min(diffusion_steps, T)."""
         n_train = int(self.scheduler.config.num_train_timesteps)  # 1000
         lo = int(params.lower_bound * n_train + 1e-6)
@@ -313,7 +321,7 @@ class Ip2pBackend(EditBackend):
         T, steps = self._draw_timestep(gen, item.params)
         return _Prepared(item, H, W, h8, w8, seed, T, steps)
 
-    def _run_group(self, preps: Sequence[_Prepared]) -> List[EditResult]:
+    def _run_group(self, preps: Sequence[_Prepared]) -> list[EditResult]:
         """Edits of one size and step count, as one UNet call per step."""
         B = len(preps)
         h8, w8, steps = preps[0].h8, preps[0].w8, preps[0].steps
@@ -326,12 +334,14 @@ class Ip2pBackend(EditBackend):
 
         renders = torch.cat([self._to_model_image(p.item.render, h8, w8) for p in preps])  # [B, 3, h8, w8] in [-1, 1]
         posterior = self.vae.encode(renders).latent_dist
-        latents: List[torch.Tensor] = []
+        latents: list[torch.Tensor] = []
         timesteps = []  # per edit, [steps]
         strides = []
         for i, (p, gen) in enumerate(zip(preps, gens)):
             mean, std = posterior.mean[i : i + 1], posterior.std[i : i + 1]
-            sample = randn_tensor(mean.shape, generator=gen, device=posterior.parameters.device, dtype=posterior.parameters.dtype)
+            sample = randn_tensor(
+                mean.shape, generator=gen, device=posterior.parameters.device, dtype=posterior.parameters.dtype
+            )
             lat = ((mean + std * sample) * self.scaling_factor).to(self.dtype)  # [1, 4, h, w]
             noise = torch.randn(lat.shape, generator=gen, dtype=torch.float32).to(self.device, self.dtype)
             scheduler = copy.deepcopy(self.scheduler)
@@ -344,8 +354,14 @@ class Ip2pBackend(EditBackend):
         lat = torch.cat(latents)  # [B, 4, h, w]
         coef = self._ddim_coefficients(torch.stack(timesteps), torch.tensor(strides))  # [steps, 4, B, 1, 1, 1]
         t_rows = torch.stack(timesteps).T.repeat(1, 3).to(self.device)  # [steps, 3B], on the device once
-        g_text = torch.tensor([p.item.params.guidance_scale for p in preps]).view(B, 1, 1, 1).to(self.device, self.dtype)
-        g_image = torch.tensor([p.item.params.image_guidance_scale for p in preps]).view(B, 1, 1, 1).to(self.device, self.dtype)
+        g_text = (
+            torch.tensor([p.item.params.guidance_scale for p in preps]).view(B, 1, 1, 1).to(self.device, self.dtype)
+        )
+        g_image = (
+            torch.tensor([p.item.params.image_guidance_scale for p in preps])
+            .view(B, 1, 1, 1)
+            .to(self.device, self.dtype)
+        )
 
         image_latents = self._conditioning(preps, h8, w8).to(self.dtype)  # [B, 4, h, w]
         image_cond = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # [3B, 4, h, w]
@@ -353,7 +369,9 @@ class Ip2pBackend(EditBackend):
 
         for k in range(steps):
             if all(p.item.is_active is not None and not p.item.is_active() for p in preps):
-                raise EditCancelled(f"nobody waits for {'this edit' if B == 1 else f'these {B} edits'}; stopped after {k} of {steps} steps")
+                raise EditCancelled(
+                    f"nobody waits for {'this edit' if B == 1 else f'these {B} edits'}; stopped after {k} of {steps} steps"
+                )
             self.unet_steps_run += 1
             model_in = torch.cat([lat.repeat(3, 1, 1, 1), image_cond], dim=1)  # [3B, 8, h, w]
             eps = self.unet(model_in, t_rows[k], encoder_hidden_states=text_cond, **unet_kwargs).sample
@@ -363,7 +381,7 @@ class Ip2pBackend(EditBackend):
 
         out = self.vae.decode((lat / self.scaling_factor).to(self.vae_dtype)).sample  # [B, 3, h8, w8] in ~[-1, 1]
         out = (out.float() / 2 + 0.5).clamp(0, 1)
-        results: List[EditResult] = []
+        results: list[EditResult] = []
         for i, p in enumerate(preps):
             o = out[i : i + 1]
             if (h8, w8) != (p.H, p.W):
@@ -397,7 +415,7 @@ class Ip2pBackend(EditBackend):
         x0 = (lat - sqrt_beta_t * eps) / sqrt_a_t  # predicted original latents
         return sqrt_a_prev * x0 + sqrt_beta_prev * eps
 
-    def _unet_conditioning(self, preps: Sequence[_Prepared], h8: int, w8: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    def _unet_conditioning(self, preps: Sequence[_Prepared], h8: int, w8: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """Text conditioning of the 3B UNet rows (text, empty, empty) and any other UNet arguments."""
         B = len(preps)
         empty = self._empty()
@@ -406,8 +424,8 @@ class Ip2pBackend(EditBackend):
 
     def _conditioning(self, preps: Sequence[_Prepared], h8: int, w8: int) -> torch.Tensor:
         """VAE(original).mode of each edit, [B, 4, h, w]; those of cached originals come from an LRU."""
-        found: List[Optional[torch.Tensor]] = []
-        missing: List[int] = []
+        found: list[torch.Tensor | None] = []
+        missing: list[int] = []
         for i, p in enumerate(preps):
             key = None if p.item.original_key is None else (p.item.original_key, h8, w8)
             cached = self._cond_cache.get(key) if key is not None else None
@@ -433,8 +451,8 @@ class Ip2pBackend(EditBackend):
         channels_last: bool = False,
         compile: bool = False,
         cpu_offload: bool = False,
-        compile_mode: Optional[str] = None,
-        warmup_side: Optional[int] = None,
+        compile_mode: str | None = None,
+        warmup_side: int | None = None,
         compile_backend: str = "inductor",
     ) -> None:
         """Speed and memory options (all off by default); raises RuntimeError/ImportError when unusable.
@@ -467,7 +485,9 @@ class Ip2pBackend(EditBackend):
             side = int(warmup_side or int(getattr(self.unet.config, "sample_size", 8) or 8) * self.vae_factor)
             rng = np.random.default_rng(0)
             probe = rng.random((side, side, 3), dtype=np.float32)
-            self.edit(probe, probe, EditParams(instruction="warm-up", diffusion_steps=2, seed=0))  # compiles now, fails now
+            self.edit(
+                probe, probe, EditParams(instruction="warm-up", diffusion_steps=2, seed=0)
+            )  # compiles now, fails now
         self.options = {"channels_last": channels_last, "compile": compile, "cpu_offload": cpu_offload}
 
     # ------------------------------------------------------------------ helpers
@@ -478,10 +498,10 @@ class Ip2pBackend(EditBackend):
             module = module.to(dtype=self.dtype)
         return module.eval()
 
-    def _vae_size(self, H: int, W: int) -> Tuple[int, int]:
+    def _vae_size(self, H: int, W: int) -> tuple[int, int]:
         """Nearest multiples of the VAE's downsampling factor (at least one factor)."""
         f = self.vae_factor
-        return max(f, int(math.floor(H / f + 0.5)) * f), max(f, int(math.floor(W / f + 0.5)) * f)
+        return max(f, math.floor(H / f + 0.5) * f), max(f, math.floor(W / f + 0.5) * f)
 
     def _to_model_image(self, img: np.ndarray, h: int, w: int) -> torch.Tensor:
         """[H, W, 3] uint8 (0..255) or float in [0, 1] -> [1, 3, h, w] in [-1, 1] on the device."""
@@ -502,7 +522,11 @@ class Ip2pBackend(EditBackend):
             truncation=True,
             return_tensors="pt",
         )
-        mask = tok.attention_mask.to(self.device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        mask = (
+            tok.attention_mask.to(self.device)
+            if getattr(self.text_encoder.config, "use_attention_mask", False)
+            else None
+        )
         return self.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]  # [1, 77, D]
 
     def _text_embedding(self, instruction: str) -> torch.Tensor:
@@ -539,11 +563,11 @@ def _hf_cache_dir() -> str:
         from huggingface_hub import constants
 
         return str(constants.HF_HUB_CACHE)
-    except Exception:  # pragma: no cover - very old huggingface_hub
+    except Exception:  # noqa: BLE001 - very old huggingface_hub
         return "~/.cache/huggingface/hub"
 
 
-def make_backend(model: str, device: str, precision: str, seed: int, options: Optional[Any] = None) -> EditBackend:
+def make_backend(model: str, device: str, precision: str, seed: int, options: Any | None = None) -> EditBackend:
     """Registry factory: load `model` (a hub id already in the cache, or a local diffusers folder); `seed` is unused."""
     from . import BackendUnavailable, apply_torch_options, check_device_available, check_torch_options
 

@@ -19,14 +19,14 @@ posterior sample, then the noise, from one CPU generator.
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
 
-def reference_edit(parts: Any, render: np.ndarray, original: np.ndarray, params: Any) -> Tuple[np.ndarray, int]:
+def reference_edit(parts: Any, render: np.ndarray, original: np.ndarray, params: Any) -> tuple[np.ndarray, int]:
     """One edit of `render` ([H, W, 3] float32 in [0, 1], H and W multiples of the VAE factor).
 
     Args:
@@ -59,7 +59,9 @@ def reference_edit(parts: Any, render: np.ndarray, original: np.ndarray, params:
         return (x * 2 - 1).to(device, vae.dtype)
 
     def embed(text: str) -> torch.Tensor:
-        ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         return text_encoder(ids.to(text_encoder.device))[0].to(dtype)  # [1, 77, D]
 
     with torch.no_grad():

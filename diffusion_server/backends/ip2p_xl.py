@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -54,7 +55,9 @@ class Ip2pXlBackend(Ip2pBackend):
         force_zeros_for_empty_prompt: bool = True,
     ) -> None:
         if getattr(unet.config, "addition_embed_type", None) != "text_time":
-            raise ValueError("unet has no SDXL 'text_time' added conditioning; this is not an SDXL model (use --backend ip2p)")
+            raise ValueError(
+                "unet has no SDXL 'text_time' added conditioning; this is not an SDXL model (use --backend ip2p)"
+            )
         super().__init__(unet, vae, text_encoder, tokenizer, scheduler, device=device, precision=precision, model=model)
         self.text_encoder_2 = self._place(text_encoder_2)
         self.tokenizer_2 = tokenizer_2
@@ -62,13 +65,13 @@ class Ip2pXlBackend(Ip2pBackend):
         if self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
             self.vae = self.vae.to(dtype=torch.float32)
             self.vae_dtype = torch.float32
-        self._pooled_cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        self._pooled_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def _load_components_unfiltered(cls, model: str, dtype: torch.dtype, local_files_only: bool) -> dict:
         parts = super()._load_components_unfiltered(model, dtype, local_files_only)
-        kw: dict = dict(local_files_only=local_files_only)
+        kw: dict = {"local_files_only": local_files_only}
         parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", **kw)
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2", **kw)
         index = os.path.join(model, "model_index.json")
@@ -81,7 +84,7 @@ class Ip2pXlBackend(Ip2pBackend):
     def _encode_text(self, text: str) -> torch.Tensor:
         """[1, 77, D1 + D2]: penultimate hidden states of both encoders; the pooled output is kept aside."""
         states = []
-        pooled: Optional[torch.Tensor] = None
+        pooled: torch.Tensor | None = None
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
             ids = tokenizer(
                 text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
@@ -101,13 +104,13 @@ class Ip2pXlBackend(Ip2pBackend):
             self._encode_text(text)
         return self._pooled_cache[text]
 
-    def _empty_pair(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _empty_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.force_zeros_for_empty_prompt:
             reference = self._text_embedding("")  # shapes only
             return torch.zeros_like(reference), torch.zeros_like(self._pooled(""))
         return self._text_embedding(""), self._pooled("")
 
-    def _unet_conditioning(self, preps: Sequence[_Prepared], h8: int, w8: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    def _unet_conditioning(self, preps: Sequence[_Prepared], h8: int, w8: int) -> tuple[torch.Tensor, dict[str, Any]]:
         B = len(preps)
         empty, empty_pooled = self._empty_pair()
         texts = [p.item.params.instruction for p in preps]
@@ -130,5 +133,7 @@ def make_backend(model: str, device: str, precision: str, seed: int, options: An
     try:
         backend = Ip2pXlBackend.from_pretrained(model, device, precision)
     except WeightsNotFound as e:
-        raise BackendUnavailable(str(e).strip().splitlines()[0] if str(e).strip() else "ip2p-xl weights not found") from e
+        raise BackendUnavailable(
+            str(e).strip().splitlines()[0] if str(e).strip() else "ip2p-xl weights not found"
+        ) from e
     return apply_torch_options(backend, options)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
 
 import numpy as np
 
@@ -93,7 +93,7 @@ def _tint(channel: int) -> Look:
 
 
 # look name -> (function, phrasings); the first phrasing is the canonical one.
-LOOKS: Dict[str, Tuple[Look, List[str]]] = {
+LOOKS: dict[str, tuple[Look, list[str]]] = {
     "identity": (_identity, ["don't change the image", "do not change the image", "keep it the same", "no change"]),
     "sepia": (_sepia, ["make it sepia", "turn it sepia", "make it look like an old photo"]),
     "night": (_night, ["make it look like night", "make it night", "turn it into night", "make it nighttime"]),
@@ -115,10 +115,10 @@ def normalize_instruction(text: str) -> str:
     return " ".join(text.split())
 
 
-_LOOK_OF: Dict[str, str] = {normalize_instruction(p): name for name, (_, phrases) in LOOKS.items() for p in phrases}
+_LOOK_OF: dict[str, str] = {normalize_instruction(p): name for name, (_, phrases) in LOOKS.items() for p in phrases}
 
 
-def known_instructions() -> List[str]:
+def known_instructions() -> list[str]:
     """Every phrasing the palette backend understands, as written in `LOOKS`."""
     return [p for _, phrases in LOOKS.values() for p in phrases]
 
@@ -157,7 +157,7 @@ class PaletteBackend(EditBackend):
         return EditResult(image=apply_look(look_of(params.instruction), render), timestep=0)
 
 
-def make_backend(model: str, device: str, precision: str, seed: int, options: Optional[object] = None) -> PaletteBackend:
+def make_backend(model: str, device: str, precision: str, seed: int, options: object | None = None) -> PaletteBackend:
     """Registry factory: runs on the CPU whatever `device`; model, precision and seed are ignored."""
     from diffusion_server.backends import no_torch_options
 

@@ -49,8 +49,8 @@ The instruction is accepted whatever it says (the looks are the "edit").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -59,12 +59,12 @@ from diffusion_server.backends.base import BackendInfo, EditBackend, EditParams,
 NUM_TRAIN_TIMESTEPS = 1000
 _EPS = 1e-4
 
-DEFAULT_GAINS: Tuple[Tuple[float, float, float], ...] = (
+DEFAULT_GAINS: tuple[tuple[float, float, float], ...] = (
     (1.0, 0.5, 0.5),  # red tint
     (0.5, 1.0, 0.5),  # green tint
     (0.5, 0.5, 1.0),  # blue tint
 )
-DEFAULT_LOOK_NAMES: Tuple[str, ...] = ("red", "green", "blue")
+DEFAULT_LOOK_NAMES: tuple[str, ...] = ("red", "green", "blue")
 
 
 def alphas_cumprod(num_steps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
@@ -97,10 +97,10 @@ class StochasticLookBackend(EditBackend):
     def __init__(
         self,
         gains: Sequence[Sequence[float]] = DEFAULT_GAINS,
-        names: Optional[Sequence[str]] = None,
+        names: Sequence[str] | None = None,
         temperature: float = 0.25,
-        seed: Optional[int] = None,
-        seen_pixels: Optional[int] = 4096,
+        seed: int | None = None,
+        seen_pixels: int | None = 4096,
     ) -> None:
         gains_array = np.asarray(gains, dtype=np.float64)
         if gains_array.ndim != 2 or gains_array.shape[1] != 3 or len(gains_array) < 2:
@@ -115,13 +115,15 @@ class StochasticLookBackend(EditBackend):
         self.gains = gains_array
         self.look_stats = np.log(gains_array)  # [K, 3]: stats(look_k(o) | o) for every o
         default_names = DEFAULT_LOOK_NAMES if len(gains_array) == len(DEFAULT_LOOK_NAMES) else ()
-        self.names = list(names) if names is not None else (list(default_names) or [f"look{k}" for k in range(len(gains_array))])
+        self.names = (
+            list(names) if names is not None else (list(default_names) or [f"look{k}" for k in range(len(gains_array))])
+        )
         if len(self.names) != len(gains_array):
             raise ValueError(f"{len(self.names)} names for {len(gains_array)} looks")
         self.temperature = float(temperature)
         self.alphas_cumprod = alphas_cumprod()
         self._rng = np.random.default_rng(seed)
-        self.last_choice: Optional[LookChoice] = None
+        self.last_choice: LookChoice | None = None
 
     @property
     def num_looks(self) -> int:
@@ -149,10 +151,12 @@ class StochasticLookBackend(EditBackend):
 
     def edit(self, render: np.ndarray, original: np.ndarray, params: EditParams) -> EditResult:
         if render.shape != original.shape or render.ndim != 3 or render.shape[-1] != 3:
-            raise EditRejected(f"render {tuple(render.shape)} and original {tuple(original.shape)} must both be [H, W, 3]")
+            raise EditRejected(
+                f"render {tuple(render.shape)} and original {tuple(original.shape)} must both be [H, W, 3]"
+            )
         rng = np.random.default_rng(params.seed) if params.seed is not None else self._rng
-        lo = int(round(params.lower_bound * NUM_TRAIN_TIMESTEPS))
-        hi = max(lo, min(int(round(params.upper_bound * NUM_TRAIN_TIMESTEPS)), NUM_TRAIN_TIMESTEPS - 1))
+        lo = round(params.lower_bound * NUM_TRAIN_TIMESTEPS)
+        hi = max(lo, min(round(params.upper_bound * NUM_TRAIN_TIMESTEPS), NUM_TRAIN_TIMESTEPS - 1))
         t = int(rng.integers(lo, hi + 1))
         abar = float(self.alphas_cumprod[t])
         r = np.asarray(render, dtype=np.float64)
@@ -170,7 +174,7 @@ class StochasticLookBackend(EditBackend):
         return EditResult(image=out, timestep=t)
 
 
-def make_backend(model: str, device: str, precision: str, seed: int, options: Optional[object] = None) -> EditBackend:
+def make_backend(model: str, device: str, precision: str, seed: int, options: object | None = None) -> EditBackend:
     """Registry factory: runs on the CPU, `seed` seeds unseeded calls; model and precision are ignored."""
     from diffusion_server.backends import no_torch_options
 

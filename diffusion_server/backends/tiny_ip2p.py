@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -23,7 +23,7 @@ from .ip2p import REFERENCE_DDIM_SETTINGS, Ip2pBackend
 TINY_MODEL_LABEL = "tiny-random-ip2p"
 
 # Merges of the tiny BPE vocabulary: a few common English pieces.
-_MERGES: List[Tuple[str, str]] = [
+_MERGES: list[tuple[str, str]] = [
     ("t", "h"),
     ("th", "e</w>"),
     ("i", "n"),
@@ -37,7 +37,7 @@ _MERGES: List[Tuple[str, str]] = [
 ]
 
 
-def _tiny_vocab() -> Dict[str, int]:
+def _tiny_vocab() -> dict[str, int]:
     """Special tokens (bos 0, pad 1, eos 2), every printable ASCII character with and
     without the end-of-word suffix, and the results of `_MERGES`. Anything else
     (non-ASCII bytes) maps to the unknown token, so any text tokenises."""
@@ -85,24 +85,30 @@ def tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
 def tiny_text_config(**overrides: Any) -> CLIPTextConfig:
     """A 3-layer, 32-wide CLIP text encoder's config, with the tiny tokenizer's special ids; `overrides`
     replace or add fields (e.g. SDXL's second encoder: hidden_act="gelu", projection_dim=32)."""
-    fields: Dict[str, Any] = dict(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        vocab_size=1000,
-        max_position_embeddings=77,
-        bos_token_id=0,
-        pad_token_id=1,
-        eos_token_id=2,
-    )
+    fields: dict[str, Any] = {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "vocab_size": 1000,
+        "max_position_embeddings": 77,
+        "bos_token_id": 0,
+        "pad_token_id": 1,
+        "eos_token_id": 2,
+    }
     return CLIPTextConfig(**{**fields, **overrides})
 
 
-def tiny_ddim_config() -> Dict[str, Any]:
+def tiny_ddim_config() -> dict[str, Any]:
     """DDIMScheduler arguments: Stable Diffusion's noise schedule (scaled-linear betas 0.00085 .. 0.012 over
     1000 steps) with the reference's DDIM settings (`REFERENCE_DDIM_SETTINGS`); the same at any model size."""
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **REFERENCE_DDIM_SETTINGS)
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        **REFERENCE_DDIM_SETTINGS,
+    )
 
 
 def tiny_components(seed: int) -> dict:
@@ -126,21 +132,25 @@ def tiny_components(seed: int) -> dict:
     scheduler = DDIMScheduler(**tiny_ddim_config())
     for module in (unet, vae, text_encoder):
         module.eval()
-    return dict(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), scheduler=scheduler
-    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tiny_tokenizer(),
+        "scheduler": scheduler,
+    }
 
 
 def build_tiny_ip2p(device: str = "cpu", seed: int = 0, precision: str = "fp32") -> Ip2pBackend:
     """A tiny random IP2P backend; the same `seed` gives identical weights."""
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+        raise ValueError(f"seed must be an int, got {seed!r}")  # noqa: TRY004 - the seed's errors are ValueErrors, as the other arguments'
     backend = Ip2pBackend(**tiny_components(seed), device=device, precision=precision, model=TINY_MODEL_LABEL)
     backend.name = "tiny-ip2p"  # the ip2p code on tiny weights: Describe says which
     return backend
 
 
-def make_backend(model: str, device: str, precision: str, seed: int, options: Optional[Any] = None) -> Ip2pBackend:
+def make_backend(model: str, device: str, precision: str, seed: int, options: Any | None = None) -> Ip2pBackend:
     """Registry factory: the tiny model of `seed` (weights built here, nothing loaded); `model` is ignored."""
     from . import apply_torch_options, check_device_available, check_torch_options
 
@@ -156,7 +166,7 @@ def save_tiny_ip2p(path: str | os.PathLike, seed: int = 0) -> str:
     Returns the folder as a string.
     """
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+        raise ValueError(f"seed must be an int, got {seed!r}")  # noqa: TRY004 - the seed's errors are ValueErrors, as the other arguments'
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     pipe = StableDiffusionInstructPix2PixPipeline(
