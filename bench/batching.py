@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: t
 
 from _server import BenchServer, machine
 
-from diffusion_server.client import StreamClient
+from in2n_client import StreamClient
 from in2n_contract import EditParams
 from testing_support import free_port
 

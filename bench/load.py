@@ -33,7 +33,7 @@ def client(index: int, address: str, attempts: int, side: int, think_ms: float, 
     import grpc
     import numpy as np
 
-    from diffusion_server import codec
+    from in2n_contract import codec
     from protos.in2n.v1 import edit_service_pb2 as pb
     from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 

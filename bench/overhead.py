@@ -19,7 +19,7 @@ import time
 import numpy as np
 from _server import BenchServer, machine, percentile
 
-from diffusion_server.client import EditClient, StreamClient, original_key
+from in2n_client import EditClient, StreamClient, original_key
 from in2n_contract import EditParams
 
 

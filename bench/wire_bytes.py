@@ -19,7 +19,7 @@ import time
 import numpy as np
 from _server import BenchServer, machine
 
-from diffusion_server.client import StreamClient
+from in2n_client import StreamClient
 from in2n_contract import EditParams
 
 

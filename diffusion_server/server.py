@@ -33,7 +33,7 @@ from diffusion_server.config import ServerConfig
 from diffusion_server.metrics import ServerMetrics
 from diffusion_server.service import EditServicer, add_edit_service
 from diffusion_server.validation import ServiceLimits
-from in2n_contract import SERVICE_NAME
+from in2n_contract import HTTP2_WINDOW_BYTES, SERVICE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def build_server(
             ("grpc.max_send_message_length", limits.max_message_bytes),
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
-            ("grpc.http2.lookahead_bytes", 16 << 20),  # a whole image per window: no flow-control stalls mid-message
+            ("grpc.http2.lookahead_bytes", HTTP2_WINDOW_BYTES),
         ],
     )
     servicer = EditServicer(backend, limits, metrics)

@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from diffusion_server import codec
 from diffusion_server.backends.base import EditBackend, EditRejected
-from diffusion_server.client import original_key
 from in2n_contract import (
     DEFAULT_DIFFUSION_STEPS,
     DEFAULT_GUIDANCE_SCALE,
@@ -38,9 +36,11 @@ from in2n_contract import (
     ORIGINAL_NOT_CACHED,
     ORIGINAL_REQUIRED,
     EditParams,
+    codec,
     max_message_bytes_for,
     pb,
 )
+from in2n_contract.codec import wire_original_key
 
 
 @dataclass(frozen=True)
@@ -81,22 +81,6 @@ def client_tag(client_id: str) -> str:
     """What logs and messages show of a client id: a short hash prefix. The id itself is a secret
     (whoever knows it may use that client's cached originals), so it is never written out."""
     return "#" + hashlib.sha256(client_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-
-
-_WIRE_DTYPES = {
-    pb.DTYPE_UINT8: np.dtype(np.uint8),
-    pb.DTYPE_FLOAT16: np.dtype("<f2"),
-    pb.DTYPE_FLOAT32: np.dtype("<f4"),
-}
-
-
-def wire_original_key(image: pb.Image) -> str:
-    """`client.original_key` of an image as it travelled (its shape, dtype and bytes): what an honest
-    client sends as `original_key` with it. `image` must have passed `codec.decode_image`."""
-    array = np.frombuffer(image.data, dtype=_WIRE_DTYPES[image.dtype]).reshape(
-        image.height, image.width, image.channels
-    )
-    return original_key(array)
 
 
 def short_repr(text: str, limit: int = 80) -> str:
@@ -260,7 +244,7 @@ def parse_request(
         # Without this check, whoever learnt a client's id could replace that client's cached original.
         raise invalid_argument(
             f"original_key {short_repr(req.original_key, 40)} does not match the original sent with it; "
-            "send original_key(original) as computed by diffusion_server.client (a hash of the image as it travels)"
+            "send original_key(original) as computed by in2n_contract.codec (a hash of the image as it travels)"
         )
     if original is None:
         original = originals.get(req.client_id, req.view_id, req.original_key) if originals is not None else None

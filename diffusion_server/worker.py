@@ -20,10 +20,9 @@ import time
 import grpc
 import numpy as np
 
-from diffusion_server import codec
 from diffusion_server.backends.base import EditBackend, EditCancelled, EditItem, EditRejected, EditResult
 from diffusion_server.validation import EditJob, RequestError
-from in2n_contract import pb
+from in2n_contract import codec, pb
 
 log = logging.getLogger(__name__)
 

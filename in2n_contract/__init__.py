@@ -43,6 +43,9 @@ class EditParams:
 
 
 # Headroom over two images' pixels for the rest of a request (instruction, ids, framing).
+HTTP2_WINDOW_BYTES = 16 << 20
+"""The HTTP/2 stream window both ends use: a whole image per window, no flow-control round trips inside one."""
+
 MESSAGE_HEADROOM_BYTES = 4 << 20
 DEFAULT_MAX_IMAGE_SIDE = 2048
 """The server's --max-image-side default; clients size their message limit for it."""

@@ -231,7 +231,7 @@ def start_servers(plans: list[ServerPlan], env: dict, log_dir: Path | None) -> l
 
     Their output goes to log_dir/server.log (server-PORT.log for several), or to this terminal without log_dir.
     """
-    from diffusion_server.client import EditClient
+    from in2n_client import EditClient
 
     servers: list[subprocess.Popen] = []
     logs: dict[int, Path] = {}

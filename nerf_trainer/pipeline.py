@@ -30,8 +30,7 @@ from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
 from nerfstudio.viewer.viewer_elements import ViewerNumber, ViewerText
 
-from diffusion_server.client import original_key
-from diffusion_server.codec import ImageFormatError
+from in2n_client import original_key
 from in2n_contract import (
     DEFAULT_DIFFUSION_STEPS,
     DEFAULT_GUIDANCE_SCALE,
@@ -41,6 +40,7 @@ from in2n_contract import (
     MAX_GUIDANCE,
     EditParams,
 )
+from in2n_contract.codec import ImageFormatError
 from nerf_trainer.datamanager import In2nDataManagerConfig
 from nerf_trainer.dataset_update import DatasetUpdateSchedule
 from nerf_trainer.model import In2nModelConfig

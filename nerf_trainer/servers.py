@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from diffusion_server.client import EditClient, EditFailed, StreamClient, StreamResult
+from in2n_client import EditClient, EditFailed, StreamClient, StreamResult
 from nerf_trainer.variants import precision_on
 
 

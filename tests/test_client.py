@@ -1,4 +1,4 @@
-"""diffusion_server.client against real palette server subprocesses.
+"""in2n_client against real palette server subprocesses.
 
 Waiting is always a loop on observable state with a deadline (the client never blocks the caller,
 so a test has to poll it, as the trainer does); nothing asserts on elapsed time.
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from test_palette import expected_look, random_image
 
-from diffusion_server.client import EditClient, EditFailed, StreamClient, StreamResult
+from in2n_client import EditClient, EditFailed, StreamClient, StreamResult
 from in2n_contract import EditParams
 from testing_support import free_port
 

@@ -79,9 +79,9 @@ def _documented_original_key(height: int, width: int, channels: int, dtype_code:
 def test_the_documented_original_key_is_the_one_the_server_checks() -> None:
     """The recipe of `original_key` in the contract (a client in another language follows it) is what
     `original_key` computes and what the server checks (`wire_original_key`), for every dtype that travels."""
-    from diffusion_server.client import make_request, original_key
-    from diffusion_server.validation import wire_original_key
+    from in2n_client import make_request, original_key
     from in2n_contract import EditParams
+    from in2n_contract.codec import wire_original_key
 
     rng = np.random.default_rng(0)
     pixels = rng.random((5, 7, 3))  # [H, W, 3] float64

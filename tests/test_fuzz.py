@@ -26,8 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_palette import expected_look, random_image
 
-from diffusion_server import codec
-from in2n_contract import MAX_CLIENT_ID_CHARS, MAX_INSTRUCTION_CHARS, MAX_REQUEST_ID_CHARS, ORIGINAL_REQUIRED
+from in2n_contract import MAX_CLIENT_ID_CHARS, MAX_INSTRUCTION_CHARS, MAX_REQUEST_ID_CHARS, ORIGINAL_REQUIRED, codec
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 from testing_support import rss_bytes

@@ -14,8 +14,8 @@ from diffusers import DDIMScheduler
 from diffusion_server.backends.ip2p import Ip2pBackend, WeightsNotFound
 from diffusion_server.backends.ip2p_reference import reference_edit
 from diffusion_server.backends.tiny_ip2p import build_tiny_ip2p, save_tiny_ip2p
-from diffusion_server.codec import to_float01
 from in2n_contract import EditParams
+from in2n_contract.codec import to_float01
 
 FEW = 4  # diffusion steps where the count does not matter
 

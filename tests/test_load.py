@@ -29,9 +29,8 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, EditServerProcess, start_edit_server, subprocess_env
 
-from diffusion_server import codec
 from diffusion_server.backends.identity import IdentityBackend
-from in2n_contract import EditParams
+from in2n_contract import EditParams, codec
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 from testing_support import rss_bytes

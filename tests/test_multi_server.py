@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import NS_TRAIN, QUIET, make_pipeline
 
-from diffusion_server.client import StreamResult
+from in2n_client import StreamResult
 from protos.in2n.v1 import edit_service_pb2 as pb
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -55,7 +55,7 @@ def test_the_advice_is_the_precision_make_run_starts_for_each_variant_and_device
 def test_a_real_server_reports_its_precision_to_the_stream_client(edit_server_factory):
     """tiny-ip2p started with --precision bf16: the stream client's Describe says bf16 on cpu, the fp16 variants'
     precision there (no note), which the fp32 variant names."""
-    from diffusion_server.client import StreamClient
+    from in2n_client import StreamClient
     from nerf_trainer.servers import precision_mismatch
 
     server = edit_server_factory("tiny-ip2p", extra_args=["--precision", "bf16"])

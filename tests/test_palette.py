@@ -124,7 +124,7 @@ def test_registry_builds_palette() -> None:
 def test_palette_server_path_imports_no_torch(child_env: dict) -> None:
     code = (
         "import sys\n"
-        "import diffusion_server.server, diffusion_server.client, diffusion_server.__main__\n"
+        "import diffusion_server.server, in2n_client, diffusion_server.__main__\n"
         "from diffusion_server.backends import create_backend\n"
         "create_backend('palette', device='cpu')\n"
         "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"

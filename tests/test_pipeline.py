@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import make_pipeline
 
-from diffusion_server.client import StreamResult, original_key
+from in2n_client import StreamResult, original_key
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -60,7 +60,7 @@ class ScriptedEditClient:
         return pb.DescribeResponse(backend="scripted", device="cpu", precision="n/a")
 
     def edit(self, render, original, params, view_id=0):
-        from diffusion_server.client import EditReply
+        from in2n_client import EditReply
 
         self.views.append(view_id)
         gray = render.astype(np.float32).mean(axis=-1, keepdims=True).repeat(3, axis=-1) / 255.0  # [H, W, 3]
@@ -202,7 +202,7 @@ def test_nan_out_of_range_and_empty_answers_count_as_rejected_edits(pipeline, ly
     """A real StreamClient against a real (in-process) gRPC server that answers NaN, out-of-range and zero-size
     images: the client refuses them when decoding; the pipeline counts each as rejected (README's word), not
     failed, and the training images stay untouched."""
-    from diffusion_server.client import StreamClient
+    from in2n_client import StreamClient
 
     address, service = lying_server()
     scripted = pipeline.edit_servers.clients
@@ -258,7 +258,7 @@ def test_sync_mode_checks_the_precision_once_and_rejects_undecodable_answers(
     answers every Edit with a NaN, out-of-range or zero-size image: the fp16 variant's trainer names the server's
     precision once, in one line, at the first round (as async mode does), and counts every answer as rejected
     (not failed), the training images untouched."""
-    from diffusion_server.client import EditClient
+    from in2n_client import EditClient
     from nerf_trainer.servers import EditServers
 
     address, service = lying_server("fp32")
@@ -283,7 +283,7 @@ def test_sync_mode_checks_the_precision_once_and_rejects_undecodable_answers(
 
 def test_sync_mode_asks_a_server_without_describe_once(tiny_scene, trainer_env, lying_server, capsys):
     """A server whose Describe is UNIMPLEMENTED: nothing to check, nothing printed, not asked again each round."""
-    from diffusion_server.client import EditClient
+    from in2n_client import EditClient
     from nerf_trainer.servers import EditServers
 
     address, service = lying_server(None)

@@ -50,7 +50,7 @@ def test_generated_code_imports_under_both_protobuf_versions():
     code = (
         "import sys, google.protobuf, numpy\n"
         "from protos.in2n.v1 import edit_service_pb2 as pb, edit_service_pb2_grpc as pb_grpc\n"
-        "import diffusion_server.service, diffusion_server.client, diffusion_server.ray_serve\n"
+        "import diffusion_server.service, in2n_client, diffusion_server.ray_serve\n"
         "r = pb.EditRequest.FromString(bytes.fromhex(sys.argv[1]))\n"
         "assert (r.request_id, r.view_id, r.instruction, r.seed) == ('r', 7, 'make it sepia', 3), r\n"
         "assert hasattr(pb_grpc, 'add_EditServiceServicer_to_server')\n"
@@ -167,7 +167,7 @@ def test_contract_through_the_ray_proxy(ray_server):
     """Readiness (Describe, health being UNIMPLEMENTED), Describe, Edit, StreamEdit and validation, via the proxy."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from diffusion_server.client import EditClient, EditFailed, StreamClient
+    from in2n_client import EditClient, EditFailed, StreamClient
     from in2n_contract import EditParams
 
     with grpc.insecure_channel(ray_server.address) as channel:
@@ -317,7 +317,7 @@ def _connected(client, timeout_s: float = 30.0) -> None:
 
 
 def test_stream_client_resends_what_a_stream_ended_by_internal_had_no_answer_for():
-    from diffusion_server.client import StreamClient
+    from in2n_client import StreamClient
     from in2n_contract import EditParams
 
     server, servicer, address = _server_whose_streams_die(after=2, times=1)
@@ -340,7 +340,7 @@ def test_stream_client_resends_what_a_stream_ended_by_internal_had_no_answer_for
 def test_stream_client_hands_a_request_back_after_two_resends():
     import grpc as grpc_module
 
-    from diffusion_server.client import MAX_RESENDS, StreamClient
+    from in2n_client import MAX_RESENDS, StreamClient
     from in2n_contract import EditParams
 
     server, servicer, address = _server_whose_streams_die(after=1, times=MAX_RESENDS + 1)

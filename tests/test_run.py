@@ -135,7 +135,7 @@ def two_free_ports() -> int:
 def test_make_serve_starts_one_server_per_device_and_stops_them(tmp_path):
     """`python -m in2n_demo.run --serve-only` (make serve) with EDIT_DEVICE=cpu,cpu: two servers, both
     answer Describe, and SIGTERM stops the command and both servers."""
-    from diffusion_server.client import EditClient
+    from in2n_client import EditClient
 
     port = two_free_ports()
     cmd = [sys.executable, "-m", "in2n_demo.run", "--serve-only", "--backend", "identity", "--edit-device", "cpu,cpu",

@@ -23,10 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_palette import expected_look, random_image
 
-from diffusion_server import codec
 from diffusion_server.backends.palette import apply_look
-from diffusion_server.client import StreamClient
-from in2n_contract import EditParams
+from in2n_client import StreamClient
+from in2n_contract import EditParams, codec
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
 from testing_support import GateBackend, InProcessServer, free_port

@@ -25,12 +25,11 @@ from test_client import collect, wait_until
 from test_palette import random_image
 from test_server import OpenStream, assert_one_line_error, decoded, edit_request, run_server_cli
 
-from diffusion_server import codec
 from diffusion_server.backends.base import BackendInfo, EditBackend, EditResult
 from diffusion_server.backends.identity import IdentityBackend
-from diffusion_server.client import EditClient, EditFailed, StreamClient, original_key
 from diffusion_server.server import shutdown
-from in2n_contract import EditParams
+from in2n_client import EditClient, EditFailed, StreamClient, original_key
+from in2n_contract import EditParams, codec
 from protos.in2n.v1 import edit_service_pb2 as pb
 from testing_support import GateBackend, InProcessServer, free_port
 

@@ -32,7 +32,7 @@ from test_client import collect, wait_until
 from test_palette import random_image
 from test_server import assert_one_line_error, decoded, edit_request, run_server_cli
 
-from diffusion_server.client import StreamClient, original_key
+from in2n_client import StreamClient, original_key
 from in2n_contract import STREAM_IDLE, EditParams
 from protos.in2n.v1 import edit_service_pb2 as pb
 from protos.in2n.v1 import edit_service_pb2_grpc as pb_grpc
@@ -158,7 +158,7 @@ def test_the_client_takes_an_idle_close_calmly_and_edits_on(edit_server_factory,
     WARNING), hands nothing back as failed, and its next edit goes through on a new stream."""
     server = edit_server_factory(backend="identity", extra_args=["--stream-idle-timeout-s", "0.5"])
     image = random_image(16, 16)
-    caplog.set_level(logging.INFO, logger="diffusion_server.client")
+    caplog.set_level(logging.INFO, logger="in2n_client.stream_client")
     with StreamClient(server.address, max_in_flight=1) as client:
         wait_until(client.can_submit, "the client connected")
         first = client.submit(0, image, image, EditParams("x"))

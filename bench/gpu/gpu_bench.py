@@ -452,7 +452,7 @@ class ServerProcess(SubprocessServer):
 
 def server_section(rep: Report, args: argparse.Namespace, folder: str) -> list[dict]:
     from diffusion_server.backends import resolve_precision
-    from diffusion_server.client import StreamClient
+    from in2n_client import StreamClient
     from in2n_contract import EditParams
 
     rows = []

@@ -72,7 +72,7 @@ class EditBackend(abc.ABC):
     Images come as float32 in [0, 1] unless the backend sets `accepts_uint8 = True`: it then gets
     the images of a uint8 request as they travelled (uint8 in 0..255, read-only views of the request's
     bytes, no copy) and converts them itself where that is cheapest (on its GPU: a quarter of the
-    bytes to move); `diffusion_server.codec.to_float01` gives the float32 the others get.
+    bytes to move); `in2n_contract.codec.to_float01` gives the float32 the others get.
     """
 
     name: str = ""

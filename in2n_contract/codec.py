@@ -1,10 +1,13 @@
-"""Images on the wire: numpy arrays <-> `in2n.v1.Image` messages.
+"""Images on the wire: numpy arrays <-> `in2n.v1.Image` messages, and the key of an original.
 
-Shared by the server and the client. Decoding validates everything it reads
-and raises `ImageFormatError` with a message that names the field.
+Shared by the server and the clients. Decoding validates everything it reads
+and raises `ImageFormatError` with a message that names the field. `original_key` is the
+server-checked hash of an original as it travels (the recipe is written in the .proto).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 
@@ -81,3 +84,38 @@ def to_float01(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint8:  # one pass, same numbers as float32(x) / 255
         return np.divide(image, np.float32(255.0), dtype=np.float32)
     return np.asarray(image, dtype=np.float32)
+
+
+def wire_image(image: np.ndarray, name: str) -> pb.Image:
+    """[H, W, 3] uint8 / float16 / float32 (float64 is sent as float32) -> `Image`."""
+    image = np.asarray(image)
+    if image.dtype == np.float64:
+        image = image.astype(np.float32)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"{name} must be [H, W, 3], got shape {tuple(image.shape)}")
+    try:
+        return encode_image(image)
+    except ImageFormatError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+def original_key(original: np.ndarray) -> str:
+    """Key of an original's content as it travels (shape, dtype and pixels): the same key means the same image.
+
+    The server computes it again from the image it receives and refuses a request whose key does not match
+    (INVALID_ARGUMENT naming original_key); so float64 is keyed as the float32 it is sent as, in little-endian order.
+    """
+    array = np.asarray(original)
+    if array.dtype == np.float64:  # sent as float32 (see wire_image)
+        array = array.astype(np.float32)
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    digest = hashlib.sha256(f"{array.shape}|{array.dtype.str}|".encode())  # sha256: hardware-accelerated on most CPUs
+    digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()[:32]
+
+
+def wire_original_key(image: pb.Image) -> str:
+    """`original_key` of an image as it travelled (its shape, dtype and bytes): what an honest client sends as
+    `original_key` with it. `image` must have passed `decode_image`."""
+    array = np.frombuffer(image.data, dtype=_NUMPY_OF[image.dtype]).reshape(image.height, image.width, image.channels)
+    return original_key(array)

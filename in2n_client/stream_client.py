@@ -1,293 +1,48 @@
-"""Python clients of in2n.v1.EditService (no torch needed).
+"""`StreamClient`: the trainer's path to a server, one bidirectional stream on a background thread.
 
-- `EditClient`: blocking calls for scripts and tests (Edit, Describe, health).
-- `StreamClient`: the trainer's path. One bidirectional stream on a background
-  thread; `submit` and `poll` never block on the network, and a broken stream
-  hands every in-flight request back as UNAVAILABLE while the client reconnects
-  in the background; a stream that ends with INTERNAL (its server-side half died,
-  e.g. a Ray Serve replica, while the address still answers) is reopened and what
-  it had no answer for is re-sent. Originals are sent once per view: later requests for the
-  view carry only the render and a key of the original; when the server does
-  not hold it (FAILED_PRECONDITION "original not cached"), the client re-sends
-  the request with the original by itself, invisibly to the caller.
-
-Readiness is grpc.health.v1's answer, or Describe's where health checking is
-UNIMPLEMENTED (Ray Serve's gRPC proxy). Both take `token=` (sent as `authorization: Bearer <token>` metadata) and
-`root_cert=` (PEM bytes or a path: TLS, checking the server's certificate
-against it) or `tls=True` (TLS with the system's roots); all off by default.
+`submit` and `poll` never block on the network. A broken stream hands every in-flight request back as
+UNAVAILABLE while the client reconnects in the background; a stream that ends with INTERNAL (its server-side
+half died, e.g. a Ray Serve replica, while the address still answers) is reopened and what it had no answer for is
+re-sent. Originals are sent once per view: later requests for the view carry only the render and the original's
+key; when the server does not hold it (FAILED_PRECONDITION "original not cached"), the client re-sends the request
+with the original by itself, invisibly to the caller.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
-import os
 import queue
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Union
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typing_extensions import Self
 
-from diffusion_server import codec
-from in2n_contract import (
-    DEFAULT_MAX_IMAGE_SIDE,
-    ORIGINAL_NOT_CACHED,
-    ORIGINAL_REQUIRED,
-    SERVICE_NAME,
-    STREAM_IDLE,
-    EditParams,
-    max_message_bytes_for,
-    pb,
-    pb_grpc,
+from in2n_client.channel import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    NOT_READY,
+    RootCert,
+    auth_metadata,
+    channel_options,
+    check_size,
+    describe_answers,
+    make_channel,
+    status_code,
 )
+from in2n_client.edit_client import LARGEST_SIDE, timings_dict
+from in2n_contract import ORIGINAL_NOT_CACHED, ORIGINAL_REQUIRED, SERVICE_NAME, STREAM_IDLE, EditParams, pb, pb_grpc
+from in2n_contract.codec import ImageFormatError, decode_image, original_key, wire_image
+from in2n_contract.messages import make_request
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_MESSAGE_BYTES = max_message_bytes_for(DEFAULT_MAX_IMAGE_SIDE)
-_LARGEST_SIDE = 1 << 16  # responses are not size-limited by the client beyond the message limit
-HTTP2_WINDOW_BYTES = 16 << 20
-_STATUS_OF_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 MAX_RESENDS = 2  # a request re-sent after this many INTERNAL stream ends is handed back instead
-_NOT_READY = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-
-
-def status_code(value: int) -> grpc.StatusCode:
-    """google.rpc.Code number -> grpc.StatusCode (UNKNOWN for numbers it does not know)."""
-    return _STATUS_OF_VALUE.get(int(value), grpc.StatusCode.UNKNOWN)
-
-
-def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_backoff_s: float = 5.0) -> list:
-    """gRPC channel options: message limits for full-size images, reconnect backoff 0.1 s .. max_backoff_s."""
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", int(max_backoff_s * 1000)),
-        # HTTP/2 stream window big enough for a whole image: no flow-control round trips inside one message.
-        ("grpc.http2.lookahead_bytes", HTTP2_WINDOW_BYTES),
-    ]
-
-
-RootCert = Union[bytes, str, "os.PathLike[str]", None]
-
-
-def make_channel(address: str, options: list, root_cert: RootCert = None, tls: bool = False) -> grpc.Channel:
-    """A plaintext channel, or a TLS one when `root_cert` (PEM bytes or file) is given or `tls` is True."""
-    if root_cert is None and not tls:
-        return grpc.insecure_channel(address, options=options)
-    if root_cert is not None and not isinstance(root_cert, bytes):
-        with open(root_cert, "rb") as f:
-            root_cert = f.read()
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root_cert), options=options)
-
-
-def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
-    """Call metadata carrying `token` as a bearer token; None without a token."""
-    return (("authorization", f"Bearer {token}"),) if token else None
-
-
-def original_key(original: np.ndarray) -> str:
-    """Key of an original's content as it travels (shape, dtype and pixels): the same key means the same image.
-
-    The server computes it again from the image it receives and refuses a request whose key does not match
-    (INVALID_ARGUMENT naming original_key); so float64 is keyed as the float32 it is sent as, in little-endian order.
-    """
-    array = np.asarray(original)
-    if array.dtype == np.float64:  # sent as float32 (see _wire_image)
-        array = array.astype(np.float32)
-    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-    digest = hashlib.sha256(f"{array.shape}|{array.dtype.str}|".encode())  # sha256: hardware-accelerated on most CPUs
-    digest.update(memoryview(array).cast("B"))
-    return digest.hexdigest()[:32]
-
-
-def _wire_image(image: np.ndarray, name: str) -> pb.Image:
-    """[H, W, 3] uint8 / float16 / float32 (float64 is sent as float32) -> `Image`."""
-    image = np.asarray(image)
-    if image.dtype == np.float64:
-        image = image.astype(np.float32)
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"{name} must be [H, W, 3], got shape {tuple(image.shape)}")
-    try:
-        return codec.encode_image(image)
-    except codec.ImageFormatError as e:
-        raise ValueError(f"{name}: {e}") from None
-
-
-def make_request(
-    request_id: str, view_id: int, render: np.ndarray, original: np.ndarray | None, params: EditParams
-) -> pb.EditRequest:
-    """Build an `EditRequest`; every parameter of `params` is sent explicitly (seed only when set).
-
-    Args:
-        render: [H, W, 3] uint8 in 0..255, or float16/float32 in [0, 1]; the NeRF render of the view.
-        original: [H, W, 3], same height and width; the captured image of the view (None: left out,
-            for a request that names a cached original by `original_key`).
-    """
-    request = pb.EditRequest(
-        request_id=request_id,
-        view_id=int(view_id),
-        render=_wire_image(render, "render"),
-        instruction=params.instruction,
-        guidance_scale=params.guidance_scale,
-        image_guidance_scale=params.image_guidance_scale,
-        diffusion_steps=params.diffusion_steps,
-        lower_bound=params.lower_bound,
-        upper_bound=params.upper_bound,
-    )
-    if original is not None:
-        request.original.CopyFrom(_wire_image(original, "original"))
-    if params.seed is not None:
-        request.seed = int(params.seed)
-    return request
-
-
-def _check_size(request: pb.EditRequest, max_message_bytes: int) -> None:
-    size = request.ByteSize()
-    if size > max_message_bytes:
-        raise ValueError(
-            f"the request takes {size} bytes, over the message limit of {max_message_bytes} bytes "
-            f"(sized for render + original up to 2048x2048 RGB float32); send smaller images or uint8"
-        )
-
-
-def timings_dict(timings: pb.Timings) -> dict[str, float]:
-    """`Timings` -> {"queue_ms", "compute_ms", "total_ms"}."""
-    return {"queue_ms": timings.queue_ms, "compute_ms": timings.compute_ms, "total_ms": timings.total_ms}
-
-
-class EditFailed(RuntimeError):
-    """An edit (or another call) the server answered with an error status."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
-
-
-@dataclass
-class EditReply:
-    """A finished edit."""
-
-    request_id: str
-    view_id: int
-    image: np.ndarray  # [H, W, 3] float32 in [0, 1]
-    timestep: int
-    timings: dict[str, float]
-
-
-class EditClient:
-    """Blocking client: one call at a time per caller, for scripts and tests."""
-
-    def __init__(
-        self,
-        address: str,
-        timeout_s: float = 60.0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        *,
-        token: str | None = None,
-        root_cert: RootCert = None,
-        tls: bool = False,
-    ):
-        self.address = address
-        self.timeout_s = timeout_s
-        self._max_message_bytes = max_message_bytes
-        self._metadata = auth_metadata(token)
-        self._channel = make_channel(address, channel_options(max_message_bytes), root_cert, tls)
-        self._stub = pb_grpc.EditServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-
-    def edit(
-        self,
-        render: np.ndarray,
-        original: np.ndarray,
-        params: EditParams,
-        view_id: int = 0,
-        request_id: str | None = None,
-    ) -> EditReply:
-        """Edit one view (images [H, W, 3]); raises `EditFailed` with the server's status code and message.
-
-        The call's deadline is `timeout_s`; ValueError for a request over the message limit.
-        """
-        request = make_request(request_id or uuid.uuid4().hex, view_id, render, original, params)
-        _check_size(request, self._max_message_bytes)
-        try:
-            response = self._stub.Edit(request, timeout=self.timeout_s, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise EditFailed(e.code(), e.details() or "") from None
-        return EditReply(
-            request_id=response.request_id,
-            view_id=response.view_id,
-            image=codec.decode_image(response.edited, "edited", max_side=_LARGEST_SIDE),
-            timestep=response.timestep,
-            timings=timings_dict(response.timings),
-        )
-
-    def describe(self, timeout_s: float | None = None) -> pb.DescribeResponse:
-        """Backend, model, device, precision and limits of the server; within timeout_s (default: the client's)."""
-        if timeout_s is not None and not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        try:
-            return self._stub.Describe(pb.DescribeRequest(), timeout=timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise EditFailed(e.code(), e.details() or "") from None
-
-    def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Block until the server's health service reports SERVING for EditService; TimeoutError after timeout_s."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"diffusion server at {self.address} not SERVING after {timeout_s:g} s")
-            try:
-                status = self._health.Check(
-                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=remaining, wait_for_ready=True
-                ).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # no health service (Ray Serve's proxy): ask Describe
-                    if describe_answers(self._stub, max(0.1, deadline - time.monotonic()), self._metadata):
-                        return
-                elif e.code() not in (
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    grpc.StatusCode.UNAVAILABLE,
-                    grpc.StatusCode.NOT_FOUND,
-                ):
-                    raise EditFailed(e.code(), e.details() or "") from None
-            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))  # NOT_SERVING yet: ask again
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def describe_answers(stub: pb_grpc.EditServiceStub, timeout_s: float, metadata: tuple | None) -> bool:
-    """Readiness where grpc.health.v1 is UNIMPLEMENTED: True once Describe answers (a replica is up behind the proxy).
-
-    False while it fails with UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED or NOT_FOUND (no application yet);
-    True for any other answer (e.g. UNAUTHENTICATED: the server is up, the call itself will say what is wrong).
-    """
-    try:
-        stub.Describe(pb.DescribeRequest(), timeout=timeout_s, metadata=metadata)
-    except grpc.RpcError as e:
-        return e.code() not in _NOT_READY + (grpc.StatusCode.NOT_FOUND,)
-    return True
 
 
 @dataclass
@@ -491,7 +246,7 @@ class StreamClient:
         if key:
             request.client_id = self._client_id
             request.original_key = key
-        _check_size(request, self._max_message_bytes)
+        check_size(request, self._max_message_bytes)
         kept = None if with_original else np.array(original, copy=True)  # for a re-send after a cache miss
         with self._lock:
             if self._conn is None:
@@ -555,7 +310,7 @@ class StreamClient:
                 .status
             )
         except grpc.RpcError as e:
-            if e.code() in _NOT_READY:
+            if e.code() in NOT_READY:
                 return False
             if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # no health service (Ray Serve's proxy): ask Describe
                 remaining = max(0.1, timeout_s - (time.monotonic() - started))
@@ -652,7 +407,7 @@ class StreamClient:
             if entry is not None:
                 resent = pb.EditRequest()
                 resent.CopyFrom(request)
-                resent.original.CopyFrom(_wire_image(entry[1], "original"))
+                resent.original.CopyFrom(wire_image(entry[1], "original"))
                 request = self._sent[request_id] = resent
                 self.originals_sent += 1
                 self._server_has.pop(view_id, None)
@@ -681,7 +436,7 @@ class StreamClient:
             request, original = entry
             resent = pb.EditRequest()
             resent.CopyFrom(request)
-            resent.original.CopyFrom(_wire_image(original, "original"))
+            resent.original.CopyFrom(wire_image(original, "original"))
             if old_server:  # a server that knows nothing of the cache: send every original from now on
                 self._server_caches = False
             else:
@@ -699,7 +454,7 @@ class StreamClient:
         outcome = response.WhichOneof("outcome")
         if outcome == "edited":
             try:
-                image = codec.decode_image(response.edited.edited, "edited", max_side=_LARGEST_SIDE)
+                image = decode_image(response.edited.edited, "edited", max_side=LARGEST_SIDE)
                 result = StreamResult(
                     response.request_id,
                     response.view_id,
@@ -707,7 +462,7 @@ class StreamClient:
                     timestep=response.edited.timestep,
                     timings=timings_dict(response.edited.timings),
                 )
-            except codec.ImageFormatError as e:
+            except ImageFormatError as e:
                 result = StreamResult(
                     response.request_id,
                     response.view_id,
