@@ -102,6 +102,19 @@ def _lpips_metric_class(replacement: type | None):
         lpip.LearnedPerceptualImagePatchSimilarity = original
 
 
+class HashGridMismatch(ValueError):
+    """A checkpoint's hash grid comes from the other implementation (tiny-cuda-nn or torch); one line."""
+
+
+def _grid_of(state: dict) -> str:
+    """Which implementation wrote a nerfacto state dict's hash grid: "tiny-cuda-nn", "torch", or "" (neither seen)."""
+    if any(k.endswith(".params") and k.startswith(("field.", "proposal_networks.")) for k in state):
+        return "tiny-cuda-nn"  # tcnn modules hold one flat `params` vector each
+    if any(k.endswith("hash_table") for k in state):
+        return "torch"
+    return ""
+
+
 def hash_grid_line(implementation: str) -> tuple[str, str]:
     """(the implementation nerfacto's hash grid and MLPs run, the one line saying so) for the configured one."""
     from nerfstudio.utils.external import TCNN_EXISTS
@@ -198,9 +211,20 @@ class In2nModel(NerfactoModel):
         return metrics, images
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """nerfacto's load; without an LPIPS network, the checkpoint's copy of it (its "lpips." keys) is ignored."""
+        """nerfacto's load; without an LPIPS network, the checkpoint's copy of it (its "lpips." keys) is ignored.
+
+        A checkpoint whose hash grid another implementation wrote (tiny-cuda-nn's flat parameters against torch's
+        tables and layers) is refused with HashGridMismatch: nerfstudio would otherwise retry without strictness
+        and silently keep this model's random fields."""
         if not self.has_lpips:
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(LPIPS_PREFIX)}
+        theirs, ours = _grid_of(state_dict), _grid_of(self.state_dict())
+        if theirs and ours and theirs != ours:
+            raise HashGridMismatch(
+                f"the checkpoint's hash grid was trained with {theirs}, this model runs {ours} "
+                f"({hash_grid_line(self.config.implementation)[1].removeprefix('in2n: hash grid: ')}); "
+                "the two store their weights differently: edit on a machine with the same implementation"
+            )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> dict[str, torch.Tensor]:

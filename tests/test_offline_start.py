@@ -155,3 +155,20 @@ def test_without_tiny_cuda_nn_the_hash_grid_is_the_torch_one():
         runs, line = hash_grid_line("tcnn")
         assert runs == "torch" and "tiny-cuda-nn" in line and "not installed" in line and "docs/install.md" in line
     assert hash_grid_line("torch")[0] == "torch"
+
+
+def test_a_checkpoint_from_the_other_hash_grid_is_refused_in_one_line():
+    """A tiny-cuda-nn checkpoint (one flat `params` per module; simulated: tiny-cuda-nn needs CUDA) into a model
+    running the torch hash grid: refused, naming both, instead of nerfstudio's silent non-strict retry."""
+    import torch
+
+    from nerf_trainer.model import HashGridMismatch, In2nModelConfig
+
+    model = build(In2nModelConfig(use_lpips=False, lpips_metric=False, **SMALL))
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("hash_table")}
+    state["field.mlp_base_grid.tcnn_encoding.params"] = torch.zeros(16)
+    with pytest.raises(HashGridMismatch) as refused:
+        model.load_state_dict(state)
+    message = str(refused.value)
+    assert "\n" not in message and "tiny-cuda-nn" in message and "torch" in message, message
+    model.load_state_dict(model.state_dict())  # its own kind loads
