@@ -63,11 +63,11 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def missing_weights_line(path: Path) -> str:
+def missing_weights_line(path: Path, user: str = "the LPIPS loss") -> str:
     """The one line that says what is missing and where to put it (the trainer prefixes it with "in2n: ")."""
     home = os.environ.get("TORCH_HOME")
     return (
-        f"the LPIPS loss needs AlexNet's ImageNet weights, not found at {path} "
+        f"{user} needs AlexNet's ImageNet weights, not found at {path} "
         f"(torch hub's cache: $TORCH_HOME/hub/checkpoints, TORCH_HOME={home if home else 'unset, so ~/.cache/torch'}); "
         f"put alexnet-owt-7be5be79.pth there ({ALEXNET_URL}, or on a machine with network: python -c "
         "\"import torchvision; torchvision.models.alexnet(weights='DEFAULT')\" and copy it from that cache), "
@@ -170,11 +170,12 @@ class In2nModel(NerfactoModel):
 
     def populate_modules(self) -> None:
         c = self.config
+        user = "the LPIPS loss" if c.use_lpips else "the LPIPS metric (pipeline.model.lpips_metric)"
         if c.needs_alexnet and not alexnet_checkpoint().is_file():
             if offline():
-                raise LpipsWeightsMissing(missing_weights_line(alexnet_checkpoint()))
+                raise LpipsWeightsMissing(missing_weights_line(alexnet_checkpoint(), user))
             say_once(
-                f"in2n: the LPIPS loss needs AlexNet's ImageNet weights, not at {alexnet_checkpoint()}: "
+                f"in2n: {user} needs AlexNet's ImageNet weights, not at {alexnet_checkpoint()}: "
                 f"downloading them from {ALEXNET_URL}"
             )
         if not c.needs_alexnet and c.lpips_metric is None:
@@ -192,7 +193,7 @@ class In2nModel(NerfactoModel):
         except OSError as e:  # the download of AlexNet's weights failed (offline, DNS, proxy): one line
             if c.needs_alexnet and not alexnet_checkpoint().is_file():
                 raise LpipsWeightsMissing(
-                    f"{missing_weights_line(alexnet_checkpoint())} (download failed: {e})"
+                    f"{missing_weights_line(alexnet_checkpoint(), user)} (download failed: {e})"
                 ) from None
             raise
         finally:
