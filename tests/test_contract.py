@@ -26,9 +26,10 @@ from testing_support import InProcessServer
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_contract_imports_nothing_of_the_server() -> None:
+@pytest.mark.parametrize("modules", ["in2n_contract, in2n_contract.codec, in2n_contract.messages", "in2n_client"])
+def test_contract_and_clients_import_nothing_of_the_server(modules: str) -> None:
     code = (
-        "import sys, in2n_contract\n"
+        f"import sys, {modules}\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'diffusion_server', 'nerf_trainer', 'torch', 'nerfstudio'})\n"
         "print(heavy)\n"
     )
@@ -36,6 +37,18 @@ def test_contract_imports_nothing_of_the_server() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_no_server_module_imports_a_client() -> None:
+    """The layering, read from the source: diffusion_server/ never imports in2n_client (the server needs no client)."""
+    offenders = []
+    for path in sorted((REPO / "diffusion_server").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] == "in2n_client"]
+    assert not offenders, offenders
 
 
 def test_service_name_is_the_protos() -> None:
