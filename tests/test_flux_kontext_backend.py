@@ -67,7 +67,7 @@ def _pipeline_edit(
     H, W = render.shape[:2]
     generator = torch.Generator().manual_seed(p.seed)
     T, steps = backend.draw_start(generator, p)  # the seed's first draw: T
-    as_tensor = lambda x: torch.from_numpy(x).permute(2, 0, 1)[None]  # noqa: E731 - [1, 3, H, W] in [0, 1]
+    as_tensor = lambda x: torch.from_numpy(x).permute(2, 0, 1)[None]  # [1, 3, H, W] in [0, 1]
     out = pipe(
         image=as_tensor(render),
         image_reference=as_tensor(original),
