@@ -61,7 +61,11 @@ def _images(h: int, w: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pipeline_edit(
-    pipe: FluxKontextInpaintPipeline, backend: FluxKontextBackend, render: np.ndarray, original: np.ndarray, p: EditParams
+    pipe: FluxKontextInpaintPipeline,
+    backend: FluxKontextBackend,
+    render: np.ndarray,
+    original: np.ndarray,
+    p: EditParams,
 ) -> tuple[np.ndarray, int]:
     """diffusers' pipeline, as the module docstring says; the render's size must be a multiple of 16."""
     H, W = render.shape[:2]
