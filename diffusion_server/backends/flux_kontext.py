@@ -532,14 +532,20 @@ class FluxKontextBackend(EditBackend):
 def make_backend(model: str, device: str, precision: str, seed: int, options: Any | None = None) -> EditBackend:
     """Registry factory: load `model` (a hub id in the cache or downloadable, or a local diffusers folder) in bf16,
     whatever `precision` (logged when another was asked for); `seed` is unused."""
-    from . import BackendUnavailable, apply_torch_options, check_device_available, check_torch_options
+    from . import (
+        DEFAULT_IP2P_MODEL,
+        BackendUnavailable,
+        apply_torch_options,
+        check_device_available,
+        check_torch_options,
+    )
 
     check_device_available(device)
     check_torch_options(device, options)
+    if not model or model == DEFAULT_IP2P_MODEL:  # the server's --model default is IP2P's: Kontext's own here
+        model = DEFAULT_FLUX_KONTEXT_MODEL
     try:
-        backend = FluxKontextBackend.from_pretrained(
-            model or DEFAULT_FLUX_KONTEXT_MODEL, device, served_precision(precision)
-        )
+        backend = FluxKontextBackend.from_pretrained(model, device, served_precision(precision))
     except WeightsNotFound as e:
         lines = str(e).strip().splitlines()
         raise BackendUnavailable(lines[0] if lines else "FLUX.1 Kontext weights not found") from e
