@@ -46,3 +46,29 @@ def test_the_trainer_edits_with_the_kontext_servers_defaults(kontext_run):
     snapshot = np.load(report / "training_images.npz")
     edited = snapshot["edits_per_view"] >= 1
     assert (snapshot["images"][edited] != snapshot["originals"][edited]).any()  # the edits went in
+
+
+def test_settings_from_a_describe_and_the_fixed_precision() -> None:
+    """What the trainer sends for each parameter: the user's, else the Describe's defaults, else (a server older
+    than those fields) the contract's; and flux-kontext's bf16 is no mismatch, another backend's is."""
+    from types import SimpleNamespace
+
+    from in2n_contract import pb
+    from nerf_trainer.servers import described_defaults, edit_settings, precision_mismatch
+
+    info = pb.DescribeResponse(
+        backend="flux-kontext",
+        defaults=pb.EditDefaults(guidance_scale=3.5, diffusion_steps=28, lower_bound=0.02, upper_bound=0.98),
+        ignored_fields=["image_guidance_scale"],
+    )
+    defaults = described_defaults(info)
+    assert defaults["lower_bound"] == 0.02 and defaults["diffusion_steps"] == 28  # not float32's 0.0199999995
+    config = SimpleNamespace(
+        guidance_scale=None, image_guidance_scale=None, diffusion_steps=10, lower_bound=None, upper_bound=0.9
+    )
+    assert edit_settings(config, defaults) == {"guidance_scale": 3.5, "image_guidance_scale": 0.0,
+                                               "diffusion_steps": 10, "lower_bound": 0.02, "upper_bound": 0.9}  # fmt: skip
+    assert described_defaults(pb.DescribeResponse(backend="old")) is None
+    assert edit_settings(config, None)["guidance_scale"] == 7.5 and edit_settings(config, None)["diffusion_steps"] == 10
+    assert precision_mismatch("fp32", "h:1", "bf16", "cuda:0", "flux-kontext") is None
+    assert precision_mismatch("fp32", "h:1", "bf16", "cuda:0", "ip2p") is not None
