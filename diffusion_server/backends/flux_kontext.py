@@ -81,11 +81,12 @@ _FOLDER_LAYOUT = "transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/
 
 
 def served_precision(requested: str, backend: str = "flux-kontext") -> str:
-    """bf16, whatever `requested` (--precision); says so in the log when another one was asked for."""
-    if requested not in ("auto", SERVED_PRECISION):
-        logger.warning(
+    """bf16, whatever `requested` (--precision, `auto` already resolved by device); says so in the log when that
+    is another one."""
+    if requested != SERVED_PRECISION:
+        logger.info(
             "%s runs %s (FLUX overflows in fp16; fp32 needs about 48 GB for the transformer alone): "
-            "--precision %s ignored",
+            "--precision (%s here) does not apply",
             backend,
             SERVED_PRECISION,
             requested,
