@@ -20,7 +20,8 @@ from conftest import NS_TRAIN, QUIET, EditServerProcess
 def kontext_run(pretrained, trainer_env, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """A 30-step in2n-tiny run against a tiny-flux-kontext server (its default 28 steps an edit), the variant told to expect fp32."""
     tmp = tmp_path_factory.mktemp("kontext")
-    with EditServerProcess(tmp / "server", backend="tiny-flux-kontext") as server:
+    server = EditServerProcess(tmp / "server", backend="tiny-flux-kontext").spawn().wait_ready(300)  # a loaded CPU
+    try:
         cmd = [NS_TRAIN, "in2n-tiny", "--load-dir", str(pretrained), "--output-dir", str(tmp / "out"),
                "--experiment-name", "tiny", "--timestamp", "edit", "--max-num-iterations", "30",
                "--pipeline.edit-server", server.address, "--pipeline.datamanager.train-num-rays-per-batch", "256",
@@ -28,6 +29,8 @@ def kontext_run(pretrained, trainer_env, tmp_path_factory) -> tuple[subprocess.C
                "--pipeline.lower-bound", "0.5", "--pipeline.image-guidance-scale", "2.0",
                "--pipeline.server-precision-hint", "fp32", *QUIET]  # fmt: skip
         proc = subprocess.run(cmd, env=trainer_env, capture_output=True, text=True, timeout=600)
+    finally:
+        server.stop()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, tmp / "out" / "tiny" / "in2n-tiny" / "edit"
 
