@@ -204,3 +204,13 @@ def test_tiny_registry_backend_runs_bf16() -> None:
     assert tiny.name == "tiny-flux-kontext" and tiny.info().precision == "bf16"
     out = tiny.edit(*_images(16, 16), EditParams("make it red", diffusion_steps=2, seed=1)).image
     assert out.shape == (16, 16, 3) and np.isfinite(out).all()
+
+
+def test_uint8_images_are_edited_as_their_float_values(backend) -> None:
+    """uint8 requests reach the backend as they travelled (accepts_uint8) and give the edit of x / 255."""
+    render, original = (np.rint(x * 255).astype(np.uint8) for x in _images(32, 32, seed=6))
+    render.flags.writeable = False  # as a view of the request's bytes
+    p = EditParams("make it red", diffusion_steps=2, seed=2)
+    from_uint8 = backend.edit(render, original, p).image
+    from_float = backend.edit(render.astype(np.float32) / 255, original.astype(np.float32) / 255, p).image
+    np.testing.assert_allclose(from_uint8, from_float, atol=1e-6, rtol=0)
