@@ -3,7 +3,9 @@
 `EditServers` owns one `StreamClient` per server (async mode) or one `EditClient` to the first
 server (sync mode), routes each edit to the least loaded server, counts edits per server and
 says once, in one line, when a server runs another IP2P precision than the variant's (asked of
-the stream clients' Describe, or in sync mode of the blocking client's, before the first edit).
+the stream clients' Describe, or in sync mode of the blocking client's, before the first edit), and
+gives each edit the parameters the user set and, for the rest, that server's backend defaults (its
+Describe; saying once which), the contract's for a server that reports none.
 The clients are made by `make_client` / `make_sync_client`, so tests can pass stand-ins.
 """
 
