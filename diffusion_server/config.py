@@ -16,9 +16,9 @@ class ServerConfig:
     """Serve an image-editing backend over gRPC (in2n.v1.EditService)."""
 
     backend: BackendName = "ip2p"
-    """Editing backend: ip2p (InstructPix2Pix weights), ip2p-xl (InstructPix2Pix on SDXL weights), tiny-ip2p (tiny random IP2P, for tests), palette (classical colour looks, no weights), stochastic (random colour looks, a stand-in for diffusion's randomness; the consistency experiment) or identity (returns the render; benchmarks)."""
+    """Editing backend: ip2p (InstructPix2Pix weights), ip2p-xl (InstructPix2Pix on SDXL weights), tiny-ip2p (tiny random IP2P, for tests), flux-kontext (FLUX.1 Kontext weights, bf16), tiny-flux-kontext (tiny random Kontext, for tests), palette (classical colour looks, no weights), stochastic (random colour looks, a stand-in for diffusion's randomness; the consistency experiment) or identity (returns the render; benchmarks)."""
     model: str = DEFAULT_IP2P_MODEL
-    """Model id on the Hugging Face hub or a local folder (ip2p, ip2p-xl: default diffusers/sdxl-instructpix2pix-768; already downloaded, nothing is fetched)."""
+    """Model id on the Hugging Face hub or a local folder (ip2p, ip2p-xl: default diffusers/sdxl-instructpix2pix-768, flux-kontext: default black-forest-labs/FLUX.1-Kontext-dev, gated; loaded from the cache first)."""
     device: str = "cuda:0"
     """Torch device of the backend: cpu, cuda or cuda:N (palette always runs on the CPU)."""
     precision: Precision = "auto"

@@ -270,6 +270,8 @@ class EditServicer(pb_grpc.EditServiceServicer):
             server_version=diffusion_server.__version__,
             max_batch=self._limits.max_batch if self._backend.supports_batching else 1,
             caches_originals=self._originals is not None,
+            defaults=pb.EditDefaults(**self._info.edit_defaults()),  # the backend's, for parameters a user left unset
+            ignored_fields=list(self._info.ignored_fields),
         )
 
     # -- Edit (unary) ----------------------------------------------------------------------------

@@ -30,8 +30,8 @@ from typing import Literal
 
 import tyro
 
-from diffusion_server.backends import DEFAULT_IP2P_MODEL
-from nerf_trainer.variants import server_precision
+from diffusion_server.backends import DEFAULT_FLUX_KONTEXT_MODEL, DEFAULT_IP2P_MODEL
+from nerf_trainer.variants import FIXED_PRECISION, server_precision
 
 DEFAULT_INSTRUCTIONS = {"ip2p": "turn it into a bronze sculpture", "palette": "make it sepia"}
 # nerfacto settings that train at about 0.2 s a step on a 2-core CPU (64x64 images, 512 rays).
@@ -62,10 +62,13 @@ class RunConfig:
     """Scene folder in nerfstudio format (transforms.json + images); empty: the bundled demo scene."""
     instruction: str = ""
     """Text instruction; empty: a default suited to the backend (printed in the banner)."""
-    backend: Literal["auto", "ip2p", "ip2p-xl", "palette", "tiny-ip2p", "identity"] = "auto"
+    backend: Literal[
+        "auto", "ip2p", "ip2p-xl", "palette", "tiny-ip2p", "flux-kontext", "tiny-flux-kontext", "identity"
+    ] = "auto"
     """Diffusion server backend; auto: ip2p when its weights are on this machine, else palette (identity: no edit)."""
     model: str = DEFAULT_IP2P_MODEL
-    """InstructPix2Pix hub id or local folder (ip2p backend)."""
+    """InstructPix2Pix hub id or local folder (ip2p backend); flux-kontext: FLUX.1 Kontext's (this default stands
+    for black-forest-labs/FLUX.1-Kontext-dev there)."""
     steps: int = 300
     """in2n training steps (after the pretrained checkpoint's own)."""
     pretrain_steps: int = 1000
@@ -150,9 +153,15 @@ def plan_servers(config: RunConfig, backend: str) -> tuple[list[ServerPlan], lis
     plans, notes = [], []
     for i, device in enumerate(edit_devices(config.edit_device)):
         precision, note = server_precision(config.method, device)
+        precision = FIXED_PRECISION.get(backend, precision)  # flux-kontext: bf16 whatever the variant
         if note and backend in TORCH_BACKENDS and note not in notes:
             notes.append(note)
-        command = [sys.executable, "-m", "diffusion_server", "--backend", backend, "--model", config.model,
+        model = (
+            DEFAULT_FLUX_KONTEXT_MODEL
+            if backend == "flux-kontext" and config.model == DEFAULT_IP2P_MODEL
+            else config.model
+        )
+        command = [sys.executable, "-m", "diffusion_server", "--backend", backend, "--model", model,
                    "--device", device, "--precision", precision, "--port", str(config.port + i)]  # fmt: skip
         plans.append(ServerPlan(device=device, port=config.port + i, precision=precision, command=command))
     return plans, notes

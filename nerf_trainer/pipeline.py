@@ -32,7 +32,6 @@ from nerfstudio.viewer.viewer_elements import ViewerNumber, ViewerText
 
 from in2n_client import original_key
 from in2n_contract import (
-    DEFAULT_DIFFUSION_STEPS,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_IMAGE_GUIDANCE_SCALE,
     DEFAULT_LOWER_BOUND,
@@ -68,16 +67,21 @@ class In2nPipelineConfig(VanillaPipelineConfig):
     """PEM file of the certificate (or CA) to trust for a TLS server with a self-signed certificate."""
     instruction: str = "don't change the image"
     """The text instruction applied to every view, e.g. "turn him into a bronze statue"."""
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
-    """Text guidance weight of InstructPix2Pix."""
-    image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE
-    """Image guidance weight of InstructPix2Pix."""
-    diffusion_steps: int = DEFAULT_DIFFUSION_STEPS
-    """DDIM steps per edit."""
-    lower_bound: float = DEFAULT_LOWER_BOUND
-    """Lower bound of the noise timestep, as a fraction of the 1000 training timesteps."""
-    upper_bound: float = DEFAULT_UPPER_BOUND
-    """Upper bound of the noise timestep, as a fraction of the 1000 training timesteps."""
+    guidance_scale: float | None = None
+    """Text guidance weight (flux-kontext: its embedded guidance). None: the server's backend default, from its
+    Describe (ip2p: 7.5, flux-kontext: 3.5); the trainer says once which defaults it took."""
+    image_guidance_scale: float | None = None
+    """Image guidance weight of InstructPix2Pix (flux-kontext ignores it). None: the server's backend default
+    (ip2p: 1.5)."""
+    diffusion_steps: int | None = None
+    """Denoising steps per edit, run from the drawn noise level to 0. None: the server's backend default (ip2p:
+    20 DDIM steps, flux-kontext: 28)."""
+    lower_bound: float | None = None
+    """Lower bound of the noise timestep, as a fraction of the 1000 training timesteps. None: the server's backend
+    default (0.02 for all)."""
+    upper_bound: float | None = None
+    """Upper bound of the noise timestep, as a fraction of the 1000 training timesteps. None: the server's backend
+    default (0.98 for all)."""
     edit_seed: int | None = None
     """Seed of the edits (edit k uses edit_seed + k) and of the edit order; None: random."""
     edit_rate: int = 10
@@ -147,11 +151,16 @@ class In2nPipeline(VanillaPipeline):
         self._restored_schedule: dict | None = None
         # Shown in the nerfstudio viewer's "Custom Elements" panel; changes apply to the next edit sent.
         self.viewer_instruction = ViewerText("Edit instruction", config.instruction, cb_hook=self._on_viewer_change)
+        # Unset guidance (the server's backend default) shows IP2P's; it stays unset until the viewer changes it.
+        self._viewer_shown = (
+            DEFAULT_GUIDANCE_SCALE if config.guidance_scale is None else config.guidance_scale,
+            DEFAULT_IMAGE_GUIDANCE_SCALE if config.image_guidance_scale is None else config.image_guidance_scale,
+        )
         self.viewer_guidance_scale = ViewerNumber(
-            "Text guidance", config.guidance_scale, cb_hook=self._on_viewer_change
+            "Text guidance", self._viewer_shown[0], cb_hook=self._on_viewer_change
         )
         self.viewer_image_guidance_scale = ViewerNumber(
-            "Image guidance", config.image_guidance_scale, cb_hook=self._on_viewer_change
+            "Image guidance", self._viewer_shown[1], cb_hook=self._on_viewer_change
         )
         self._latency_s: float | None = None  # moving average of edit round trips
         self._wire_originals: dict[int, tuple[np.ndarray, str]] = {}  # view -> (original as sent, its key)
@@ -161,7 +170,9 @@ class In2nPipeline(VanillaPipeline):
         c = self.config
         if not c.instruction.strip():
             raise ValueError("pipeline.instruction must not be empty")
-        if not 0.0 <= c.lower_bound <= c.upper_bound <= 1.0:
+        lower = DEFAULT_LOWER_BOUND if c.lower_bound is None else c.lower_bound  # unset: checked with IP2P's
+        upper = DEFAULT_UPPER_BOUND if c.upper_bound is None else c.upper_bound
+        if not 0.0 <= lower <= upper <= 1.0:
             raise ValueError(
                 f"need 0 <= pipeline.lower_bound <= pipeline.upper_bound <= 1, got {c.lower_bound}, {c.upper_bound}"
             )
@@ -171,7 +182,7 @@ class In2nPipeline(VanillaPipeline):
             )
         if not 0.0 <= c.render_budget < 1.0:
             raise ValueError(f"pipeline.render_budget must be in [0, 1), got {c.render_budget}")
-        if c.diffusion_steps < 1:
+        if c.diffusion_steps is not None and c.diffusion_steps < 1:
             raise ValueError(f"pipeline.diffusion_steps must be >= 1, got {c.diffusion_steps}")
         if c.model.use_lpips and c.datamanager.patch_size != c.model.patch_size:
             raise ValueError(
@@ -188,12 +199,19 @@ class In2nPipeline(VanillaPipeline):
                 f"in2n: ignored viewer edit settings {instruction!r}, {text}, {image} (empty or out of [0, {MAX_GUIDANCE:g}])"
             )
             return
-        changed = (instruction, text, image) != (
+        # A scale left unset stays unset (the server's backend default) while the viewer shows what it showed.
+        text_set = None if self.config.guidance_scale is None and text == self._viewer_shown[0] else text
+        image_set = None if self.config.image_guidance_scale is None and image == self._viewer_shown[1] else image
+        changed = (instruction, text_set, image_set) != (
             self.config.instruction,
             self.config.guidance_scale,
             self.config.image_guidance_scale,
         )
-        self.config.instruction, self.config.guidance_scale, self.config.image_guidance_scale = instruction, text, image
+        self.config.instruction, self.config.guidance_scale, self.config.image_guidance_scale = (
+            instruction,
+            text_set,
+            image_set,
+        )
         if changed:
             CONSOLE.print(f"in2n: from the viewer: {instruction!r}, guidance {text:g}, image guidance {image:g}")
 
@@ -229,18 +247,12 @@ class In2nPipeline(VanillaPipeline):
             f"via {self.config.edit_server}, up to {self.config.max_in_flight} in flight"
         )
 
-    def _params(self) -> EditParams:
+    def _params(self, address: str) -> EditParams:
+        """The next edit's parameters for the server at `address`: what the user set, its backend's defaults
+        for the rest (EditServers.edit_settings)."""
         c = self.config
         seed = None if c.edit_seed is None else c.edit_seed + self._edit_number
-        return EditParams(
-            instruction=c.instruction,
-            guidance_scale=c.guidance_scale,
-            image_guidance_scale=c.image_guidance_scale,
-            diffusion_steps=c.diffusion_steps,
-            lower_bound=c.lower_bound,
-            upper_bound=c.upper_bound,
-            seed=seed,
-        )
+        return EditParams(instruction=c.instruction, seed=seed, **self.edit_servers.edit_settings(c, address))
 
     def _wire(self, image: torch.Tensor) -> np.ndarray:
         """[H, W, 3] float tensor in [0, 1] -> the array sent to the server."""
@@ -326,7 +338,7 @@ class In2nPipeline(VanillaPipeline):
                 if free is not None:
                     address, client = free
                     original, key = self._wire_original(view)
-                    request_id = client.submit(view, self._wire(rendered), original, self._params(), key=key)
+                    request_id = client.submit(view, self._wire(rendered), original, self._params(address), key=key)
                     servers.note_sent(address)
                     self._edit_number += 1
                     self.schedule.submitted(request_id, view, step)
@@ -375,7 +387,7 @@ class In2nPipeline(VanillaPipeline):
             servers.note_sent(address)
             try:
                 reply = servers.sync_client.edit(
-                    self._wire(render), self._wire_original(view)[0], self._params(), view_id=view
+                    self._wire(render), self._wire_original(view)[0], self._params(address), view_id=view
                 )
             except ImageFormatError as e:  # an answer whose image could not be decoded: rejected
                 self.apply_edit(address, request_id, view, None, f"bad response: {e}", malformed=True)

@@ -71,6 +71,8 @@ def test_the_variants_are_defined_as_the_method_says():
         ("in2n-small", "cpu", "ip2p", "bf16", True),  # fp16 on the CPU: bf16 instead, said in one line
         ("in2n-tiny", "cpu", "tiny-ip2p", "bf16", True),
         ("in2n-tiny", "cpu", "palette", "bf16", False),  # palette has no precision: nothing to say
+        ("in2n", "cuda:1", "flux-kontext", "bf16", False),  # bf16 whatever the variant
+        ("in2n-small", "cpu", "tiny-flux-kontext", "bf16", False),
     ],
 )
 def test_each_server_gets_the_variants_precision_on_its_device(method, device, backend, precision, noted):
@@ -83,6 +85,17 @@ def test_each_server_gets_the_variants_precision_on_its_device(method, device, b
     assert len(notes) == int(noted)
     if noted:
         assert "\n" not in notes[0] and "bf16" in notes[0] and "fp16" in notes[0] and method in notes[0]
+
+
+def test_flux_kontext_gets_kontexts_model_for_the_default_model():
+    from diffusion_server.backends import DEFAULT_FLUX_KONTEXT_MODEL
+    from in2n_demo.run import RunConfig, plan_servers
+
+    for model, expected in ((RunConfig().model, DEFAULT_FLUX_KONTEXT_MODEL), ("/models/kontext", "/models/kontext")):
+        command = plan_servers(RunConfig(method="in2n", edit_device="cuda:1", model=model), "flux-kontext")[0][
+            0
+        ].command
+        assert command[command.index("--model") + 1] == expected
 
 
 def test_several_edit_devices_start_one_server_each_on_consecutive_ports():
