@@ -6,7 +6,7 @@
 Sections, each written to the JSON as soon as it is done (a section that fails or runs out of
 time is recorded with its reason, and the others still run):
 
-- editor.reference: the published edit procedure (diffusion_server/backends/ip2p_reference.py) in-process;
+- editor.reference: the published edit procedure (testing_support/ip2p_reference.py) in-process;
 - editor.backend: Ip2pBackend.edit in-process, and its largest difference from the reference;
 - editor.levers: Ip2pBackend.edit_batch at each batch size, then channels_last, then torch.compile,
   one at a time, with the fraction of the compute floor reached;
@@ -247,8 +247,8 @@ def editor_sections(rep: Report, args: argparse.Namespace) -> Callable[[], None]
     from diffusion_server.backends import resolve_precision
     from diffusion_server.backends.base import EditItem
     from diffusion_server.backends.ip2p import Ip2pBackend
-    from diffusion_server.backends.ip2p_reference import reference_edit
     from in2n_contract import EditParams
+    from testing_support.ip2p_reference import reference_edit
 
     device = torch.device(args.device)
     full = not args.tiny
