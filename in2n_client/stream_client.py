@@ -71,7 +71,7 @@ class _Pending:
     resends: int = 0  # times re-sent after an INTERNAL stream end
 
     def attach_original(self) -> bool:
-        """From now on the request carries its original (a copy of it: the one on the wire is not touched).
+        """From now on the request carries its original (a new message: the one already queued is not touched).
 
         False when it already did."""
         if self.original is None:
