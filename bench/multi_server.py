@@ -61,7 +61,7 @@ class BenchConfig:
     """Rays of the next view per model call (4096: a whole 32x32 view in one chunk; 128: eight chunks, which the
     trainer's render pace spreads over steps, as a 512x512 view on a GPU is)."""
     max_chunks_per_step: int = 0
-    """--pipeline.render-max-chunks-per-step (0: the adaptive render pace; 1: one chunk a step, as before it)."""
+    """--pipeline.render-max-chunks-per-step (0: the adaptive render pace; 1: one chunk a step)."""
     results: str = "multi_server.json"
     """File name of the figures, under bench/results/."""
     workdir: Path = Path(tempfile.gettempdir()) / "in2n_bench_multi_server"
