@@ -427,7 +427,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
         (CancelledError)."""
         try:
             await asyncio.wait_for(context.write(response), timeout_s if timeout_s > 0 else None)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         except asyncio.CancelledError:
             raise

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Self
 
 import grpc
 import numpy as np
-from typing_extensions import Self
 
 from in2n_client.channel import (
     DEFAULT_MAX_MESSAGE_BYTES,

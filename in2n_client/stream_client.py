@@ -18,10 +18,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Self
 
 import grpc
 import numpy as np
-from typing_extensions import Self
 
 from in2n_client.channel import (
     DEFAULT_MAX_MESSAGE_BYTES,

@@ -20,10 +20,10 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Self
 
 import grpc
 import numpy as np
-from typing_extensions import Self
 
 from diffusion_server.backends.base import BackendInfo, EditBackend, EditResult
 from in2n_contract import EditParams
