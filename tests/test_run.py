@@ -204,3 +204,14 @@ def test_make_run_in2n_small_starts_its_server_in_its_precision_and_trains_that_
     assert stats["edits_applied"] >= 1, stats
     assert [row["precision"] for row in stats["servers"]] == ["bf16"]
     assert "runs IP2P in" not in out, out[-4000:]
+
+
+def test_the_in2n_methods_viewer_listens_on_this_machine_only():
+    """nerfstudio's viewer binds 0.0.0.0; the in2n methods bind it to 127.0.0.1 (--viewer.websocket-host opens it)."""
+    from nerfstudio.configs.base_config import ViewerConfig
+
+    from nerf_trainer.method_configs import in2n, in2n_small, in2n_tiny
+
+    assert ViewerConfig().websocket_host == "0.0.0.0"  # what the in2n methods change
+    for spec in (in2n, in2n_small, in2n_tiny):
+        assert spec.config.viewer.websocket_host == "127.0.0.1", spec.config.method_name
