@@ -37,6 +37,7 @@ PRETRAIN_STEPS ?= 1000
 TRAIN_DEVICE ?= cpu
 EDIT_DEVICE ?= cpu
 PORT ?= 50051
+VIDEO_FRAMES ?= 60
 # make serve-ray parameters
 REPLICAS ?= 1
 GPUS_PER_REPLICA ?= 0
@@ -109,7 +110,7 @@ test-all: setup check-protos lint
 run: setup-trainer
 	$(PY) -m in2n_demo.run --scene "$(SCENE)" --instruction "$(INSTRUCTION)" --backend $(BACKEND) \
 	  --model "$(MODEL)" --steps $(STEPS) --pretrain-steps $(PRETRAIN_STEPS) --train-device $(TRAIN_DEVICE) \
-	  --edit-device $(EDIT_DEVICE) --port $(PORT) --method $(METHOD)
+	  --edit-device $(EDIT_DEVICE) --port $(PORT) --method $(METHOD) --video-frames $(VIDEO_FRAMES)
 
 # The diffusion server(s) of make run alone, in the foreground: one per EDIT_DEVICE, METHOD's precision.
 serve: setup-trainer

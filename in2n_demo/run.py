@@ -10,7 +10,9 @@
    device, on consecutive ports from --port;
 4. `ns-train <method>` (in2n-tiny by default) against those servers with the instruction;
 5. the results, copied to outputs/<scene>/<time>/: before/after renders of a few
-   views and the dataset-evolution sheet; the servers are stopped.
+   views and the dataset-evolution sheet; the servers are stopped;
+6. a before | after video (pretrained | edited NeRF along a path through the training
+   cameras, nerf_trainer/video.py) and its animated preview, in the same folder.
 
     python -m in2n_demo.run --instruction "make it sepia" --method in2n-small --edit-device cpu,cpu
     python -m in2n_demo.run --serve-only --edit-device cuda:1,cuda:2   # make serve: the servers alone
@@ -85,6 +87,10 @@ class RunConfig:
     others, bf16 instead of fp16 on the CPU: nerf_trainer/variants.py)."""
     outputs: Path = Path("outputs")
     """Where runs and results go."""
+    video_frames: int = 60
+    """Frames of the before | after video made at the end (0: no video)."""
+    video_long_side: int = 256
+    """Pixels on the longer side of each half of the video's frames."""
     serve_only: bool = False
     """Only start the servers (backend, model, precision of `method`, edit devices, ports) and wait (make serve)."""
 
@@ -297,45 +303,72 @@ def main(config: RunConfig) -> Path | None:
     if config.serve_only:
         return serve(config, env)
     ensure_lpips_backbone(env, root)
+    scene = prepare_scene(config, root)
+    name = scene.resolve().name
+    _, device_env = torch_device_args(config.train_device)
+    server_env = dict(env)  # the servers see every GPU (the trainer's CUDA_VISIBLE_DEVICES is its own)
+    env.update(device_env)
+    load_dir = ensure_pretrained(config, scene, name, env)
+    backend = resolve_backend(config)
+    instruction = config.instruction or DEFAULT_INSTRUCTIONS.get(backend, DEFAULT_INSTRUCTIONS["ip2p"])
+    stamp = time.strftime("%Y-%m-%d_%H%M%S")
+    run_dir = config.outputs / name / stamp
+    run_dir.mkdir(parents=True, exist_ok=True)
+    edit(config, backend, instruction, load_dir, scene, name, stamp, run_dir, env, server_env)
+    edit_run = collect_results(config, name, stamp, run_dir)
+    video = make_video(config, load_dir.parent / "config.yml", edit_run / "config.yml", run_dir, env)
+    banner(
+        f"done: {instruction!r} on {name} with {backend}\n"
+        f"  evolution sheet (original | edits over time | final render): {run_dir / 'evolution.png'}\n"
+        f"  before/after renders: {run_dir / 'before_after.png'} and {run_dir}/view_*_{{before,after}}.png\n"
+        + (f"  before | after video: {video} (preview: {video.with_suffix('.webp')})\n" if video else "")
+        + f"  edited NeRF (nerfstudio run, e.g. for ns-viewer / ns-render): {edit_run}"
+    )
+    return run_dir
 
-    # 1. the scene
+
+def prepare_scene(config: RunConfig, root: Path) -> Path:
+    """Step 1: SCENE, checked, or the bundled demo scene (made in data/demo on first use)."""
     if config.scene:
         scene = Path(config.scene)
         if not (scene / "transforms.json").exists():
             raise SystemExit(
                 f"run: SCENE={scene} has no transforms.json (need a nerfstudio dataset, e.g. from ns-process-data)"
             )
-    else:
-        scene = root / "data" / "demo"
-        if not (scene / "transforms.json").exists():
-            from in2n_demo.demo_scene import DemoSceneConfig, make_demo_scene
+        return scene
+    scene = root / "data" / "demo"
+    if not (scene / "transforms.json").exists():
+        from in2n_demo.demo_scene import DemoSceneConfig, make_demo_scene
 
-            print("making the demo scene in data/demo ...", flush=True)
-            make_demo_scene(DemoSceneConfig(output=scene))
-    name = scene.resolve().name
-    device_args, device_env = torch_device_args(config.train_device)
-    server_env = dict(env)  # the servers see every GPU (the trainer's CUDA_VISIBLE_DEVICES is its own)
-    env.update(device_env)
+        print("making the demo scene in data/demo ...", flush=True)
+        make_demo_scene(DemoSceneConfig(output=scene))
+    return scene
 
-    # 2. the pretrained NeRF
+
+def ensure_pretrained(config: RunConfig, scene: Path, name: str, env: dict) -> Path:
+    """Step 2: the nerfstudio_models folder of a pretrained nerfacto on `scene`: the newest one in
+    outputs/pretrain/<scene>/, else one trained now with the small CPU settings."""
     pretrain_parent = config.outputs / "pretrain" / name / "nerfacto"
     load_dir = latest_checkpoint_dir(pretrain_parent)
-    if load_dir is None:
-        banner(f"pretraining nerfacto on {scene} for {config.pretrain_steps} steps")
-        run([NS_TRAIN, "nerfacto", "--data", str(scene), "--output-dir", str(config.outputs / "pretrain"),
-             "--experiment-name", name, "--vis", "tensorboard", "--max-num-iterations", str(config.pretrain_steps),
-             "--steps-per-save", str(config.pretrain_steps), "--steps-per-eval-image", "1000000",
-             "--steps-per-eval-batch", "1000000", "--steps-per-eval-all-images", "1000000",
-             "--pipeline.datamanager.train-num-rays-per-batch", "512", *device_args, *SMALL_NERFACTO], env)  # fmt: skip
-        load_dir = latest_checkpoint_dir(pretrain_parent)
-        assert load_dir is not None, f"pretraining wrote no checkpoint under {pretrain_parent}"
-    else:
+    if load_dir is not None:
         print(f"using the pretrained nerfacto in {load_dir}", flush=True)
+        return load_dir
+    device_args, _ = torch_device_args(config.train_device)
+    banner(f"pretraining nerfacto on {scene} for {config.pretrain_steps} steps")
+    run([NS_TRAIN, "nerfacto", "--data", str(scene), "--output-dir", str(config.outputs / "pretrain"),
+         "--experiment-name", name, "--vis", "tensorboard", "--max-num-iterations", str(config.pretrain_steps),
+         "--steps-per-save", str(config.pretrain_steps), "--steps-per-eval-image", "1000000",
+         "--steps-per-eval-batch", "1000000", "--steps-per-eval-all-images", "1000000",
+         "--pipeline.datamanager.train-num-rays-per-batch", "512", *device_args, *SMALL_NERFACTO], env)  # fmt: skip
+    load_dir = latest_checkpoint_dir(pretrain_parent)
+    assert load_dir is not None, f"pretraining wrote no checkpoint under {pretrain_parent}"
+    return load_dir
 
-    # 3. the servers
-    backend = resolve_backend(config)
+
+def edit(config: RunConfig, backend: str, instruction: str, load_dir: Path, scene: Path, name: str, stamp: str,
+         run_dir: Path, env: dict, server_env: dict) -> None:  # fmt: skip
+    """Steps 3 and 4: start the servers (announcing the backend), run `ns-train <method>` against them, stop them."""
     plans, notes = plan_servers(config, backend)
-    instruction = config.instruction or DEFAULT_INSTRUCTIONS.get(backend, DEFAULT_INSTRUCTIONS["ip2p"])
     if backend == "palette":
         banner(
             f"BACKEND: palette (classical colour looks, no diffusion model)\n"
@@ -346,14 +379,9 @@ def main(config: RunConfig) -> Path | None:
         banner(f"BACKEND: {backend} (model {config.model}, on {config.edit_device}, {plans[0].precision})")
     for note in notes:
         print(f"run: {note}", flush=True)
-    stamp = time.strftime("%Y-%m-%d_%H%M%S")
-    run_dir = config.outputs / name / stamp
-    run_dir.mkdir(parents=True, exist_ok=True)
     if config.train_device == "cpu" and all(p.device == "cpu" for p in plans):
         server_env.setdefault("OMP_NUM_THREADS", "1")  # leave the trainer most of the cores
     servers = start_servers(plans, server_env, run_dir)
-
-    # 4. the edit
     try:
         on = ", ".join(f"{p.address} ({p.device})" for p in plans)
         banner(f"editing {name} with {instruction!r}: {config.method}, {config.steps} steps; edits on {on}")
@@ -362,18 +390,27 @@ def main(config: RunConfig) -> Path | None:
         for server in servers:
             stop_server(server)
 
-    # 5. the results
+
+def collect_results(config: RunConfig, name: str, stamp: str, run_dir: Path) -> Path:
+    """Step 5: copy the edit run's report into run_dir; returns the edit run's folder."""
     report = config.outputs / "edits" / name / config.method / stamp / "edit_report"
     if not report.exists():
         raise SystemExit(f"run: training finished but wrote no report at {report}")
     shutil.copytree(report, run_dir, dirs_exist_ok=True)
-    banner(
-        f"done: {instruction!r} on {name} with {backend}\n"
-        f"  evolution sheet (original | edits over time | final render): {run_dir / 'evolution.png'}\n"
-        f"  before/after renders: {run_dir / 'before_after.png'} and {run_dir}/view_*_{{before,after}}.png\n"
-        f"  edited NeRF (nerfstudio run, e.g. for ns-viewer / ns-render): {report.parent}"
-    )
-    return run_dir
+    return report.parent
+
+
+def make_video(config: RunConfig, pretrained: Path, edited: Path, run_dir: Path, env: dict) -> Path | None:
+    """Step 6: run_dir/before_after.mp4 and its preview before_after.webp (python -m nerf_trainer.video);
+    None when --video-frames is 0."""
+    if config.video_frames == 0:
+        return None
+    video = run_dir / "before_after.mp4"
+    banner(f"rendering the before | after video: {config.video_frames} frames at {config.video_long_side} px")
+    run([sys.executable, "-m", "nerf_trainer.video", "--pretrained", str(pretrained), "--edited", str(edited),
+         "--output", str(video), "--preview", str(video.with_suffix(".webp")), "--frames", str(config.video_frames),
+         "--long-side", str(config.video_long_side), "--device", "cpu" if config.train_device == "cpu" else "cuda"], env)  # fmt: skip
+    return video
 
 
 def serve(config: RunConfig, env: dict) -> None:

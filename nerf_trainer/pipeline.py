@@ -28,7 +28,6 @@ from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttrib
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
-from nerfstudio.viewer.viewer_elements import ViewerNumber, ViewerText
 
 from in2n_client import original_key
 from in2n_contract import (
@@ -46,6 +45,7 @@ from nerf_trainer.model import In2nModelConfig
 from nerf_trainer.report import EvolutionRecorder, to_uint8
 from nerf_trainer.servers import EditServers
 from nerf_trainer.view_renderer import RenderBudget, RenderPace, StepClock, ViewRenderer
+from nerf_trainer.viewer_panel import PanelNumber, PanelText
 
 
 @dataclass
@@ -150,16 +150,14 @@ class In2nPipeline(VanillaPipeline):
         self._edit_number = 0
         self._restored_schedule: dict | None = None
         # Shown in the nerfstudio viewer's "Custom Elements" panel; changes apply to the next edit sent.
-        self.viewer_instruction = ViewerText("Edit instruction", config.instruction, cb_hook=self._on_viewer_change)
+        self.viewer_instruction = PanelText("Edit instruction", config.instruction, cb_hook=self._on_viewer_change)
         # Unset guidance (the server's backend default) shows IP2P's; it stays unset until the viewer changes it.
         self._viewer_shown = (
             DEFAULT_GUIDANCE_SCALE if config.guidance_scale is None else config.guidance_scale,
             DEFAULT_IMAGE_GUIDANCE_SCALE if config.image_guidance_scale is None else config.image_guidance_scale,
         )
-        self.viewer_guidance_scale = ViewerNumber(
-            "Text guidance", self._viewer_shown[0], cb_hook=self._on_viewer_change
-        )
-        self.viewer_image_guidance_scale = ViewerNumber(
+        self.viewer_guidance_scale = PanelNumber("Text guidance", self._viewer_shown[0], cb_hook=self._on_viewer_change)
+        self.viewer_image_guidance_scale = PanelNumber(
             "Image guidance", self._viewer_shown[1], cb_hook=self._on_viewer_change
         )
         self._latency_s: float | None = None  # moving average of edit round trips

@@ -198,7 +198,7 @@ def test_make_run_in2n_small_starts_its_server_in_its_precision_and_trains_that_
     port = free_port()
     cmd = [sys.executable, "-m", "in2n_demo.run", "--method", "in2n-small", "--backend", "tiny-ip2p",
            "--scene", str(tiny_scene), "--outputs", str(tmp_path / "outputs"), "--steps", "24", "--port", str(port),
-           "--instruction", "make it sepia"]  # fmt: skip
+           "--instruction", "make it sepia", "--video-frames", "4", "--video-long-side", "32"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=trainer_env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -217,3 +217,20 @@ def test_make_run_in2n_small_starts_its_server_in_its_precision_and_trains_that_
     assert stats["edits_applied"] >= 1, stats
     assert [row["precision"] for row in stats["servers"]] == ["bf16"]
     assert "runs IP2P in" not in out, out[-4000:]
+    # The before | after video and its preview, made from the pretrained and the edited run.
+    import av
+
+    with av.open(str(results / "before_after.mp4")) as container:
+        assert len(list(container.decode(video=0))) == 4
+    assert (results / "before_after.webp").stat().st_size > 0
+
+
+def test_the_in2n_methods_viewer_listens_on_this_machine_only():
+    """nerfstudio's viewer binds 0.0.0.0; the in2n methods bind it to 127.0.0.1 (--viewer.websocket-host opens it)."""
+    from nerfstudio.configs.base_config import ViewerConfig
+
+    from nerf_trainer.method_configs import in2n, in2n_small, in2n_tiny
+
+    assert ViewerConfig().websocket_host == "0.0.0.0"  # what the in2n methods change
+    for spec in (in2n, in2n_small, in2n_tiny):
+        assert spec.config.viewer.websocket_host == "127.0.0.1", spec.config.method_name
