@@ -147,6 +147,8 @@ class StreamClient:
         self._id_prefix = uuid.uuid4().hex[:8]
         self._completed = 0
         self._failed = 0
+        self._forgotten: set[str] = set()  # request ids given up by the caller whose answer may still come
+        self.late_dropped = 0  # answers that came for forgotten requests (dropped)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -269,6 +271,20 @@ class StreamClient:
             self._conn.outgoing.put(pb.StreamEditRequest(edit=request))
         return request.request_id
 
+    def forget(self, request_id: str) -> bool:
+        """Give up a request (the caller's timeout passed): its max_in_flight slot frees at once, and its answer, if
+        one still comes on this stream, is dropped and counted in `late_dropped`. The contract has no cancel: the
+        server may still do the work. Returns whether the request was in flight."""
+        with self._lock:
+            if self._in_flight.pop(request_id, None) is None:
+                return False
+            self._sent.pop(request_id, None)
+            self._resendable.pop(request_id, None)
+            self._resends.pop(request_id, None)
+            self._to_resend = [r for r in self._to_resend if r.request_id != request_id]
+            self._forgotten.add(request_id)
+            return True
+
     def poll(self) -> list[StreamResult]:
         """All results that arrived since the last call, in arrival order. Never blocks."""
         with self._lock:
@@ -372,6 +388,7 @@ class StreamClient:
                     self._sent.pop(request_id, None)
                     self._resends.pop(request_id, None)
                 self._resendable.clear()
+                self._forgotten.clear()  # no answer to them can come on another stream
                 if not closing:
                     message = f"stream to {self.address} broke ({reason}); resubmit when reconnected"
                     for request_id, view_id in lost.items():
@@ -483,6 +500,10 @@ class StreamClient:
             self._resendable.pop(response.request_id, None)
             self._sent.pop(response.request_id, None)
             self._resends.pop(response.request_id, None)
+            if response.request_id in self._forgotten:
+                self._forgotten.discard(response.request_id)
+                self.late_dropped += 1
+                return
             if self._in_flight.pop(response.request_id, None) is None:
                 log.debug("ignoring response to unknown request %r", response.request_id)
                 return
