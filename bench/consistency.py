@@ -210,6 +210,7 @@ def main(cfg: ConsistencyConfig) -> dict[str, object]:
 
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])  # this checkout's code
     env.setdefault("OMP_NUM_THREADS", "1")
     ensure_lpips_backbone(env, cfg.workdir)
     quiet = ["--vis", "tensorboard", "--machine.device-type", "cpu", "--steps-per-eval-image", "1000000",

@@ -162,6 +162,7 @@ def main(cfg: BenchConfig) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers (finally) when killed
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])  # this checkout's code
     env.setdefault("OMP_NUM_THREADS", "1")
     ensure_lpips_backbone(env, cfg.workdir)
     started = time.monotonic()
