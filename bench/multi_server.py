@@ -188,7 +188,8 @@ def report(cfg: BenchConfig, results: dict[int, list[dict]], rounds: int, elapse
     """Print the table over the first `rounds` rounds and write bench/results/<cfg.results>."""
     rows = []
     for n in cfg.servers:
-        edits_ratio = [results[n][r]["edits_per_s"] / results[cfg.servers[0]][r]["edits_per_s"] for r in range(rounds)]
+        edits_ratio = [results[n][r]["edits_per_s"] / (results[cfg.servers[0]][r]["edits_per_s"] or float("nan"))
+                       for r in range(rounds)]  # fmt: skip
         speed_ratio = [results[n][r]["steps_per_s"] / results[0][r]["steps_per_s"] for r in range(rounds)]
         rows.append({
             "servers": n,
