@@ -164,6 +164,8 @@ class StreamClient:
         self._id_prefix = uuid.uuid4().hex[:8]
         self._completed = 0
         self._failed = 0
+        self._forgotten: set[str] = set()  # request ids given up by the caller whose answer may still come
+        self.late_dropped = 0  # answers that came for forgotten requests (dropped)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -285,6 +287,18 @@ class StreamClient:
             self._conn.send(request)
         return request.request_id
 
+    def forget(self, request_id: str) -> bool:
+        """Give up a request (the caller's timeout passed): its max_in_flight slot frees at once, and its answer, if
+        one still comes on this stream, is dropped and counted in `late_dropped`. The contract has no cancel: the
+        server may still do the work. Returns whether the request was in flight."""
+        with self._lock:
+            pending = self._pending.pop(request_id, None)
+            if pending is None:
+                return False
+            if pending.sent:  # an answer may still come on this stream; one never sent has none to come
+                self._forgotten.add(request_id)
+            return True
+
     def poll(self) -> list[StreamResult]:
         """All results that arrived since the last call, in arrival order. Never blocks."""
         with self._lock:
@@ -361,6 +375,7 @@ class StreamClient:
                 lost = {r: p for r, p in self._pending.items() if p.sent}
                 for request_id in lost:
                     del self._pending[request_id]
+                self._forgotten.clear()  # no answer to them can come on another stream
                 if not closing:
                     message = f"stream to {self.address} broke ({reason}); resubmit when reconnected"
                     for request_id, pending in lost.items():
@@ -462,6 +477,10 @@ class StreamClient:
                 response.request_id, response.view_id, None, grpc.StatusCode.INTERNAL, "response without outcome"
             )
         with self._lock:
+            if response.request_id in self._forgotten:
+                self._forgotten.discard(response.request_id)
+                self.late_dropped += 1
+                return
             if self._pending.pop(response.request_id, None) is None:
                 log.debug("ignoring response to unknown request %r", response.request_id)
                 return

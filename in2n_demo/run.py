@@ -80,6 +80,9 @@ class RunConfig:
     edit_device: str = "cpu"
     """Device(s) of the diffusion server: cpu, cuda or cuda:N; several, comma-separated (cuda:1,cuda:2 or cpu,cpu),
     start one server per device on consecutive ports from `port`, and the trainer edits on all of them."""
+    render: Literal["auto", "trainer", "workers"] = "auto"
+    """Where the views to edit are rendered: workers (a render process beside each edit device: the trainer only
+    trains), trainer (in its own steps); auto: workers whenever an edit device is not the training device."""
     port: int = 50051
     """Port of the (first) diffusion server on 127.0.0.1."""
     method: Literal["in2n", "in2n-small", "in2n-tiny"] = "in2n-tiny"
@@ -173,6 +176,24 @@ def plan_servers(config: RunConfig, backend: str) -> tuple[list[ServerPlan], lis
     return plans, notes
 
 
+def render_plan(config: RunConfig) -> tuple[list[str], dict]:
+    """(the trainer's --pipeline.render-devices, its environment): render workers on the edit devices, as the
+    trainer sees them. A GPU trainer sees its own GPU as cuda:0 (CUDA_VISIBLE_DEVICES) and, with workers, the
+    edit GPUs after it."""
+    _, env = torch_device_args(config.train_device)
+    train = "cuda:0" if config.train_device == "cuda" else config.train_device
+    devices = ["cuda:0" if d == "cuda" else d for d in edit_devices(config.edit_device)]
+    if not (config.render == "workers" or (config.render == "auto" and any(d != train for d in devices))):
+        return [], env
+    if not train.startswith("cuda:"):
+        return devices, env  # a CPU trainer sees every GPU
+    edit_gpus = {d[5:] for d in devices if d.startswith("cuda:")} - {train[5:]}
+    gpus = [train[5:], *sorted(edit_gpus, key=int)]
+    return ["cpu" if d == "cpu" else f"cuda:{gpus.index(d[5:])}" for d in devices], {
+        "CUDA_VISIBLE_DEVICES": ",".join(gpus)
+    }
+
+
 def edit_command(config: RunConfig, load_dir: Path, scene: Path, name: str, stamp: str, instruction: str,
                  addresses: list[str]) -> list[str]:  # fmt: skip
     """The `ns-train <method>` command of step 4 (device arguments included)."""
@@ -185,12 +206,14 @@ def edit_command(config: RunConfig, load_dir: Path, scene: Path, name: str, stam
         if config.train_device == "cpu"
         else []
     )
+    render_devices, _ = render_plan(config)
+    render_args = ["--pipeline.render-devices", ",".join(render_devices)] if render_devices else []
     return [NS_TRAIN, config.method, "--load-dir", str(load_dir), "--data", str(scene),
             "--output-dir", str(config.outputs / "edits"), "--experiment-name", name, "--timestamp", stamp,
             "--vis", "tensorboard", "--max-num-iterations", str(config.steps),
             "--steps-per-eval-image", "1000000", "--steps-per-eval-batch", "1000000",
             "--pipeline.edit-server", ",".join(addresses), "--pipeline.instruction", instruction,
-            "--pipeline.edit-rate", "1", "--pipeline.max-in-flight", "2", *device_args, *cpu_args]  # fmt: skip
+            "--pipeline.edit-rate", "1", "--pipeline.max-in-flight", "2", *device_args, *cpu_args, *render_args]  # fmt: skip
 
 
 def resolve_backend(config: RunConfig) -> str:
@@ -385,7 +408,8 @@ def edit(config: RunConfig, backend: str, instruction: str, load_dir: Path, scen
     try:
         on = ", ".join(f"{p.address} ({p.device})" for p in plans)
         banner(f"editing {name} with {instruction!r}: {config.method}, {config.steps} steps; edits on {on}")
-        run(edit_command(config, load_dir, scene, name, stamp, instruction, [p.address for p in plans]), env)
+        edit_env = {**env, **render_plan(config)[1]}  # render workers see their GPUs
+        run(edit_command(config, load_dir, scene, name, stamp, instruction, [p.address for p in plans]), edit_env)
     finally:
         for server in servers:
             stop_server(server)

@@ -166,6 +166,22 @@ class EditServers:
         free = [(a, c) for a, c in zip(self.addresses, self.clients) if c.can_submit()]
         return min(free, key=lambda ac: (ac[1].in_flight, self.sent.get(ac[0], 0))) if free else None
 
+    def free_slots(self) -> int:
+        """Edits the connected servers can still take, over all of them (each up to its max_in_flight)."""
+        return sum(
+            max(0, getattr(c, "max_in_flight", self.max_in_flight) - c.in_flight)
+            for c in self.clients
+            if c.can_submit()
+        )
+
+    def forget(self, address: str, request_id: str) -> None:
+        """Give up a request at the server `address` (past the edit timeout): its client frees the slot and drops
+        a late answer (clients without `forget`, stand-ins, are left as they are)."""
+        if address in self.addresses and self.clients:
+            forget = getattr(self.clients[self.addresses.index(address)], "forget", None)
+            if forget is not None:
+                forget(request_id)
+
     def any_idle(self) -> bool:
         """Whether a connected server has no edit at it (it is waiting for the trainer's next render)."""
         return any(c.can_submit() and c.in_flight == 0 for c in self.clients)

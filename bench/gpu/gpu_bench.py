@@ -566,6 +566,14 @@ def model_folder(args: argparse.Namespace) -> str:
 # ---------------------------------------------------------------------------------------------- trainer
 
 TRAINER_MODES = ("async", "sync", "off")  # each round runs them in this order: the pair that matters most first
+WORKERS_MODE = "async-workers"  # on CUDA, after async: the views rendered by a render worker on the same GPU
+
+
+def trainer_modes(args: argparse.Namespace) -> tuple[str, ...]:
+    """The modes of a round: on CUDA also async with a render worker (on one GPU it shares the trainer's card)."""
+    if args.device.startswith("cuda"):
+        return (TRAINER_MODES[0], WORKERS_MODE, *TRAINER_MODES[1:])
+    return TRAINER_MODES
 
 
 @dataclass
@@ -648,12 +656,12 @@ def scene_and_pretrained(args: argparse.Namespace, ts: TrainerSetup) -> tuple[Pa
 
 def trainer_rounds(rep: Report, args: argparse.Namespace, ts: TrainerSetup, scene: Path, load_dir: Path, address: str,
                    deadline: float, out: dict) -> None:  # fmt: skip
-    """Rounds of (async, sync, off) runs into out["runs"] while the deadline allows; out["stopped"] says why they
+    """Rounds of (async[, async-workers on CUDA], sync, off) runs into out["runs"] while the deadline allows; out["stopped"] says why they
     stopped early. The first round is always tried (a run still going at the deadline is stopped); a later one only
     when its runs fit, judged by the same mode's earlier runs."""
     runs: list[dict] = out["runs"]
     for round_ in range(args.trainer_rounds):
-        for mode in TRAINER_MODES:
+        for mode in trainer_modes(args):
             need = 1.2 * max(r["wall_s"] for r in runs if r["mode"] == mode) + 5 if round_ else 0.0
             if round_ and time.monotonic() + need > deadline:
                 out["stopped"] = (
@@ -732,7 +740,9 @@ def trainer_run(args: argparse.Namespace, workdir: Path, ns_train: Path, env: di
            "--experiment-name", "bench", "--timestamp", name, "--vis", "tensorboard", "--max-num-iterations", str(args.trainer_steps),
            "--steps-per-save", "1000000", "--steps-per-eval-image", "1000000", "--steps-per-eval-batch", "1000000",
            "--steps-per-eval-all-images", "1000000", "--pipeline.edit-server", address, "--pipeline.require-server", "True",
-           "--pipeline.instruction", "turn it into bronze", "--pipeline.edit-mode", mode, "--pipeline.edit-rate", str(args.edit_rate),
+           "--pipeline.instruction", "turn it into bronze", "--pipeline.edit-mode", "async" if mode == WORKERS_MODE else mode,
+           *(["--pipeline.render-devices", "cuda:0"] if mode == WORKERS_MODE else []),  # the trainer's own card
+           "--pipeline.edit-rate", str(args.edit_rate),
            "--pipeline.log-every", "0", *flags]  # fmt: skip
     log_path = workdir / f"{name}.log"
     t0 = time.monotonic()
@@ -759,7 +769,10 @@ def trainer_run(args: argparse.Namespace, workdir: Path, ns_train: Path, env: di
             "median_step_ms": round(med * 1e3, 2), "p99_step_ms": round(p99 * 1e3, 2), "p99_over_median": round(p99 / med, 3),
             "edits_applied": int(stats.get("edits_applied", 0)), "edits_failed": int(stats.get("edits_failed", 0)),
             "render_share": float(stats.get("render_share", 0.0)), "wall_s": round(wall, 2), "loop_s": round(float(times.sum()), 2),
-            "peak_gpu_bytes": peaks.get("peak_gpu_bytes"), "peak_rss_bytes": peaks.get("peak_rss_bytes")}  # fmt: skip
+            "peak_gpu_bytes": peaks.get("peak_gpu_bytes"), "peak_rss_bytes": peaks.get("peak_rss_bytes"),
+            "render_steps": int(stats.get("render_steps", 0)), "render_lag_median": stats.get("render_lag_median"),
+            "render_lag_max": stats.get("render_lag_max"), "render_sync_ms": stats.get("render_sync_ms"),
+            "render_workers": stats.get("render_workers", [])}  # fmt: skip
 
 
 def trainer_summary(runs: list[dict]) -> dict:
@@ -767,7 +780,7 @@ def trainer_summary(runs: list[dict]) -> dict:
     the rounds' p99 / median step, edits applied, render share and peak memory (medians / max)."""
     out: dict = {}
     off = {r["round"]: r for r in runs if r["mode"] == "off"}
-    for mode in TRAINER_MODES:
+    for mode in (TRAINER_MODES[0], WORKERS_MODE, *TRAINER_MODES[1:]):
         rows = [r for r in runs if r["mode"] == mode]
         if not rows:
             continue
