@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import hmac
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,10 +26,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from diffusion_server.auth import UNAUTHENTICATED_MESSAGE, BearerToken
 from diffusion_server.backends import BackendUnavailable, create_backend
 from diffusion_server.backends.base import EditBackend
 from diffusion_server.config import ServerConfig
-from diffusion_server.metrics import ServerMetrics
+from diffusion_server.metrics import Metrics, ServerMetrics
 from diffusion_server.service import EditServicer, add_edit_service
 from diffusion_server.validation import ServiceLimits
 from in2n_contract import HTTP2_WINDOW_BYTES, SERVICE_NAME
@@ -50,30 +50,21 @@ class StartupError(RuntimeError):
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Answers UNAUTHENTICATED to every call without metadata `authorization: Bearer <token>`, except health checks."""
 
-    def __init__(self, token: str, on_reject: Callable[[str], None] | None = None):
-        self._expected = f"Bearer {token}".encode()
-        self._on_reject = on_reject
+    def __init__(self, token: str, metrics: Metrics):
+        self._token = BearerToken(token)
+        self._metrics = metrics
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         method = handler_call_details.method or ""
-        if method.startswith(HEALTH_PREFIX):
-            return await continuation(handler_call_details)
-        given = b""
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else bytes(value)
-                break
-        if hmac.compare_digest(given, self._expected):
+        if method.startswith(HEALTH_PREFIX) or self._token.accepts(handler_call_details.invocation_metadata):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        if self._on_reject is not None:
-            self._on_reject(method)
-        message = "missing or wrong bearer token: send metadata 'authorization: Bearer <token>' (the server's --token / IN2N_TOKEN)"
+        self._metrics.request_done(method.rsplit("/", 1)[-1], "UNAUTHENTICATED")
 
         async def deny(request_or_iterator, context):  # type: ignore[no-untyped-def]
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(deny)
@@ -214,6 +205,19 @@ class AioServer:
         return self._stopped.wait(timeout)
 
 
+def backend_of(config: ServerConfig) -> EditBackend:
+    """The backend `config` names, built with its options (the standalone server and each Ray replica).
+
+    Raises:
+        BackendUnavailable: the backend cannot be built here (missing weights or package, no such device).
+    """
+    return create_backend(
+        config.backend, config.model, config.device, config.precision, config.seed,
+        channels_last=config.channels_last, compile=config.compile, cpu_offload=config.cpu_offload,
+        delay_ms=config.delay_ms,
+    )  # fmt: skip
+
+
 def resolve_max_batch(config: ServerConfig, backend: EditBackend) -> int:
     """--max-batch, or the backend's default_max_batch when not given."""
     return config.max_batch if config.max_batch is not None else int(getattr(backend, "default_max_batch", 1))
@@ -236,7 +240,7 @@ def service_limits(config: ServerConfig, backend: EditBackend) -> ServiceLimits:
 
 
 def build_server(
-    config: ServerConfig, backend: EditBackend, metrics: ServerMetrics | None = None
+    config: ServerConfig, backend: EditBackend, metrics: Metrics | None = None
 ) -> tuple[AioServer, int, EditServicer, health.aio.HealthServicer]:
     """Create (not start) a server for `backend` bound to config.host:config.port.
 
@@ -244,13 +248,9 @@ def build_server(
     Returns (server, actual port, servicer, health servicer).
     """
     limits = service_limits(config, backend)
+    metrics = metrics if metrics is not None else Metrics()
     token = resolve_token(config)
-    interceptors = []
-    if token is not None:
-        on_reject = (
-            (lambda method: metrics.request_done(method.rsplit("/", 1)[-1], "UNAUTHENTICATED")) if metrics else None
-        )
-        interceptors.append(TokenAuthInterceptor(token, on_reject))
+    interceptors = [] if token is None else [TokenAuthInterceptor(token, metrics)]
     credentials = None
     if config.tls_cert is not None and config.tls_key is not None:
         cert, key = _read_pem("--tls-cert", config.tls_cert), _read_pem("--tls-key", config.tls_key)
@@ -343,11 +343,7 @@ def serve(config: ServerConfig) -> None:
     except ValueError as e:
         raise StartupError(str(e)) from e
     try:
-        backend = create_backend(
-            config.backend, config.model, config.device, config.precision, config.seed,
-            channels_last=config.channels_last, compile=config.compile, cpu_offload=config.cpu_offload,
-            delay_ms=config.delay_ms,
-        )  # fmt: skip
+        backend = backend_of(config)
     except BackendUnavailable as e:
         raise StartupError(str(e)) from e
     info = backend.info()
