@@ -134,7 +134,29 @@ class _Closing:
     """Why the server ends a stream: idle (no request, nothing in flight), or its client takes no response."""
 
     idle: bool
-    dropped: int = 0  # responses the client will not get (not reading: the one waiting, those behind, in flight)
+    dropped: int = 0  # responses the client will not get (not reading: those queued behind the one pending, in flight)
+    pending_write: _Write | None = None  # the response gRPC holds until the client reads (not reading)
+
+
+_Write = asyncio.Future  # a `context.write` running as a task
+
+
+def _raise_if_failed(write: _Write) -> None:
+    """A finished write that failed (the client cancelled, the connection broke) ends the call quietly."""
+    error = write.exception()  # raises CancelledError for a cancelled write
+    if error is not None:
+        log.debug("StreamEdit write failed: %s", error)
+        raise asyncio.CancelledError() from error
+
+
+async def _finished(write: _Write) -> None:
+    """Wait until `write` is done (the client read on, or went: then CancelledError); cancelled with the call."""
+    try:
+        await asyncio.wait((write,))
+    except asyncio.CancelledError:
+        write.cancel()
+        raise
+    _raise_if_failed(write)
 
 
 def _check_stream_request(stream_request: pb.StreamEditRequest | MalformedMessage, stream: _Stream) -> None:
@@ -421,8 +443,9 @@ class EditServicer(pb_grpc.EditServiceServicer):
             if isinstance(item, _EndOfInput):
                 expected = item.count
                 continue
-            if not await self._write(context, item, idle_s):
-                return _Closing(idle=False, dropped=stream.backlog)  # this response, those behind it, edits in flight
+            write = await self._write(context, item, idle_s)
+            if not write.done():  # it goes once the client reads; those behind it and the edits in flight do not
+                return _Closing(idle=False, dropped=stream.backlog - 1, pending_write=write)
             sent += 1
             stream.sent()
         return None
@@ -453,25 +476,28 @@ class EditServicer(pb_grpc.EditServiceServicer):
                 f"the server's --stream-idle-timeout-s); {closing.dropped} response(s) dropped; "
                 "read responses as they come"
             )
+        if closing.pending_write is not None:  # the status follows the response gRPC still holds
+            await _finished(closing.pending_write)
         await context.abort(grpc.StatusCode.UNAVAILABLE, message)
 
     @staticmethod
-    async def _write(context: grpc.aio.ServicerContext, response: pb.StreamEditResponse, timeout_s: float) -> bool:
-        """Hand `response` to gRPC; False if it could not be sent within `timeout_s` seconds (0: wait as long as it
-        takes): the client's receive window stays full, the client does not read its responses.
+    async def _write(context: grpc.aio.ServicerContext, response: pb.StreamEditResponse, timeout_s: float) -> _Write:
+        """Hand `response` to gRPC: the write, done, or still pending after `timeout_s` seconds (0: wait as long as
+        it takes) because the client's receive window stays full: the client does not read its responses.
 
+        A pending write is never cancelled: gRPC holds it until the client reads or goes, and no status can be
+        sent before it completes (`context.abort` under it fails with GRPC_CALL_ERROR_TOO_MANY_OPERATIONS).
         A write that fails because the client cancelled or the connection broke ends the call quietly
         (CancelledError)."""
+        write: _Write = asyncio.ensure_future(context.write(response))
         try:
-            await asyncio.wait_for(context.write(response), timeout_s if timeout_s > 0 else None)
-        except asyncio.TimeoutError:
-            return False
+            await asyncio.wait((write,), timeout=timeout_s if timeout_s > 0 else None)
         except asyncio.CancelledError:
+            write.cancel()
             raise
-        except Exception as e:
-            log.debug("StreamEdit write failed: %s", e)
-            raise asyncio.CancelledError() from e
-        return True
+        if write.done():
+            _raise_if_failed(write)
+        return write
 
     @staticmethod
     async def _next(stream: _Stream, timeout: float | None) -> object | None:
