@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from diffusion_server.backends import DEFAULT_IP2P_MODEL, BackendName, Precision
+from diffusion_server.memory import default_max_buffer_mb, default_original_cache_mb
 from in2n_contract import DEFAULT_MAX_IMAGE_SIDE, max_message_bytes_for
 
 
@@ -53,8 +54,10 @@ class ServerConfig:
     """Most queued edits run as one backend call (backends that batch: ip2p, ip2p-xl, tiny-ip2p, identity); 1: no batching; default: the backend's own (8 for ip2p, with --max-delay-ms 0: what is queued runs together, nothing waits)."""
     max_delay_ms: float = 0.0
     """Longest wait for more edits to fill a batch, in milliseconds (0: take only what is already queued)."""
-    original_cache_mb: int = 1024
-    """Memory for originals cached per (client, view), in MiB; 0 turns the cache off (then every request must carry its original)."""
+    max_buffer_mb: int | None = None
+    """Memory budget in MiB for everything the server holds for its clients: requests queued or running (their images as sent), answers not yet taken, and the originals cache (its share, --original-cache-mb). A unary request that does not fit is refused at once (RESOURCE_EXHAUSTED naming this option); a stream waits, its further requests unread, until there is room. Default: a quarter of the machine's memory, at most 8192 (printed at start-up)."""
+    original_cache_mb: int | None = None
+    """The originals cache's share of --max-buffer-mb, in MiB (originals cached per (client, view), least recently used evicted within it); 0 turns the cache off (then every request must carry its original). Default: a quarter of the budget, at most 1024."""
     metrics_port: int = 0
     """Serve Prometheus metrics on http://HOST:PORT/metrics; 0: off."""
     grace_s: float = 30.0
@@ -78,6 +81,18 @@ class ServerConfig:
     def max_message_bytes(self) -> int:
         """gRPC send/receive limit in bytes."""
         return max_message_bytes_for(self.max_image_side)
+
+    @property
+    def budget_mb(self) -> int:
+        """--max-buffer-mb, or its default for this machine."""
+        return self.max_buffer_mb if self.max_buffer_mb is not None else default_max_buffer_mb()
+
+    @property
+    def cache_mb(self) -> int:
+        """--original-cache-mb, or its default share of the budget."""
+        return (
+            self.original_cache_mb if self.original_cache_mb is not None else default_original_cache_mb(self.budget_mb)
+        )
 
     def validate(self) -> None:
         """Raise ValueError naming the flag of the first bad value."""
@@ -109,8 +124,13 @@ class ServerConfig:
             raise ValueError(
                 f"--delay-ms: only the identity backend takes it (a fixed cost per edit, for load tests), not {self.backend}"
             )
-        if self.original_cache_mb < 0:
-            raise ValueError(f"--original-cache-mb must be >= 0, got {self.original_cache_mb}")
+        if self.max_buffer_mb is not None and self.max_buffer_mb < 1:
+            raise ValueError(f"--max-buffer-mb must be >= 1, got {self.max_buffer_mb}")
+        if self.original_cache_mb is not None and not 0 <= self.original_cache_mb < self.budget_mb:
+            raise ValueError(
+                f"--original-cache-mb must be >= 0 and below --max-buffer-mb ({self.budget_mb}), "
+                f"got {self.original_cache_mb}"
+            )
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
         if not self.grace_s >= 0:

@@ -30,6 +30,7 @@ from diffusion_server.auth import UNAUTHENTICATED_MESSAGE, BearerToken
 from diffusion_server.backends import BackendUnavailable, create_backend
 from diffusion_server.backends.base import EditBackend
 from diffusion_server.config import ServerConfig
+from diffusion_server.memory import trim_periodically
 from diffusion_server.metrics import Metrics, ServerMetrics
 from diffusion_server.service import EditServicer, add_edit_service
 from diffusion_server.validation import ServiceLimits
@@ -41,6 +42,8 @@ T = TypeVar("T")
 
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+TRIM_EVERY_S = 5.0
+"""How often the allocator's free pages go back to the system (see memory.trim_allocator)."""
 
 
 class StartupError(RuntimeError):
@@ -231,7 +234,8 @@ def service_limits(config: ServerConfig, backend: EditBackend) -> ServiceLimits:
         max_queued=config.max_queued,
         max_batch=resolve_max_batch(config, backend),
         max_delay_s=config.max_delay_ms / 1e3,
-        original_cache_bytes=config.original_cache_mb << 20,
+        original_cache_bytes=config.cache_mb << 20,
+        max_buffer_bytes=config.budget_mb << 20,
         max_streams=config.max_streams,
         stream_idle_timeout_s=config.stream_idle_timeout_s,
         max_stream_backlog=config.max_stream_backlog,
@@ -295,6 +299,7 @@ def build_server(
         )
     for name in ("", SERVICE_NAME):
         server.call(health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING))
+    asyncio.run_coroutine_threadsafe(trim_periodically(TRIM_EVERY_S), server.loop)
     return server, port, servicer, health_servicer
 
 
@@ -377,7 +382,8 @@ def serve(config: ServerConfig) -> None:
         f"precision={info.precision}) on {config.host}:{port}"
     )
     extras = (
-        f" [{security}; max batch {resolve_max_batch(config, backend)}"
+        f" [{security}; max batch {resolve_max_batch(config, backend)}; memory budget {config.budget_mb} MiB "
+        f"(--max-buffer-mb), originals cache {config.cache_mb} MiB of it"
         + (f"; metrics on :{metrics_port}" if metrics_port else "")
         + "]"
     )
@@ -396,6 +402,8 @@ def serve(config: ServerConfig) -> None:
                     "metrics_port": metrics_port,
                     "tls": bool(config.tls_cert),
                     "token": bool(token),
+                    "max_buffer_mb": config.budget_mb,
+                    "original_cache_mb": config.cache_mb,
                 }
             ),
             flush=True,

@@ -36,6 +36,7 @@ import grpc
 
 import diffusion_server
 from diffusion_server.backends.base import EditBackend
+from diffusion_server.memory import MemoryBudget, MiB
 from diffusion_server.metrics import Metrics
 from diffusion_server.validation import (
     EditJob,
@@ -43,6 +44,7 @@ from diffusion_server.validation import (
     OriginalCache,
     RequestError,
     ServiceLimits,
+    held_bytes,
     invalid_argument,
     parse_request,
     short_repr,
@@ -136,6 +138,7 @@ class _Closing:
     idle: bool
     dropped: int = 0  # responses the client will not get (not reading: those queued behind the one pending, in flight)
     pending_write: _Write | None = None  # the response gRPC holds until the client reads (not reading)
+    held: int = 0  # the budget its edit holds until then
 
 
 _Write = asyncio.Future  # a `context.write` running as a task
@@ -170,6 +173,14 @@ def _check_stream_request(stream_request: pb.StreamEditRequest | MalformedMessag
         raise invalid_argument("request_id must be non-empty in StreamEdit (responses are matched by it)")
     if request_id in stream.in_flight:
         raise invalid_argument(f"request_id {short_repr(request_id)} is already in flight on this stream")
+
+
+@dataclass
+class _Answer:
+    """A response for the stream's writer, and the bytes of the budget its edit holds until it is sent."""
+
+    response: pb.StreamEditResponse
+    held: int = 0
 
 
 _DRAINED = object()  # the server is stopping and every accepted edit has been answered: end the stream
@@ -237,6 +248,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
         self._metrics = metrics if metrics is not None else Metrics()
         self._worker = EditWorker(backend, limits.max_queued, limits.max_batch, limits.max_delay_s, metrics)
         self._originals = OriginalCache(limits.original_cache_bytes) if limits.original_cache_bytes > 0 else None
+        self._budget = MemoryBudget(limits.edits_budget_bytes)
         self._requests = concurrent.futures.ThreadPoolExecutor(limits.request_threads, thread_name_prefix="request")
         self._streams_lock = threading.Lock()
         self._streams: set[_Stream] = set()
@@ -322,10 +334,16 @@ class EditServicer(pb_grpc.EditServiceServicer):
         """Two steps: admission (`_accept_edit`: parsed and queued, or refused), then the edit's outcome."""
         gone = threading.Event()  # the call ended (answered, cancelled, deadline): read by the worker thread
         job = await self._accept_edit(request, context, lambda: not gone.is_set())
+        held = held_bytes(request)  # reserved by _accept_edit, held until the answer is sent
+        context.add_done_callback(lambda _context: self._budget.release(held))
+
+        # gRPC's RPC state (and its callbacks) may outlive the call: this callback holds the job only until it runs.
+        pending = [job.future]
 
         def ended(_context: object) -> None:  # client gone: drop the job if it has not started
             gone.set()
-            job.future.cancel()
+            if pending:
+                pending.pop().cancel()
 
         context.add_done_callback(ended)
         try:
@@ -355,8 +373,17 @@ class EditServicer(pb_grpc.EditServiceServicer):
         if isinstance(request, MalformedMessage):
             log.info("Edit rejected: %s", request.message(), extra={"event": "rejected", "code": "INVALID_ARGUMENT"})
             await self._refuse_edit(context, grpc.StatusCode.INVALID_ARGUMENT, request.message())
+        held = held_bytes(request)
         try:
-            return await self._submit(request, arrival, context, is_active)
+            if not self._budget.fits_at_all(held):
+                raise self._too_large(held)
+            if not self._budget.try_reserve(held):
+                raise self._budget_full(held)
+            try:
+                return await self._submit(request, arrival, context, is_active)
+            except BaseException:
+                self._budget.release(held)
+                raise
         except RequestError as e:
             log.info(
                 "Edit %s rejected: %s",
@@ -366,6 +393,28 @@ class EditServicer(pb_grpc.EditServiceServicer):
             )
             await self._refuse_edit(context, e.code, e.message)
         raise AssertionError("context.abort returned")  # it raises
+
+    def _hold_for_stream(self, req: pb.EditRequest) -> int:
+        """The bytes a stream's request holds; a request larger than the whole budget is refused."""
+        held = held_bytes(req)
+        if not self._budget.fits_at_all(held):
+            raise self._too_large(held)
+        return held
+
+    def _too_large(self, held: int) -> RequestError:
+        return RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"request too large for the server's memory budget: it holds {held / MiB:.0f} MiB (images and answer), "
+            f"more than the {self._budget.capacity / MiB:.0f} MiB the server may hold for edits (--max-buffer-mb "
+            "less --original-cache-mb); send smaller images",
+        )
+
+    def _budget_full(self, held: int) -> RequestError:
+        return RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"server memory budget is full: {self._budget.used / MiB:.0f} of {self._budget.capacity / MiB:.0f} MiB "
+            f"held for edits, this request needs {held / MiB:.0f} MiB more (--max-buffer-mb); retry later",
+        )
 
     async def _refuse_edit(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
         """End a unary Edit with `code` (counted)."""
@@ -443,9 +492,11 @@ class EditServicer(pb_grpc.EditServiceServicer):
             if isinstance(item, _EndOfInput):
                 expected = item.count
                 continue
-            write = await self._write(context, item, idle_s)
+            assert isinstance(item, _Answer)
+            write = await self._write(context, item.response, idle_s)
             if not write.done():  # it goes once the client reads; those behind it and the edits in flight do not
-                return _Closing(idle=False, dropped=stream.backlog - 1, pending_write=write)
+                return _Closing(idle=False, dropped=stream.backlog - 1, pending_write=write, held=item.held)
+            self._budget.release(item.held)
             sent += 1
             stream.sent()
         return None
@@ -477,7 +528,10 @@ class EditServicer(pb_grpc.EditServiceServicer):
                 "read responses as they come"
             )
         if closing.pending_write is not None:  # the status follows the response gRPC still holds
-            await _finished(closing.pending_write)
+            try:
+                await _finished(closing.pending_write)
+            finally:
+                self._budget.release(closing.held)
         await context.abort(grpc.StatusCode.UNAVAILABLE, message)
 
     @staticmethod
@@ -528,7 +582,9 @@ class EditServicer(pb_grpc.EditServiceServicer):
         for future in futures:
             future.cancel()
         while not stream.out.empty():
-            stream.out.get_nowait()
+            item = stream.out.get_nowait()
+            if isinstance(item, _Answer):
+                self._budget.release(item.held)
 
     async def _read_stream(
         self,
@@ -563,13 +619,17 @@ class EditServicer(pb_grpc.EditServiceServicer):
         """Check one request read from `stream` and submit it; a refused one is answered at once with an EditError."""
         arrival = time.perf_counter()
         req = pb.EditRequest() if isinstance(stream_request, MalformedMessage) else stream_request.edit
+        held = 0
         try:
             _check_stream_request(stream_request, stream)
+            held = self._hold_for_stream(req)
+            await self._budget.reserve(held)  # back-pressure: nothing more is read from the stream until it fits
             stream.in_flight.add(req.request_id)
             try:
                 future = (await self._submit(req, arrival, context, lambda: not stream.closed)).future
             except BaseException:
                 stream.in_flight.discard(req.request_id)
+                self._budget.release(held)
                 raise
         except RequestError as e:
             log.info(
@@ -579,12 +639,12 @@ class EditServicer(pb_grpc.EditServiceServicer):
                 extra={"event": "rejected", "request_id": req.request_id, "code": e.code.name},
             )
             self._count("StreamEdit", e.code)
-            stream.out.put_nowait(_error_response(req.request_id, req.view_id, e))
+            stream.out.put_nowait(_Answer(_error_response(req.request_id, req.view_id, e)))
             return
         stream.futures.add(future)
         stream.unanswered += 1
         future.add_done_callback(
-            lambda f, rid=req.request_id, vid=req.view_id: self._on_stream_done(f, rid, vid, stream)
+            lambda f, rid=req.request_id, vid=req.view_id: self._on_stream_done(f, rid, vid, stream, held)
         )
 
     async def _paused(self, stream: _Stream) -> None:
@@ -596,7 +656,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
             self._metrics.stream_resumed()
 
     def _on_stream_done(
-        self, future: concurrent.futures.Future, request_id: str, view_id: int, stream: _Stream
+        self, future: concurrent.futures.Future, request_id: str, view_id: int, stream: _Stream, held: int
     ) -> None:
         """An accepted edit of `stream` finished (on the thread that finished it): count it, queue its response on the loop."""
         if future.cancelled():
@@ -610,15 +670,16 @@ class EditServicer(pb_grpc.EditServiceServicer):
             error = _request_error(error, request_id)
             response = _error_response(request_id, view_id, error)
             self._count("StreamEdit", error.code)
-        stream.post(self._queue_response, future, request_id, response, stream)
+        stream.post(self._queue_response, future, request_id, _Answer(response, held), stream)
 
-    @staticmethod
     def _queue_response(
-        future: concurrent.futures.Future, request_id: str, response: pb.StreamEditResponse, stream: _Stream
+        self, future: concurrent.futures.Future, request_id: str, answer: _Answer, stream: _Stream
     ) -> None:
-        """On the loop: hand an edit's response to the stream's writer (nothing if the stream has ended)."""
+        """On the loop: hand an edit's response to the stream's writer (dropped if the stream has ended)."""
         stream.in_flight.discard(request_id)
         stream.futures.discard(future)
         stream.unanswered -= 1
-        if not stream.closed:
-            stream.out.put_nowait(response)
+        if stream.closed:
+            self._budget.release(answer.held)
+        else:
+            stream.out.put_nowait(answer)

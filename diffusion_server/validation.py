@@ -52,7 +52,8 @@ class ServiceLimits:
     max_queued: int = 32
     max_batch: int = 1
     max_delay_s: float = 0.0
-    original_cache_bytes: int = 1 << 30
+    original_cache_bytes: int = 1 << 30  # the originals cache's share of max_buffer_bytes
+    max_buffer_bytes: int = 4 << 30  # everything held for clients: the cache, requests, answers not yet taken
     max_streams: int = 64
     stream_idle_timeout_s: float = 600.0  # 0: never
     max_stream_backlog: int = 32
@@ -61,6 +62,18 @@ class ServiceLimits:
     @property
     def max_message_bytes(self) -> int:
         return max_message_bytes_for(self.max_image_side)
+
+    @property
+    def edits_budget_bytes(self) -> int:
+        """What requests and their answers may hold: the budget less the originals cache's share."""
+        return self.max_buffer_bytes - self.original_cache_bytes
+
+
+def held_bytes(req: pb.EditRequest) -> int:
+    """What the server holds for `req` until its answer is taken: its images as they travelled, and the answer
+    (the render's size as sent; twice that for float16, answered in float32)."""
+    answer = len(req.render.data) * (2 if req.render.dtype == pb.DTYPE_FLOAT16 else 1)
+    return len(req.render.data) + len(req.original.data) + answer
 
 
 class RequestError(Exception):

@@ -147,20 +147,22 @@ class EditWorker:
         return batch
 
     def _loop(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if batch is None:
-                return
-            try:
-                self._run_batch(batch)
-            except Exception:
-                log.exception("edit worker failure")
-                for job in batch:
-                    if not job.future.done():
-                        try:
-                            job.future.set_exception(RequestError(grpc.StatusCode.INTERNAL, "edit worker failure"))
-                        except concurrent.futures.InvalidStateError:
-                            pass
+        while (batch := self._take_batch()) is not None:
+            self._run_guarded(batch)
+            del batch  # not held while waiting for the next one: its images and answers are large
+
+    def _run_guarded(self, batch: list[EditJob]) -> None:
+        """`_run_batch`; a failure of the worker itself fails the batch's unanswered edits with INTERNAL."""
+        try:
+            self._run_batch(batch)
+        except Exception:
+            log.exception("edit worker failure")
+            for job in batch:
+                if not job.future.done():
+                    try:
+                        job.future.set_exception(RequestError(grpc.StatusCode.INTERNAL, "edit worker failure"))
+                    except concurrent.futures.InvalidStateError:
+                        pass
 
     def _live(self, batch: list[EditJob]) -> list[EditJob]:
         """The jobs of `batch` still worth computing, marked running; the others are answered here."""
