@@ -44,6 +44,8 @@ class ServerConfig:
     """Most StreamEdit streams open at once, over all clients; a new stream beyond it gets RESOURCE_EXHAUSTED at once."""
     stream_idle_timeout_s: float = 600.0
     """A stream with no request from its client and nothing of its own in flight for this many seconds is closed (UNAVAILABLE, "stream idle ..."); so is one whose client reads no response for this long while one waits to be sent (UNAVAILABLE, "... not reading its responses ..."); 0: never."""
+    connection_idle_timeout_s: float = 300.0
+    """A connection with no call open for this many seconds is closed (HTTP/2 GOAWAY; gRPC clients reconnect on their next call), and so is a raw TCP connection that never opens one; 0: never."""
     max_stream_backlog: int = 32
     """Most responses one stream may owe its client (requests read whose answer is not yet sent: edits in flight, answers the client has not taken); at this bound the server stops reading that stream's requests until the client reads (back-pressure)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -110,6 +112,10 @@ class ServerConfig:
             raise ValueError(f"--max-streams must be >= 1, got {self.max_streams}")
         if not (math.isfinite(self.stream_idle_timeout_s) and self.stream_idle_timeout_s >= 0):
             raise ValueError(f"--stream-idle-timeout-s must be >= 0 (0: never), got {self.stream_idle_timeout_s}")
+        if not (math.isfinite(self.connection_idle_timeout_s) and self.connection_idle_timeout_s >= 0):
+            raise ValueError(
+                f"--connection-idle-timeout-s must be >= 0 (0: never), got {self.connection_idle_timeout_s}"
+            )
         if self.max_stream_backlog < 1:
             raise ValueError(f"--max-stream-backlog must be >= 1, got {self.max_stream_backlog}")
         if self.seed < 0:

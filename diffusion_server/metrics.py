@@ -13,8 +13,9 @@ Exposed over HTTP by `serve()` when `--metrics-port` is set (`GET /metrics`):
 - `in2n_requests_total{method,code}` (counter): every answered request by gRPC status code name
   (OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, CANCELLED, UNAUTHENTICATED, ...).
 - `in2n_streams_open` (gauge): StreamEdit streams open (at most --max-streams);
-- `in2n_streams_paused` (gauge): open streams whose requests the server does not read for now, because
-  their backlog of unsent responses is at --max-stream-backlog (the client does not read: back-pressure);
+- `in2n_streams_paused` (gauge): open streams whose requests the server does not read for now (back-pressure):
+  their backlog of unsent responses is at --max-stream-backlog (the client does not read), or the memory
+  budget (--max-buffer-mb) has no room for their next request;
 - `in2n_streams_refused_total` (counter): streams refused with RESOURCE_EXHAUSTED (--max-streams reached);
 - `in2n_streams_idle_closed_total` (counter): streams closed after --stream-idle-timeout-s idle;
 - `in2n_streams_unread_closed_total` (counter): streams closed because their client took no response for

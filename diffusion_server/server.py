@@ -243,6 +243,20 @@ def service_limits(config: ServerConfig, backend: EditBackend) -> ServiceLimits:
     )
 
 
+KEEPALIVE_TIME_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+
+
+def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC options that close connections nobody uses: idle ones (no call open for
+    --connection-idle-timeout-s, raw TCP connections that never open one included), and, through keepalive
+    pings (every 60 s, 20 s to answer), those whose peer is gone while a call is open."""
+    options = [("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS)]
+    if config.connection_idle_timeout_s > 0:
+        options.append(("grpc.max_connection_idle_ms", max(1, round(config.connection_idle_timeout_s * 1e3))))
+    return options
+
+
 def build_server(
     config: ServerConfig, backend: EditBackend, metrics: Metrics | None = None
 ) -> tuple[AioServer, int, EditServicer, health.aio.HealthServicer]:
@@ -269,6 +283,7 @@ def build_server(
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
             ("grpc.http2.lookahead_bytes", HTTP2_WINDOW_BYTES),
+            *connection_options(config),
         ],
     )
     servicer = EditServicer(backend, limits, metrics)

@@ -401,6 +401,17 @@ class EditServicer(pb_grpc.EditServiceServicer):
             raise self._too_large(held)
         return held
 
+    async def _reserve_for_stream(self, held: int) -> None:
+        """Hold `held` bytes of the budget, waiting until they fit: back-pressure, nothing more is read from the
+        stream meanwhile (counted as a paused stream)."""
+        if self._budget.try_reserve(held):
+            return
+        self._metrics.stream_paused()
+        try:
+            await self._budget.reserve(held)
+        finally:
+            self._metrics.stream_resumed()
+
     def _too_large(self, held: int) -> RequestError:
         return RequestError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -623,7 +634,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
         try:
             _check_stream_request(stream_request, stream)
             held = self._hold_for_stream(req)
-            await self._budget.reserve(held)  # back-pressure: nothing more is read from the stream until it fits
+            await self._reserve_for_stream(held)
             stream.in_flight.add(req.request_id)
             try:
                 future = (await self._submit(req, arrival, context, lambda: not stream.closed)).future
