@@ -57,7 +57,7 @@ class ServerConfig:
     max_delay_ms: float = 0.0
     """Longest wait for more edits to fill a batch, in milliseconds (0: take only what is already queued)."""
     max_buffer_mb: int | None = None
-    """Memory budget in MiB for everything the server holds for its clients: requests queued or running (their images as sent), answers not yet taken, and the originals cache (its share, --original-cache-mb). A unary request that does not fit is refused at once (RESOURCE_EXHAUSTED naming this option); a stream waits, its further requests unread, until there is room. Default: a quarter of the machine's memory, at most 8192 (printed at start-up)."""
+    """Memory budget in MiB for everything the server holds for its clients: requests queued or running (their images as sent and decoded), answers not yet taken, and the originals cache (its share, --original-cache-mb). A unary request that does not fit is refused at once (RESOURCE_EXHAUSTED naming this option); a stream waits, its further requests unread, until there is room. Default: a quarter of the machine's memory, at most 8192 (printed at start-up)."""
     original_cache_mb: int | None = None
     """The originals cache's share of --max-buffer-mb, in MiB (originals cached per (client, view), least recently used evicted within it); 0 turns the cache off (then every request must carry its original). Default: a quarter of the budget, at most 1024."""
     metrics_port: int = 0

@@ -69,11 +69,18 @@ class ServiceLimits:
         return self.max_buffer_bytes - self.original_cache_bytes
 
 
+_ITEMSIZE = {pb.DTYPE_UINT8: 1, pb.DTYPE_FLOAT16: 2, pb.DTYPE_FLOAT32: 4}
+
+
 def held_bytes(req: pb.EditRequest) -> int:
-    """What the server holds for `req` until its answer is taken: its images as they travelled, and the answer
-    (the render's size as sent; twice that for float16, answered in float32)."""
-    answer = len(req.render.data) * (2 if req.render.dtype == pb.DTYPE_FLOAT16 else 1)
-    return len(req.render.data) + len(req.original.data) + answer
+    """What the server holds for `req` until its answer is taken, from the sizes of the images as they travelled:
+    the request (render and original), both decoded (float32, 4 bytes a value; a kept uint8 image costs less,
+    counted the same), and the answer three times over (the backend's output, the response message, its
+    serialized copy; 4 bytes a value, 1 for a uint8 render)."""
+    values = len(req.render.data) // _ITEMSIZE.get(req.render.dtype, 1)  # H x W x 3 as sent
+    original_values = len(req.original.data) // _ITEMSIZE.get(req.original.dtype, 1)
+    answer = values * (1 if req.render.dtype == pb.DTYPE_UINT8 else 4)
+    return len(req.render.data) + len(req.original.data) + 4 * (values + original_values) + 3 * answer
 
 
 class RequestError(Exception):

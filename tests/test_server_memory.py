@@ -1,7 +1,7 @@
 """The server's memory budget and idle connections (issue 17, item 2).
 
-Small budgets (--max-buffer-mb 2, no originals cache) and 128x128 float32 requests, each holding 576 KiB
-(render, original and answer) so that three fit: a unary request that does not fit is refused at once
+Small budgets (--max-buffer-mb 4, no originals cache) and 128x128 float32 requests, each counted as 1344 KiB
+(`validation.held_bytes`: 7 copies of a 192 KiB image) so that three fit: a unary request that does not fit is refused at once
 with RESOURCE_EXHAUSTED naming the flag, a stream that does not fit waits unread (back-pressure) and loses
 nothing, a single request larger than the whole budget is refused; then a raw TCP connection that never
 opens a call is closed after --connection-idle-timeout-s. In-process servers with a gated backend (the
@@ -24,8 +24,8 @@ from diffusion_server.config import ServerConfig
 from protos.in2n.v1 import edit_service_pb2 as pb
 from testing_support import GateBackend, InProcessServer
 
-SIDE = 128  # 128x128 float32: 192 KiB an image; a request holds render + original + answer = 576 KiB
-BUDGET = {"max_buffer_mb": 2, "original_cache_mb": 0}  # 2 MiB: three requests fit, a fourth does not
+SIDE = 128  # 128x128 float32: 192 KiB an image; a request holds 7 such (sent, decoded, answer x3) = 1344 KiB
+BUDGET = {"max_buffer_mb": 4, "original_cache_mb": 0}  # 4 MiB: three requests fit (3.94 MiB), a fourth does not
 DEADLINE_S = 30.0
 
 
@@ -62,7 +62,7 @@ def test_unary_request_beyond_the_budget_is_refused_at_once(gated: InProcessServ
 
 
 def test_a_request_larger_than_the_whole_budget_is_refused(gated: InProcessServer) -> None:
-    big = _request("big", side=512)  # 3 x 3 MiB: more than the whole 2 MiB
+    big = _request("big", side=512)  # 7 x 3 MiB: more than the whole 4 MiB
     with pytest.raises(grpc.RpcError) as info:
         gated.stub.Edit(big, timeout=DEADLINE_S)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
