@@ -6,8 +6,9 @@ Starts `python -m diffusion_server --backend identity --max-buffer-mb B` and sen
 `--requests` unary Edits of 2x(2 x side)^2 float32 images (4096x4096 at the default: over --max-image-side and
 over the gRPC message limit, all refused), then `--requests` Edits of side x side float32 images (2048x2048: the
 largest accepted, 96 MiB a request), `--concurrency` at a time (the budget refuses those that would not fit).
-The server's RSS is sampled every 20 ms (its peak), and read after each phase once it has settled (the
-lowest of a few seconds' samples after the last answer). Not a test: numbers depend on the machine; the
+Then the same `--requests` on one StreamEdit stream (back-pressure: the server reads a request only when
+the budget has room for it). The server's RSS is sampled every 20 ms (its peak), and read after each phase
+once it has settled (the lowest of 8 s of samples after the last answer). Not a test: numbers depend on the machine; the
 budget's refusals and back-pressure are asserted by tests/test_server_memory.py.
 """
 
@@ -80,6 +81,18 @@ def send_all(stub: pb_grpc.EditServiceStub, image: pb.Image, count: int, concurr
     return outcomes
 
 
+def send_stream(stub: pb_grpc.EditServiceStub, image: pb.Image, count: int) -> dict[str, int]:
+    """`count` requests of `image` on one StreamEdit stream, sent as fast as the server reads them."""
+    outcomes: dict[str, int] = {}
+    requests = (pb.StreamEditRequest(edit=request(f"s{i}", image)) for i in range(count))
+    for response in stub.StreamEdit(requests, timeout=600):
+        outcome = "OK" if response.WhichOneof("outcome") == "edited" else grpc.StatusCode.INTERNAL.name
+        if response.WhichOneof("outcome") == "error":
+            outcome = next(c.name for c in grpc.StatusCode if c.value[0] == response.error.code)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    return outcomes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=30)
@@ -107,6 +120,9 @@ def main() -> None:
             sampler.peak = after_refused
             accepted = send_all(stub, largest, args.requests, args.concurrency, "max")
             after_accepted, peak_accepted = sampler.settled(), sampler.peak
+            sampler.peak = after_accepted
+            streamed = send_stream(stub, largest, args.requests)
+            after_streamed, peak_streamed = sampler.settled(), sampler.peak
         sampler.close()
     budget = args.max_buffer_mb * MiB
     result = {
@@ -127,7 +143,17 @@ def main() -> None:
             "peak_mib": round(peak_accepted / MiB),
             "after_mib": round(after_accepted / MiB),
         },
-        "peak_under_baseline_plus_budget": max(peak_refused, peak_accepted) <= baseline + budget,
+        "stream_phase": {
+            "request": f"{args.side}x{args.side} float32 x2, {args.requests} on one stream",
+            "outcomes": streamed,
+            "peak_mib": round(peak_streamed / MiB),
+            "after_mib": round(after_streamed / MiB),
+        },
+        "peak_under_baseline_plus_budget": {
+            "refused": peak_refused <= baseline + budget,
+            "unary": peak_accepted <= baseline + budget,
+            "stream": peak_streamed <= baseline + budget,
+        },
     }
     print(json.dumps(result, indent=2))
 

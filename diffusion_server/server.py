@@ -283,6 +283,7 @@ def build_server(
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
             ("grpc.http2.lookahead_bytes", HTTP2_WINDOW_BYTES),
+            ("grpc.http2.bdp_probe", 0),
             *connection_options(config),
         ],
     )
