@@ -259,6 +259,11 @@ class EditServicer(pb_grpc.EditServiceServicer):
     def worker(self) -> EditWorker:
         return self._worker
 
+    @property
+    def budget(self) -> MemoryBudget:
+        """The memory budget of edits (read on the server's loop; tests read `used` with a deadline)."""
+        return self._budget
+
     def close(self) -> None:
         self._worker.close()
         self._requests.shutdown(wait=False, cancel_futures=True)
@@ -504,7 +509,11 @@ class EditServicer(pb_grpc.EditServiceServicer):
                 expected = item.count
                 continue
             assert isinstance(item, _Answer)
-            write = await self._write(context, item.response, idle_s)
+            try:
+                write = await self._write(context, item.response, idle_s)
+            except BaseException:  # the client went away: the answer is dropped
+                self._budget.release(item.held)
+                raise
             if not write.done():  # it goes once the client reads; those behind it and the edits in flight do not
                 return _Closing(idle=False, dropped=stream.backlog - 1, pending_write=write, held=item.held)
             self._budget.release(item.held)
@@ -576,9 +585,13 @@ class EditServicer(pb_grpc.EditServiceServicer):
         getter = asyncio.ensure_future(stream.out.get())
         try:
             await asyncio.wait((getter,), timeout=timeout)
-        finally:
-            if not getter.done():
-                getter.cancel()
+        except asyncio.CancelledError:
+            if getter.done() and not getter.cancelled():  # taken as the call ended: back, for _end_stream to drop
+                stream.out.put_nowait(getter.result())
+            getter.cancel()
+            raise
+        if not getter.done():
+            getter.cancel()
         return getter.result() if getter.done() and not getter.cancelled() else None
 
     def _end_stream(self, stream: _Stream, reader: asyncio.Task[None]) -> None:

@@ -99,6 +99,22 @@ def test_a_stream_beyond_the_budget_waits_unread_and_loses_nothing(gated: InProc
     assert sorted(r.request_id for r in responses) == [f"s{i}" for i in range(6)]
     assert all(r.WhichOneof("outcome") == "edited" for r in responses)
     assert _paused(gated) == 0
+    wait_until(lambda: gated.servicer.budget.used == 0, "every byte of the budget given back")
+
+
+def test_a_stream_cancelled_with_answers_unsent_gives_its_budget_back(gated: InProcessServer) -> None:
+    requests: queue.Queue[pb.StreamEditRequest | None] = queue.Queue()
+    requests.put(pb.StreamEditRequest(edit=_request("c0", "wait")))
+    requests.put(pb.StreamEditRequest(edit=_request("c1")))
+    call = gated.stub.StreamEdit(iter(requests.get, None), timeout=DEADLINE_S)
+    assert gated.backend.started.wait(DEADLINE_S)
+    wait_until(lambda: gated.servicer.worker.pending == 2, "both edits held")
+    assert gated.servicer.budget.used > 0
+    call.cancel()
+    gated.backend.gate.set()
+    requests.put(None)
+    wait_until(lambda: gated.servicer.worker.pending == 0, "the edits let go")
+    wait_until(lambda: gated.servicer.budget.used == 0, f"the budget given back ({gated.servicer.budget.used})")
 
 
 def test_budget_options_are_checked() -> None:
