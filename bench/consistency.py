@@ -60,6 +60,7 @@ from testing_support import InProcessServer
 MODES = {
     "idu": ("(a) Iterative Dataset Update", []),
     "once": ("(b) edit every image once", ["--pipeline.max-edits-per-view", "1"]),
+    "idu-workers": ("(a) with a render worker", ["--pipeline.render-devices", "cpu"]),
 }
 
 
@@ -85,6 +86,9 @@ class ConsistencyConfig:
     """Size of the latent through which the backend sees the noised render (None: the render's own pixels)."""
     seed: int = 0
     """Edit seed (order and edits) of both runs."""
+    modes: tuple[str, ...] = ("idu", "once", "idu-workers")
+    """Runs to make: idu, once, idu-workers (idu with the views rendered by a render worker process on the CPU, from
+    a copy of the NeRF refreshed every 10 steps: stale renders must not cost convergence)."""
     workdir: Path = Path(tempfile.gettempdir()) / "in2n_bench_consistency"
     """Scratch folder (scene, pretrained model, runs)."""
     results: Path | None = REPO / "bench" / "results" / "consistency.json"
@@ -152,6 +156,8 @@ def measure_run(run_dir: Path, look_stats: np.ndarray) -> dict[str, dict[str, ob
         out[when]["view_ids"] = views
     out["training_images"] = consistency_metrics(snapshot["images"], originals, look_stats)
     out["training_images"]["edits_per_view"] = snapshot["edits_per_view"].tolist()
+    stats = json.loads((report / "edit_stats.json").read_text())  # the counters: edits, rendering, the lag
+    out["stats"] = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
     return out
 
 
@@ -204,6 +210,7 @@ def main(cfg: ConsistencyConfig) -> dict[str, object]:
 
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])  # this checkout's code
     env.setdefault("OMP_NUM_THREADS", "1")
     ensure_lpips_backbone(env, cfg.workdir)
     quiet = ["--vis", "tensorboard", "--machine.device-type", "cpu", "--steps-per-eval-image", "1000000",
@@ -232,7 +239,8 @@ def main(cfg: ConsistencyConfig) -> dict[str, object]:
     seconds: dict[str, float] = {}
     commands: dict[str, str] = {}
     try:
-        for mode, (label, extra) in MODES.items():
+        for mode in cfg.modes:
+            label, extra = MODES[mode]
             name = f"{mode}-{stamp}"
             cmd = in2n_command(NS_TRAIN, load_dir, scene, out, name, port, cfg.steps, cfg.rays, cfg.sheet_views, cfg.seed,
                                extra, quiet)  # fmt: skip

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from diffusion_server.backends import DEFAULT_IP2P_MODEL, BackendName, Precision
+from diffusion_server.memory import default_max_buffer_mb, default_original_cache_mb
 from in2n_contract import DEFAULT_MAX_IMAGE_SIDE, max_message_bytes_for
 
 
@@ -16,9 +17,9 @@ class ServerConfig:
     """Serve an image-editing backend over gRPC (in2n.v1.EditService)."""
 
     backend: BackendName = "ip2p"
-    """Editing backend: ip2p (InstructPix2Pix weights), ip2p-xl (InstructPix2Pix on SDXL weights), tiny-ip2p (tiny random IP2P, for tests), palette (classical colour looks, no weights), stochastic (random colour looks, a stand-in for diffusion's randomness; the consistency experiment) or identity (returns the render; benchmarks)."""
+    """Editing backend: ip2p (InstructPix2Pix weights), ip2p-xl (InstructPix2Pix on SDXL weights), tiny-ip2p (tiny random IP2P, for tests), flux-kontext (FLUX.1 Kontext weights, bf16), tiny-flux-kontext (tiny random Kontext, for tests), palette (classical colour looks, no weights), stochastic (random colour looks, a stand-in for diffusion's randomness; the consistency experiment) or identity (returns the render; benchmarks)."""
     model: str = DEFAULT_IP2P_MODEL
-    """Model id on the Hugging Face hub or a local folder (ip2p, ip2p-xl: default diffusers/sdxl-instructpix2pix-768; already downloaded, nothing is fetched)."""
+    """Model id on the Hugging Face hub or a local folder (ip2p, ip2p-xl: default diffusers/sdxl-instructpix2pix-768, flux-kontext: default black-forest-labs/FLUX.1-Kontext-dev, gated; loaded from the cache first)."""
     device: str = "cuda:0"
     """Torch device of the backend: cpu, cuda or cuda:N (palette always runs on the CPU)."""
     precision: Precision = "auto"
@@ -43,6 +44,8 @@ class ServerConfig:
     """Most StreamEdit streams open at once, over all clients; a new stream beyond it gets RESOURCE_EXHAUSTED at once."""
     stream_idle_timeout_s: float = 600.0
     """A stream with no request from its client and nothing of its own in flight for this many seconds is closed (UNAVAILABLE, "stream idle ..."); so is one whose client reads no response for this long while one waits to be sent (UNAVAILABLE, "... not reading its responses ..."); 0: never."""
+    connection_idle_timeout_s: float = 300.0
+    """A connection with no call open for this many seconds is closed (HTTP/2 GOAWAY; gRPC clients reconnect on their next call), and so is a raw TCP connection that never opens one; 0: never."""
     max_stream_backlog: int = 32
     """Most responses one stream may owe its client (requests read whose answer is not yet sent: edits in flight, answers the client has not taken); at this bound the server stops reading that stream's requests until the client reads (back-pressure)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -53,8 +56,10 @@ class ServerConfig:
     """Most queued edits run as one backend call (backends that batch: ip2p, ip2p-xl, tiny-ip2p, identity); 1: no batching; default: the backend's own (8 for ip2p, with --max-delay-ms 0: what is queued runs together, nothing waits)."""
     max_delay_ms: float = 0.0
     """Longest wait for more edits to fill a batch, in milliseconds (0: take only what is already queued)."""
-    original_cache_mb: int = 1024
-    """Memory for originals cached per (client, view), in MiB; 0 turns the cache off (then every request must carry its original)."""
+    max_buffer_mb: int | None = None
+    """Memory budget in MiB for everything the server holds for its clients: requests queued or running (their images as sent and decoded), answers not yet taken, and the originals cache (its share, --original-cache-mb). A unary request that does not fit is refused at once (RESOURCE_EXHAUSTED naming this option); a stream waits, its further requests unread, until there is room. Default: a quarter of the machine's memory, at most 8192 (printed at start-up)."""
+    original_cache_mb: int | None = None
+    """The originals cache's share of --max-buffer-mb, in MiB (originals cached per (client, view), least recently used evicted within it); 0 turns the cache off (then every request must carry its original). Default: a quarter of the budget, at most 1024."""
     metrics_port: int = 0
     """Serve Prometheus metrics on http://HOST:PORT/metrics; 0: off."""
     grace_s: float = 30.0
@@ -79,6 +84,18 @@ class ServerConfig:
         """gRPC send/receive limit in bytes."""
         return max_message_bytes_for(self.max_image_side)
 
+    @property
+    def budget_mb(self) -> int:
+        """--max-buffer-mb, or its default for this machine."""
+        return self.max_buffer_mb if self.max_buffer_mb is not None else default_max_buffer_mb()
+
+    @property
+    def cache_mb(self) -> int:
+        """--original-cache-mb, or its default share of the budget."""
+        return (
+            self.original_cache_mb if self.original_cache_mb is not None else default_original_cache_mb(self.budget_mb)
+        )
+
     def validate(self) -> None:
         """Raise ValueError naming the flag of the first bad value."""
         if not 0 <= self.port <= 65535:
@@ -95,6 +112,10 @@ class ServerConfig:
             raise ValueError(f"--max-streams must be >= 1, got {self.max_streams}")
         if not (math.isfinite(self.stream_idle_timeout_s) and self.stream_idle_timeout_s >= 0):
             raise ValueError(f"--stream-idle-timeout-s must be >= 0 (0: never), got {self.stream_idle_timeout_s}")
+        if not (math.isfinite(self.connection_idle_timeout_s) and self.connection_idle_timeout_s >= 0):
+            raise ValueError(
+                f"--connection-idle-timeout-s must be >= 0 (0: never), got {self.connection_idle_timeout_s}"
+            )
         if self.max_stream_backlog < 1:
             raise ValueError(f"--max-stream-backlog must be >= 1, got {self.max_stream_backlog}")
         if self.seed < 0:
@@ -109,8 +130,13 @@ class ServerConfig:
             raise ValueError(
                 f"--delay-ms: only the identity backend takes it (a fixed cost per edit, for load tests), not {self.backend}"
             )
-        if self.original_cache_mb < 0:
-            raise ValueError(f"--original-cache-mb must be >= 0, got {self.original_cache_mb}")
+        if self.max_buffer_mb is not None and self.max_buffer_mb < 1:
+            raise ValueError(f"--max-buffer-mb must be >= 1, got {self.max_buffer_mb}")
+        if self.original_cache_mb is not None and not 0 <= self.original_cache_mb < self.budget_mb:
+            raise ValueError(
+                f"--original-cache-mb must be >= 0 and below --max-buffer-mb ({self.budget_mb}), "
+                f"got {self.original_cache_mb}"
+            )
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
         if not self.grace_s >= 0:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import logging
 import os
 import signal
@@ -35,6 +34,7 @@ from typing import Any
 
 import grpc
 
+from diffusion_server.auth import UNAUTHENTICATED_MESSAGE, BearerToken
 from diffusion_server.config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -181,35 +181,21 @@ class EditReplica:
     run the servicer's coroutines on the replica's event loop."""
 
     def __init__(self, config: ServerConfig):
-        from diffusion_server.backends import create_backend
-        from diffusion_server.server import configure_logging, resolve_token, service_limits
+        from diffusion_server.server import backend_of, configure_logging, resolve_token, service_limits
         from diffusion_server.service import EditServicer
 
         configure_logging(config.log_level, config.log_format)  # on the replica's stderr (Ray's worker log)
-        backend = create_backend(
-            config.backend, config.model, config.device, config.precision, config.seed,
-            channels_last=config.channels_last, compile=config.compile, cpu_offload=config.cpu_offload,
-            delay_ms=config.delay_ms,
-        )  # fmt: skip
+        backend = backend_of(config)
         self._servicer = EditServicer(backend, service_limits(config, backend))
         token = resolve_token(config)
-        self._expected = f"Bearer {token}".encode() if token else None
+        self._token = BearerToken(token) if token else None
         log.info("replica ready: %s on %s (pid %d)", config.backend, config.device, os.getpid())
 
     def _check_token(self, grpc_context: Any) -> None:
-        if self._expected is None:
+        if self._token is None:
             return
-        given = b""
-        if grpc_context is not None:
-            for key, value in grpc_context.invocation_metadata():
-                if key == "authorization":
-                    given = value.encode() if isinstance(value, str) else bytes(value)
-                    break
-        if not hmac.compare_digest(given, self._expected):
-            raise _Aborted(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or wrong bearer token: send metadata 'authorization: Bearer <token>' (the server's --token / IN2N_TOKEN)",
-            )
+        if not self._token.accepts(grpc_context.invocation_metadata() if grpc_context is not None else None):
+            raise _Aborted(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
     @staticmethod
     def _fail(grpc_context: Any, error: _Aborted) -> None:

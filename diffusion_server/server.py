@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import hmac
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,10 +26,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from diffusion_server.auth import UNAUTHENTICATED_MESSAGE, BearerToken
 from diffusion_server.backends import BackendUnavailable, create_backend
 from diffusion_server.backends.base import EditBackend
 from diffusion_server.config import ServerConfig
-from diffusion_server.metrics import ServerMetrics
+from diffusion_server.memory import trim_periodically
+from diffusion_server.metrics import Metrics, ServerMetrics
 from diffusion_server.service import EditServicer, add_edit_service
 from diffusion_server.validation import ServiceLimits
 from in2n_contract import HTTP2_WINDOW_BYTES, SERVICE_NAME
@@ -41,6 +42,8 @@ T = TypeVar("T")
 
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+TRIM_EVERY_S = 5.0
+"""How often the allocator's free pages go back to the system (see memory.trim_allocator)."""
 
 
 class StartupError(RuntimeError):
@@ -50,30 +53,21 @@ class StartupError(RuntimeError):
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Answers UNAUTHENTICATED to every call without metadata `authorization: Bearer <token>`, except health checks."""
 
-    def __init__(self, token: str, on_reject: Callable[[str], None] | None = None):
-        self._expected = f"Bearer {token}".encode()
-        self._on_reject = on_reject
+    def __init__(self, token: str, metrics: Metrics):
+        self._token = BearerToken(token)
+        self._metrics = metrics
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         method = handler_call_details.method or ""
-        if method.startswith(HEALTH_PREFIX):
-            return await continuation(handler_call_details)
-        given = b""
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else bytes(value)
-                break
-        if hmac.compare_digest(given, self._expected):
+        if method.startswith(HEALTH_PREFIX) or self._token.accepts(handler_call_details.invocation_metadata):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        if self._on_reject is not None:
-            self._on_reject(method)
-        message = "missing or wrong bearer token: send metadata 'authorization: Bearer <token>' (the server's --token / IN2N_TOKEN)"
+        self._metrics.request_done(method.rsplit("/", 1)[-1], "UNAUTHENTICATED")
 
         async def deny(request_or_iterator, context):  # type: ignore[no-untyped-def]
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(deny)
@@ -96,9 +90,7 @@ class JsonLogFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "ts": datetime.datetime.fromtimestamp(record.created, tz=datetime.timezone.utc).isoformat(
-                timespec="milliseconds"
-            ),
+            "ts": datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -214,6 +206,19 @@ class AioServer:
         return self._stopped.wait(timeout)
 
 
+def backend_of(config: ServerConfig) -> EditBackend:
+    """The backend `config` names, built with its options (the standalone server and each Ray replica).
+
+    Raises:
+        BackendUnavailable: the backend cannot be built here (missing weights or package, no such device).
+    """
+    return create_backend(
+        config.backend, config.model, config.device, config.precision, config.seed,
+        channels_last=config.channels_last, compile=config.compile, cpu_offload=config.cpu_offload,
+        delay_ms=config.delay_ms,
+    )  # fmt: skip
+
+
 def resolve_max_batch(config: ServerConfig, backend: EditBackend) -> int:
     """--max-batch, or the backend's default_max_batch when not given."""
     return config.max_batch if config.max_batch is not None else int(getattr(backend, "default_max_batch", 1))
@@ -227,7 +232,8 @@ def service_limits(config: ServerConfig, backend: EditBackend) -> ServiceLimits:
         max_queued=config.max_queued,
         max_batch=resolve_max_batch(config, backend),
         max_delay_s=config.max_delay_ms / 1e3,
-        original_cache_bytes=config.original_cache_mb << 20,
+        original_cache_bytes=config.cache_mb << 20,
+        max_buffer_bytes=config.budget_mb << 20,
         max_streams=config.max_streams,
         stream_idle_timeout_s=config.stream_idle_timeout_s,
         max_stream_backlog=config.max_stream_backlog,
@@ -235,8 +241,22 @@ def service_limits(config: ServerConfig, backend: EditBackend) -> ServiceLimits:
     )
 
 
+KEEPALIVE_TIME_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+
+
+def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC options that close connections nobody uses: idle ones (no call open for
+    --connection-idle-timeout-s, raw TCP connections that never open one included), and, through keepalive
+    pings (every 60 s, 20 s to answer), those whose peer is gone while a call is open."""
+    options = [("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS)]
+    if config.connection_idle_timeout_s > 0:
+        options.append(("grpc.max_connection_idle_ms", max(1, round(config.connection_idle_timeout_s * 1e3))))
+    return options
+
+
 def build_server(
-    config: ServerConfig, backend: EditBackend, metrics: ServerMetrics | None = None
+    config: ServerConfig, backend: EditBackend, metrics: Metrics | None = None
 ) -> tuple[AioServer, int, EditServicer, health.aio.HealthServicer]:
     """Create (not start) a server for `backend` bound to config.host:config.port.
 
@@ -244,13 +264,9 @@ def build_server(
     Returns (server, actual port, servicer, health servicer).
     """
     limits = service_limits(config, backend)
+    metrics = metrics if metrics is not None else Metrics()
     token = resolve_token(config)
-    interceptors = []
-    if token is not None:
-        on_reject = (
-            (lambda method: metrics.request_done(method.rsplit("/", 1)[-1], "UNAUTHENTICATED")) if metrics else None
-        )
-        interceptors.append(TokenAuthInterceptor(token, on_reject))
+    interceptors = [] if token is None else [TokenAuthInterceptor(token, metrics)]
     credentials = None
     if config.tls_cert is not None and config.tls_key is not None:
         cert, key = _read_pem("--tls-cert", config.tls_cert), _read_pem("--tls-key", config.tls_key)
@@ -265,6 +281,8 @@ def build_server(
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
             ("grpc.http2.lookahead_bytes", HTTP2_WINDOW_BYTES),
+            ("grpc.http2.bdp_probe", 0),
+            *connection_options(config),
         ],
     )
     servicer = EditServicer(backend, limits, metrics)
@@ -295,6 +313,7 @@ def build_server(
         )
     for name in ("", SERVICE_NAME):
         server.call(health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING))
+    asyncio.run_coroutine_threadsafe(trim_periodically(TRIM_EVERY_S), server.loop)
     return server, port, servicer, health_servicer
 
 
@@ -343,11 +362,7 @@ def serve(config: ServerConfig) -> None:
     except ValueError as e:
         raise StartupError(str(e)) from e
     try:
-        backend = create_backend(
-            config.backend, config.model, config.device, config.precision, config.seed,
-            channels_last=config.channels_last, compile=config.compile, cpu_offload=config.cpu_offload,
-            delay_ms=config.delay_ms,
-        )  # fmt: skip
+        backend = backend_of(config)
     except BackendUnavailable as e:
         raise StartupError(str(e)) from e
     info = backend.info()
@@ -381,7 +396,8 @@ def serve(config: ServerConfig) -> None:
         f"precision={info.precision}) on {config.host}:{port}"
     )
     extras = (
-        f" [{security}; max batch {resolve_max_batch(config, backend)}"
+        f" [{security}; max batch {resolve_max_batch(config, backend)}; memory budget {config.budget_mb} MiB "
+        f"(--max-buffer-mb), originals cache {config.cache_mb} MiB of it"
         + (f"; metrics on :{metrics_port}" if metrics_port else "")
         + "]"
     )
@@ -400,6 +416,8 @@ def serve(config: ServerConfig) -> None:
                     "metrics_port": metrics_port,
                     "tls": bool(config.tls_cert),
                     "token": bool(token),
+                    "max_buffer_mb": config.budget_mb,
+                    "original_cache_mb": config.cache_mb,
                 }
             ),
             flush=True,

@@ -52,7 +52,8 @@ class ServiceLimits:
     max_queued: int = 32
     max_batch: int = 1
     max_delay_s: float = 0.0
-    original_cache_bytes: int = 1 << 30
+    original_cache_bytes: int = 1 << 30  # the originals cache's share of max_buffer_bytes
+    max_buffer_bytes: int = 4 << 30  # everything held for clients: the cache, requests, answers not yet taken
     max_streams: int = 64
     stream_idle_timeout_s: float = 600.0  # 0: never
     max_stream_backlog: int = 32
@@ -61,6 +62,25 @@ class ServiceLimits:
     @property
     def max_message_bytes(self) -> int:
         return max_message_bytes_for(self.max_image_side)
+
+    @property
+    def edits_budget_bytes(self) -> int:
+        """What requests and their answers may hold: the budget less the originals cache's share."""
+        return self.max_buffer_bytes - self.original_cache_bytes
+
+
+_ITEMSIZE = {pb.DTYPE_UINT8: 1, pb.DTYPE_FLOAT16: 2, pb.DTYPE_FLOAT32: 4}
+
+
+def held_bytes(req: pb.EditRequest) -> int:
+    """What the server holds for `req` until its answer is taken, from the sizes of the images as they travelled:
+    the request (render and original), both decoded (float32, 4 bytes a value; a kept uint8 image costs less,
+    counted the same), and the answer three times over (the backend's output, the response message, its
+    serialized copy; 4 bytes a value, 1 for a uint8 render)."""
+    values = len(req.render.data) // _ITEMSIZE.get(req.render.dtype, 1)  # H x W x 3 as sent
+    original_values = len(req.original.data) // _ITEMSIZE.get(req.original.dtype, 1)
+    answer = values * (1 if req.render.dtype == pb.DTYPE_UINT8 else 4)
+    return len(req.render.data) + len(req.original.data) + 4 * (values + original_values) + 3 * answer
 
 
 class RequestError(Exception):
@@ -188,48 +208,98 @@ def _optional_float(req: pb.EditRequest, name: str, default: float, low: float, 
     return value
 
 
-def parse_request(
-    req: pb.EditRequest,
-    limits: ServiceLimits,
-    backend: EditBackend,
-    arrival: float,
-    originals: OriginalCache | None = None,
-) -> EditJob:
-    """Validate `req` and decode its images.
+# -- one check per field (each error names its field) ----------------------------------------------------
 
-    Raises `RequestError`: INVALID_ARGUMENT naming the bad field, or FAILED_PRECONDITION
-    ("original not cached ...") for a request without original whose original the server does not hold.
-    A valid request with `original`, `client_id` and `original_key` puts its original in `originals`.
-    """
+
+def check_request_id(req: pb.EditRequest) -> None:
     if len(req.request_id) > MAX_REQUEST_ID_CHARS:
         raise invalid_argument(
             f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters, got {len(req.request_id)}"
         )
+
+
+def check_client_id(req: pb.EditRequest) -> None:
     if len(req.client_id) > MAX_CLIENT_ID_CHARS:
         raise invalid_argument(f"client_id must be at most {MAX_CLIENT_ID_CHARS} characters, got {len(req.client_id)}")
     if req.original_key and not req.client_id:
         raise invalid_argument("client_id is required with original_key (originals are cached per client)")
+
+
+def check_instruction(req: pb.EditRequest) -> None:
     if not req.instruction.strip():
         raise invalid_argument("instruction must be a non-empty text")
     if len(req.instruction) > MAX_INSTRUCTION_CHARS:
         raise invalid_argument(
             f"instruction must be at most {MAX_INSTRUCTION_CHARS} characters, got {len(req.instruction)}"
         )
-    guidance = _optional_float(req, "guidance_scale", DEFAULT_GUIDANCE_SCALE, 0.0, MAX_GUIDANCE)
-    image_guidance = _optional_float(req, "image_guidance_scale", DEFAULT_IMAGE_GUIDANCE_SCALE, 0.0, MAX_GUIDANCE)
+
+
+def diffusion_steps_of(req: pb.EditRequest, limits: ServiceLimits) -> int:
     steps = req.diffusion_steps if req.HasField("diffusion_steps") else DEFAULT_DIFFUSION_STEPS
     if not 1 <= steps <= limits.max_diffusion_steps:
         raise invalid_argument(f"diffusion_steps must be in [1, {limits.max_diffusion_steps}], got {steps}")
+    return int(steps)
+
+
+def bounds_of(req: pb.EditRequest) -> tuple[float, float]:
     lower = _optional_float(req, "lower_bound", DEFAULT_LOWER_BOUND, 0.0, 1.0)
     upper = _optional_float(req, "upper_bound", DEFAULT_UPPER_BOUND, 0.0, 1.0)
     if lower > upper:
         raise invalid_argument(f"lower_bound ({lower:g}) must be <= upper_bound ({upper:g})")
-    seed = req.seed if req.HasField("seed") else None
+    return lower, upper
 
+
+def check_images_present(req: pb.EditRequest) -> None:
     if not req.HasField("render"):
         raise invalid_argument("render is required")
     if not req.HasField("original") and not req.original_key:
         raise invalid_argument(f"{ORIGINAL_REQUIRED} (or original_key, for an original sent before)")
+
+
+def check_original_key(req: pb.EditRequest) -> None:
+    """An original sent with its key must hash to it: without this check, whoever learnt a client's id could
+    replace that client's cached original."""
+    if req.HasField("original") and req.original_key and req.original_key != wire_original_key(req.original):
+        raise invalid_argument(
+            f"original_key {short_repr(req.original_key, 40)} does not match the original sent with it; "
+            "send original_key(original) as computed by in2n_contract.codec (a hash of the image as it travels)"
+        )
+
+
+# -- the steps of parse_request ---------------------------------------------------------------------------
+
+
+def check_fields(req: pb.EditRequest) -> None:
+    """The checks of the request's scalar and text fields, in the order a client reads its errors."""
+    check_request_id(req)
+    check_client_id(req)
+    check_instruction(req)
+
+
+def edit_params_of(req: pb.EditRequest, limits: ServiceLimits) -> EditParams:
+    """The request's edit parameters, defaults filled in, each checked."""
+    guidance = _optional_float(req, "guidance_scale", DEFAULT_GUIDANCE_SCALE, 0.0, MAX_GUIDANCE)
+    image_guidance = _optional_float(req, "image_guidance_scale", DEFAULT_IMAGE_GUIDANCE_SCALE, 0.0, MAX_GUIDANCE)
+    steps = diffusion_steps_of(req, limits)
+    lower, upper = bounds_of(req)
+    return EditParams(
+        instruction=req.instruction,
+        guidance_scale=guidance,
+        image_guidance_scale=image_guidance,
+        diffusion_steps=steps,
+        lower_bound=lower,
+        upper_bound=upper,
+        seed=req.seed if req.HasField("seed") else None,
+    )
+
+
+def images_of(
+    req: pb.EditRequest, limits: ServiceLimits, backend: EditBackend, originals: OriginalCache | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(render, original) decoded, the original from `originals` when the request carries only its key.
+
+    Raises FAILED_PRECONDITION ("original not cached ...") when the server does not hold that original."""
+    check_images_present(req)
     try:
         keep = backend.accepts_uint8
         render = codec.decode_image(req.render, "render", max_side=limits.max_image_side, keep_uint8=keep)
@@ -240,12 +310,7 @@ def parse_request(
         )
     except codec.ImageFormatError as e:
         raise invalid_argument(str(e)) from None
-    if original is not None and req.original_key and req.original_key != wire_original_key(req.original):
-        # Without this check, whoever learnt a client's id could replace that client's cached original.
-        raise invalid_argument(
-            f"original_key {short_repr(req.original_key, 40)} does not match the original sent with it; "
-            "send original_key(original) as computed by in2n_contract.codec (a hash of the image as it travels)"
-        )
+    check_original_key(req)
     if original is None:
         original = originals.get(req.client_id, req.view_id, req.original_key) if originals is not None else None
         if original is None:
@@ -259,25 +324,32 @@ def parse_request(
         raise invalid_argument(
             f"original: size {original.shape[0]}x{original.shape[1]} must match render's {render.shape[0]}x{render.shape[1]}"
         )
+    return render, original
 
-    params = EditParams(
-        instruction=req.instruction,
-        guidance_scale=guidance,
-        image_guidance_scale=image_guidance,
-        diffusion_steps=int(steps),
-        lower_bound=lower,
-        upper_bound=upper,
-        seed=seed,
-    )
+
+def parse_request(
+    req: pb.EditRequest,
+    limits: ServiceLimits,
+    backend: EditBackend,
+    arrival: float,
+    originals: OriginalCache | None = None,
+) -> EditJob:
+    """Validate `req` and decode its images: its fields (`check_fields`), its parameters (`edit_params_of`),
+    its images (`images_of`), then the backend's own check.
+
+    Raises `RequestError`: INVALID_ARGUMENT naming the bad field, or FAILED_PRECONDITION
+    ("original not cached ...") for a request without original whose original the server does not hold.
+    A valid request with `original`, `client_id` and `original_key` puts its original in `originals`.
+    """
+    check_fields(req)
+    params = edit_params_of(req, limits)
+    render, original = images_of(req, limits, backend, originals)
     try:
         backend.check(params)
     except EditRejected as e:
         raise invalid_argument(str(e)) from None
     if req.HasField("original") and req.original_key and originals is not None:
         originals.put(req.client_id, req.view_id, req.original_key, original)
-    deadline = None
-    if req.HasField("timeout_ms") and req.timeout_ms > 0:
-        deadline = arrival + req.timeout_ms / 1e3
     return EditJob(
         request_id=req.request_id,
         view_id=req.view_id,
@@ -287,5 +359,5 @@ def parse_request(
         uint8_out=req.render.dtype == pb.DTYPE_UINT8,
         arrival=arrival,
         original_key=(req.client_id, req.view_id, req.original_key) if req.original_key else None,
-        deadline=deadline,
+        deadline=arrival + req.timeout_ms / 1e3 if req.HasField("timeout_ms") and req.timeout_ms > 0 else None,
     )

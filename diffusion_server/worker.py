@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 
 from diffusion_server.backends.base import EditBackend, EditCancelled, EditItem, EditRejected, EditResult
+from diffusion_server.metrics import Metrics
 from diffusion_server.validation import EditJob, RequestError
 from in2n_contract import codec, pb
 
@@ -72,13 +73,13 @@ class EditWorker:
         max_queued: int,
         max_batch: int = 1,
         max_delay_s: float = 0.0,
-        metrics: object | None = None,
+        metrics: Metrics | None = None,
     ):
         self._backend = backend
         self._max_queued = max_queued
         self._max_batch = max_batch if getattr(backend, "supports_batching", False) else 1
         self._max_delay_s = max_delay_s
-        self._metrics = metrics
+        self._metrics = metrics if metrics is not None else Metrics()
         self._cond = threading.Condition()
         self._queue: collections.deque[EditJob] = collections.deque()
         self._pending = 0  # queued or running
@@ -112,9 +113,7 @@ class EditWorker:
         return job.future
 
     def _update_gauges(self) -> None:  # with self._cond held
-        if self._metrics is not None:
-            self._metrics.queue_depth.set(len(self._queue))  # type: ignore[attr-defined]
-            self._metrics.in_progress.set(self._pending)  # type: ignore[attr-defined]
+        self._metrics.queue_changed(len(self._queue), self._pending)
 
     def _release(self, job: EditJob) -> None:
         """Every job's future ends exactly once (result, error or cancel): it stops counting then."""
@@ -148,20 +147,22 @@ class EditWorker:
         return batch
 
     def _loop(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if batch is None:
-                return
-            try:
-                self._run_batch(batch)
-            except Exception:
-                log.exception("edit worker failure")
-                for job in batch:
-                    if not job.future.done():
-                        try:
-                            job.future.set_exception(RequestError(grpc.StatusCode.INTERNAL, "edit worker failure"))
-                        except concurrent.futures.InvalidStateError:
-                            pass
+        while (batch := self._take_batch()) is not None:
+            self._run_guarded(batch)
+            del batch  # not held while waiting for the next one: its images and answers are large
+
+    def _run_guarded(self, batch: list[EditJob]) -> None:
+        """`_run_batch`; a failure of the worker itself fails the batch's unanswered edits with INTERNAL."""
+        try:
+            self._run_batch(batch)
+        except Exception:
+            log.exception("edit worker failure")
+            for job in batch:
+                if not job.future.done():
+                    try:
+                        job.future.set_exception(RequestError(grpc.StatusCode.INTERNAL, "edit worker failure"))
+                    except concurrent.futures.InvalidStateError:
+                        pass
 
     def _live(self, batch: list[EditJob]) -> list[EditJob]:
         """The jobs of `batch` still worth computing, marked running; the others are answered here."""
@@ -189,8 +190,7 @@ class EditWorker:
         live = self._live(batch)
         if not live:
             return
-        if self._metrics is not None:
-            self._metrics.batch_size.observe(len(live))  # type: ignore[attr-defined]
+        self._metrics.batch_ran(len(live))
         start = time.perf_counter()
         items = [EditItem(job.render, job.original, job.params, job.original_key, job.is_active) for job in live]
         results: list[object]
@@ -217,8 +217,7 @@ class EditWorker:
                 job.future.set_exception(e)
                 continue
             done = time.perf_counter()
-            if self._metrics is not None:
-                self._metrics.edit_done(start - job.arrival, computed - start, done - job.arrival)  # type: ignore[attr-defined]
+            self._metrics.edit_done(start - job.arrival, computed - start, done - job.arrival)
             job.future.set_result(
                 pb.EditResponse(
                     request_id=job.request_id,

@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Union
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from in2n_contract import DEFAULT_MAX_IMAGE_SIDE, HTTP2_WINDOW_BYTES, max_message_bytes_for, pb, pb_grpc
+from in2n_contract import (
+    DEFAULT_MAX_IMAGE_SIDE,
+    HTTP2_WINDOW_BYTES,
+    SERVICE_NAME,
+    max_message_bytes_for,
+    pb,
+    pb_grpc,
+)
 
 DEFAULT_MAX_MESSAGE_BYTES = max_message_bytes_for(DEFAULT_MAX_IMAGE_SIDE)
 _STATUS_OF_VALUE = {code.value[0]: code for code in grpc.StatusCode}
-NOT_READY = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-"""Codes that mean "no server answering yet" to a readiness check."""
+NOT_READY = frozenset(
+    {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.NOT_FOUND,
+    }
+)
+"""Codes that mean "no server answering yet" to a readiness check (NOT_FOUND: the health service does not know
+EditService yet, or Ray Serve's proxy has no application yet)."""
 
 
 def status_code(value: int) -> grpc.StatusCode:
@@ -50,16 +67,28 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
 
 
-def describe_answers(stub: pb_grpc.EditServiceStub, timeout_s: float, metadata: tuple | None) -> bool:
-    """Readiness where grpc.health.v1 is UNIMPLEMENTED: True once Describe answers (a replica is up behind the proxy).
+def server_ready(channel: grpc.Channel, timeout_s: float, metadata: tuple | None) -> bool:
+    """One readiness check, waiting up to timeout_s for a connection (gRPC retries it meanwhile).
 
-    False while it fails with UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED or NOT_FOUND (no application yet);
-    True for any other answer (e.g. UNAUTHENTICATED: the server is up, the call itself will say what is wrong).
+    True once grpc.health.v1 reports SERVING for EditService; where health checking is UNIMPLEMENTED (Ray Serve's
+    proxy), once Describe answers (a replica is up behind the proxy). False while a call fails with a code in
+    NOT_READY, or the server is not SERVING. True for any other error (e.g. UNAUTHENTICATED): the server is up,
+    and the call itself will say what is wrong. A real RPC rather than a connectivity watch: it proves the server
+    is up, and it leaves no watcher thread behind when the channel closes.
     """
+    started = time.monotonic()
     try:
-        stub.Describe(pb.DescribeRequest(), timeout=timeout_s, metadata=metadata)
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        status = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout_s, wait_for_ready=True).status
+        return status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError as e:
-        return e.code() not in NOT_READY + (grpc.StatusCode.NOT_FOUND,)
+        if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+            return e.code() not in NOT_READY
+    remaining = max(0.1, timeout_s - (time.monotonic() - started))
+    try:
+        pb_grpc.EditServiceStub(channel).Describe(pb.DescribeRequest(), timeout=remaining, metadata=metadata)
+    except grpc.RpcError as e:
+        return e.code() not in NOT_READY
     return True
 
 

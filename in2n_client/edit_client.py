@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Self
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from typing_extensions import Self
 
 from in2n_client.channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -17,10 +16,10 @@ from in2n_client.channel import (
     auth_metadata,
     channel_options,
     check_size,
-    describe_answers,
     make_channel,
+    server_ready,
 )
-from in2n_contract import SERVICE_NAME, EditParams, pb, pb_grpc
+from in2n_contract import EditParams, pb, pb_grpc
 from in2n_contract.codec import decode_image
 from in2n_contract.messages import make_request
 
@@ -72,7 +71,6 @@ class EditClient:
         self._metadata = auth_metadata(token)
         self._channel = make_channel(address, channel_options(max_message_bytes), root_cert, tls)
         self._stub = pb_grpc.EditServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def edit(
         self,
@@ -111,29 +109,16 @@ class EditClient:
             raise EditFailed(e.code(), e.details() or "") from None
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Block until the server's health service reports SERVING for EditService; TimeoutError after timeout_s."""
+        """Block until the server is ready (`server_ready`: health SERVING, or Describe answering behind Ray Serve's
+        proxy); TimeoutError after timeout_s."""
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"diffusion server at {self.address} not SERVING after {timeout_s:g} s")
-            try:
-                status = self._health.Check(
-                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=remaining, wait_for_ready=True
-                ).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # no health service (Ray Serve's proxy): ask Describe
-                    if describe_answers(self._stub, max(0.1, deadline - time.monotonic()), self._metadata):
-                        return
-                elif e.code() not in (
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    grpc.StatusCode.UNAVAILABLE,
-                    grpc.StatusCode.NOT_FOUND,
-                ):
-                    raise EditFailed(e.code(), e.details() or "") from None
-            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))  # NOT_SERVING yet: ask again
+                raise TimeoutError(f"diffusion server at {self.address} not ready after {timeout_s:g} s")
+            if server_ready(self._channel, remaining, self._metadata):
+                return
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))  # not ready yet: ask again
 
     def close(self) -> None:
         self._channel.close()

@@ -3,8 +3,8 @@
 `submit` and `poll` never block on the network. A broken stream hands every in-flight request back as
 UNAVAILABLE while the client reconnects in the background; a stream that ends with INTERNAL (its server-side
 half died, e.g. a Ray Serve replica, while the address still answers) is reopened and what it had no answer for is
-re-sent. Originals are sent once per view: later requests for the view carry only the render and the original's
-key; when the server does not hold it (FAILED_PRECONDITION "original not cached"), the client re-sends the request
+re-sent. Originals are sent once per view to a server that caches them (its Describe says so): later requests for
+the view carry only the render and the original's key; when the server does not hold it (FAILED_PRECONDITION "original not cached"), the client re-sends the request
 with the original by itself, invisibly to the caller.
 """
 
@@ -18,25 +18,23 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Self
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from typing_extensions import Self
 
 from in2n_client.channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    NOT_READY,
     RootCert,
     auth_metadata,
     channel_options,
     check_size,
-    describe_answers,
     make_channel,
+    server_ready,
     status_code,
 )
 from in2n_client.edit_client import LARGEST_SIDE, timings_dict
-from in2n_contract import ORIGINAL_NOT_CACHED, ORIGINAL_REQUIRED, SERVICE_NAME, STREAM_IDLE, EditParams, pb, pb_grpc
+from in2n_contract import ORIGINAL_NOT_CACHED, STREAM_IDLE, EditParams, pb, pb_grpc
 from in2n_contract.codec import ImageFormatError, decode_image, original_key, wire_image
 from in2n_contract.messages import make_request
 
@@ -63,15 +61,41 @@ class StreamResult:
         return self.error_code is None
 
 
+@dataclass
+class _Pending:
+    """One submitted request, from `submit` until its result is handed to the caller."""
+
+    request: pb.EditRequest  # as last sent (or as it will be sent on the next stream)
+    original: np.ndarray | None  # kept while the request travels without its original, to re-send it with it
+    sent: bool = True  # False while it waits for the next stream, to be re-sent there
+    resends: int = 0  # times re-sent after an INTERNAL stream end
+
+    def attach_original(self) -> bool:
+        """From now on the request carries its original (a new message: the one already queued is not touched).
+
+        False when it already did."""
+        if self.original is None:
+            return False
+        request = pb.EditRequest()
+        request.CopyFrom(self.request)
+        request.original.CopyFrom(wire_image(self.original, "original"))
+        self.request, self.original = request, None
+        return True
+
+
 _HALF_CLOSE = object()  # ends a connection's request iterator
 
 
 class _Connection:
-    """One open StreamEdit call and the queue its request iterator reads."""
+    """One open StreamEdit call, the queue its request iterator reads, and whether its server caches originals."""
 
-    def __init__(self) -> None:
+    def __init__(self, caches_originals: bool) -> None:
         self.outgoing: queue.Queue[object] = queue.Queue()
         self.call: grpc.Call | None = None
+        self.caches_originals = caches_originals  # its Describe says so (False when Describe failed)
+
+    def send(self, request: pb.EditRequest) -> None:
+        self.outgoing.put(pb.StreamEditRequest(edit=request))
 
     def requests(self) -> Iterator[pb.StreamEditRequest]:
         while True:
@@ -123,16 +147,10 @@ class StreamClient:
         self._root_cert = root_cert
         self._tls = tls
         self._send_originals_once = send_originals_once
-        self._server_caches = False  # learnt from Describe on each connection
         self.server_info: pb.DescribeResponse | None = None  # the server's Describe, from the latest connection
         self._client_id = uuid.uuid4().hex
         self._server_has: dict[int, str] = {}  # view id -> key of the original the server should hold
-        self._resendable: dict[
-            str, tuple[pb.EditRequest, np.ndarray]
-        ] = {}  # sent without original: (request, original)
-        self._sent: dict[str, pb.EditRequest] = {}  # request id -> the request as sent, while in flight
-        self._resends: dict[str, int] = {}  # request id -> times re-sent after an INTERNAL stream end
-        self._to_resend: list[pb.EditRequest] = []  # sent first on the next stream
+        self._pending: dict[str, _Pending] = {}  # request id -> the request, while in flight (submission order)
         self.resent = 0  # requests re-sent on a new stream after their stream ended with INTERNAL
         self.originals_sent = 0  # requests that carried their original (first sends and re-sends)
         self.cache_misses = 0  # requests re-sent with their original after "original not cached"
@@ -141,12 +159,13 @@ class StreamClient:
         self._thread: threading.Thread | None = None
         self._channel: grpc.Channel | None = None
         self._conn: _Connection | None = None  # set while a stream is open
-        self._in_flight: dict[str, int] = {}  # request id -> view id
         self._results: list[StreamResult] = []
         self._ids = itertools.count()
         self._id_prefix = uuid.uuid4().hex[:8]
         self._completed = 0
         self._failed = 0
+        self._forgotten: set[str] = set()  # request ids given up by the caller whose answer may still come
+        self.late_dropped = 0  # answers that came for forgotten requests (dropped)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -159,7 +178,7 @@ class StreamClient:
     def in_flight(self) -> int:
         """Requests submitted whose result has not arrived yet."""
         with self._lock:
-            return len(self._in_flight)
+            return len(self._pending)
 
     @property
     def completed(self) -> int:
@@ -174,7 +193,7 @@ class StreamClient:
     def can_submit(self) -> bool:
         """Connected and fewer than max_in_flight requests in flight."""
         with self._lock:
-            return self._conn is not None and len(self._in_flight) < self.max_in_flight
+            return self._conn is not None and len(self._pending) < self.max_in_flight
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -236,7 +255,9 @@ class StreamClient:
         if self._thread is None:
             raise RuntimeError("StreamClient not started; call start() first")
         view_id = int(view_id)
-        if not (self._send_originals_once and self._server_caches):
+        with self._lock:
+            caches = self._conn is not None and self._conn.caches_originals
+        if not (self._send_originals_once and caches):
             key = ""
         elif key is None:
             key = original_key(original)
@@ -253,21 +274,30 @@ class StreamClient:
                 raise RuntimeError(
                     f"not connected to {self.address} (reconnecting in the background); check can_submit()"
                 )
-            if len(self._in_flight) >= self.max_in_flight:
+            if len(self._pending) >= self.max_in_flight:
                 raise RuntimeError(
                     f"{self.max_in_flight} requests already in flight (max_in_flight); check can_submit()"
                 )
             request.request_id = f"{self._id_prefix}-{next(self._ids)}"
-            self._in_flight[request.request_id] = view_id
-            self._sent[request.request_id] = request
-            if kept is not None:
-                self._resendable[request.request_id] = (request, kept)
-            elif key:
-                self._server_has[view_id] = key
+            self._pending[request.request_id] = _Pending(request, kept)
             if with_original:
                 self.originals_sent += 1
-            self._conn.outgoing.put(pb.StreamEditRequest(edit=request))
+                if key:  # the server holds it from this request on
+                    self._server_has[view_id] = key
+            self._conn.send(request)
         return request.request_id
+
+    def forget(self, request_id: str) -> bool:
+        """Give up a request (the caller's timeout passed): its max_in_flight slot frees at once, and its answer, if
+        one still comes on this stream, is dropped and counted in `late_dropped`. The contract has no cancel: the
+        server may still do the work. Returns whether the request was in flight."""
+        with self._lock:
+            pending = self._pending.pop(request_id, None)
+            if pending is None:
+                return False
+            if pending.sent:  # an answer may still come on this stream; one never sent has none to come
+                self._forgotten.add(request_id)
+            return True
 
     def poll(self) -> list[StreamResult]:
         """All results that arrived since the last call, in arrival order. Never blocks."""
@@ -282,7 +312,7 @@ class StreamClient:
         while not self._closed.is_set():
             try:
                 attempt_start = time.monotonic()
-                if not self._wait_connected(backoff):
+                if not server_ready(self._channel, backoff, self._metadata):
                     self._closed.wait(max(0.0, backoff - (time.monotonic() - attempt_start)))
                     backoff = min(2 * backoff, self._max_backoff_s)
                     continue
@@ -296,43 +326,19 @@ class StreamClient:
                 break
             backoff = min(2 * backoff, self._max_backoff_s)
 
-    def _wait_connected(self, timeout_s: float) -> bool:
-        """Ask the health service, waiting up to timeout_s for a connection (gRPC retries it meanwhile).
-
-        True once the server answers and is not NOT_SERVING. A real RPC rather than a connectivity
-        watch: it proves the server is up, and it leaves no watcher thread behind when the channel closes.
-        """
-        started = time.monotonic()
-        try:
-            status = (
-                health_pb2_grpc.HealthStub(self._channel)
-                .Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s, wait_for_ready=True)
-                .status
-            )
-        except grpc.RpcError as e:
-            if e.code() in NOT_READY:
-                return False
-            if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # no health service (Ray Serve's proxy): ask Describe
-                remaining = max(0.1, timeout_s - (time.monotonic() - started))
-                return describe_answers(pb_grpc.EditServiceStub(self._channel), remaining, self._metadata)
-            return True  # the server answered (e.g. UNAUTHENTICATED: the stream will report it)
-        return status != health_pb2.HealthCheckResponse.NOT_SERVING
-
     def _stream(self) -> bool:
         """Run one StreamEdit call until it ends; then hand back everything still in flight as UNAVAILABLE.
 
         Returns True if the stream was healthy (a response arrived or it stayed open for a second),
         which resets the reconnect backoff.
         """
-        conn = _Connection()
         stub = pb_grpc.EditServiceStub(self._channel)
         info = None
-        try:  # does this server cache originals? (servers before the cache answer False)
+        try:
             info = stub.Describe(pb.DescribeRequest(), timeout=10.0, metadata=self._metadata)
-            caches = info.caches_originals
         except grpc.RpcError as e:
             log.debug("Describe failed (%s); sending every original", e.code())
-            caches = False
+        conn = _Connection(caches_originals=info is not None and info.caches_originals)
         opened = time.monotonic()
         responses = 0
         conn.call = stub.StreamEdit(conn.requests(), metadata=self._metadata)
@@ -340,12 +346,12 @@ class StreamClient:
             if self._closed.is_set():
                 conn.shut()
                 return False
-            self._server_caches = caches
             self.server_info = info if info is not None else self.server_info
             self._conn = conn
-            resend, self._to_resend = self._to_resend, []
-            for request in resend:  # before anything submitted on this stream
-                conn.outgoing.put(pb.StreamEditRequest(edit=request))
+            resend = [p for p in self._pending.values() if not p.sent]
+            for pending in resend:  # before anything submitted on this stream
+                pending.sent = True
+                conn.send(pending.request)
         log.info(
             "stream client connected to %s%s", self.address, f"; re-sent {len(resend)} request(s)" if resend else ""
         )
@@ -365,23 +371,22 @@ class StreamClient:
             with self._lock:
                 self._conn = None
                 closing = self._closed.is_set()
-                kept = self._keep_for_resend() if code == grpc.StatusCode.INTERNAL and not closing else set()
-                lost = {r: v for r, v in self._in_flight.items() if r not in kept}
-                self._in_flight = {r: v for r, v in self._in_flight.items() if r in kept}
+                kept = self._keep_for_resend() if code == grpc.StatusCode.INTERNAL and not closing else 0
+                lost = {r: p for r, p in self._pending.items() if p.sent}
                 for request_id in lost:
-                    self._sent.pop(request_id, None)
-                    self._resends.pop(request_id, None)
-                self._resendable.clear()
+                    del self._pending[request_id]
+                self._forgotten.clear()  # no answer to them can come on another stream
                 if not closing:
                     message = f"stream to {self.address} broke ({reason}); resubmit when reconnected"
-                    for request_id, view_id in lost.items():
+                    for request_id, pending in lost.items():
                         self._results.append(
-                            StreamResult(request_id, view_id, None, grpc.StatusCode.UNAVAILABLE, message)
+                            StreamResult(
+                                request_id, pending.request.view_id, None, grpc.StatusCode.UNAVAILABLE, message
+                            )
                         )
                     self._failed += len(lost)
             conn.shut()
         if not closing:
-            kept = f", {len(self._to_resend)} kept to re-send" if self._to_resend else ""
             level = logging.INFO if idle_close and not lost else logging.WARNING
             log.log(
                 level,
@@ -389,35 +394,39 @@ class StreamClient:
                 self.address,
                 reason,
                 len(lost),
-                kept,
+                f", {kept} kept to re-send" if kept else "",
             )
         return responses > 0 or time.monotonic() - opened >= 1.0
 
-    def _keep_for_resend(self) -> set:
+    def _keep_for_resend(self) -> int:
         """The stream ended with INTERNAL (its server side died; the address still answers): keep the requests
         in flight to send again on the next stream, with their originals (another server may not hold them).
-        Called with self._lock held; returns the ids kept (they stay in flight). A request already re-sent
+        Called with self._lock held; returns how many it kept (they stay in flight). A request already re-sent
         MAX_RESENDS times is not kept: it is handed back, as after any other broken stream."""
-        kept = set()
-        for request_id, view_id in self._in_flight.items():
-            request = self._sent.get(request_id)
-            if request is None or self._resends.get(request_id, 0) >= MAX_RESENDS:
+        kept = 0
+        for pending in self._pending.values():
+            if pending.resends >= MAX_RESENDS:
                 continue
-            entry = self._resendable.pop(request_id, None)
-            if entry is not None:
-                resent = pb.EditRequest()
-                resent.CopyFrom(request)
-                resent.original.CopyFrom(wire_image(entry[1], "original"))
-                request = self._sent[request_id] = resent
-                self.originals_sent += 1
-                self._server_has.pop(view_id, None)
-            self._resends[request_id] = self._resends.get(request_id, 0) + 1
-            self._to_resend.append(request)
+            if self._resend_with_original(pending):
+                self._server_has.pop(pending.request.view_id, None)
+            pending.resends += 1
+            pending.sent = False
             self.resent += 1
-            kept.add(request_id)
+            kept += 1
         return kept
 
-    def _resend_with_original(self, response: pb.StreamEditResponse, conn: _Connection) -> bool:
+    def _resend_with_original(self, pending: _Pending, conn: _Connection | None = None) -> bool:
+        """Attach the original to a request sent without it, and send it on `conn` (None: on the next stream).
+
+        False when the request already carried its original. Called with self._lock held."""
+        if not pending.attach_original():
+            return False
+        self.originals_sent += 1
+        if conn is not None:
+            conn.send(pending.request)
+        return True
+
+    def _on_cache_miss(self, response: pb.StreamEditResponse, conn: _Connection) -> bool:
         """A request sent without its original came back "original not cached": send it again with it.
 
         True if re-sent (the caller sees nothing of it); only once per request.
@@ -425,31 +434,19 @@ class StreamClient:
         if response.WhichOneof("outcome") != "error":
             return False
         code, message = status_code(response.error.code), response.error.message
-        miss = code == grpc.StatusCode.FAILED_PRECONDITION and message.startswith(ORIGINAL_NOT_CACHED)
-        old_server = code == grpc.StatusCode.INVALID_ARGUMENT and message.startswith(ORIGINAL_REQUIRED)
-        if not (miss or old_server):
+        if not (code == grpc.StatusCode.FAILED_PRECONDITION and message.startswith(ORIGINAL_NOT_CACHED)):
             return False
         with self._lock:
-            entry = self._resendable.pop(response.request_id, None)
-            if entry is None or response.request_id not in self._in_flight:
+            pending = self._pending.get(response.request_id)
+            if pending is None or not self._resend_with_original(pending, conn):
                 return False
-            request, original = entry
-            resent = pb.EditRequest()
-            resent.CopyFrom(request)
-            resent.original.CopyFrom(wire_image(original, "original"))
-            if old_server:  # a server that knows nothing of the cache: send every original from now on
-                self._server_caches = False
-            else:
-                self._server_has[request.view_id] = request.original_key
+            self._server_has[pending.request.view_id] = pending.request.original_key
             self.cache_misses += 1
-            self.originals_sent += 1
-            self._sent[response.request_id] = resent
-            conn.outgoing.put(pb.StreamEditRequest(edit=resent))
         log.debug("request %s: %s; re-sent with its original", response.request_id, message)
         return True
 
     def _on_response(self, response: pb.StreamEditResponse, conn: _Connection | None = None) -> None:
-        if conn is not None and self._resend_with_original(response, conn):
+        if conn is not None and self._on_cache_miss(response, conn):
             return
         outcome = response.WhichOneof("outcome")
         if outcome == "edited":
@@ -480,10 +477,11 @@ class StreamClient:
                 response.request_id, response.view_id, None, grpc.StatusCode.INTERNAL, "response without outcome"
             )
         with self._lock:
-            self._resendable.pop(response.request_id, None)
-            self._sent.pop(response.request_id, None)
-            self._resends.pop(response.request_id, None)
-            if self._in_flight.pop(response.request_id, None) is None:
+            if response.request_id in self._forgotten:
+                self._forgotten.discard(response.request_id)
+                self.late_dropped += 1
+                return
+            if self._pending.pop(response.request_id, None) is None:
                 log.debug("ignoring response to unknown request %r", response.request_id)
                 return
             self._results.append(result)

@@ -8,7 +8,7 @@ the backends and the trainer's config all import (nothing here imports torch or 
   texts (`MAX_INSTRUCTION_CHARS`, `MAX_REQUEST_ID_CHARS`, `MAX_CLIENT_ID_CHARS`) and the largest
   guidance scale (`MAX_GUIDANCE`) a request may carry;
 - the service name and the generated modules (`pb`, `pb_grpc`);
-- the starts of status messages a client acts on (`ORIGINAL_NOT_CACHED`, `ORIGINAL_REQUIRED`).
+- the starts of status messages clients and tests recognise (`ORIGINAL_NOT_CACHED`, `ORIGINAL_REQUIRED`, `STREAM_IDLE`).
 """
 
 from __future__ import annotations
@@ -68,8 +68,7 @@ ORIGINAL_NOT_CACHED = "original not cached"
 """Start of the FAILED_PRECONDITION message of a request whose original the server does not hold;
 the client then sends the request again with the original."""
 ORIGINAL_REQUIRED = "original is required"
-"""Start of the INVALID_ARGUMENT message of a request without original and without original_key
-(what a server without the cache answers to a request that leaves the original out)."""
+"""Start of the INVALID_ARGUMENT message of a request with neither original nor original_key."""
 
 STREAM_IDLE = "stream idle for"
 """Start of the UNAVAILABLE message with which the server closes a stream idle past its

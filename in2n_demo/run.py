@@ -10,7 +10,9 @@
    device, on consecutive ports from --port;
 4. `ns-train <method>` (in2n-tiny by default) against those servers with the instruction;
 5. the results, copied to outputs/<scene>/<time>/: before/after renders of a few
-   views and the dataset-evolution sheet; the servers are stopped.
+   views and the dataset-evolution sheet; the servers are stopped;
+6. a before | after video (pretrained | edited NeRF along a path through the training
+   cameras, nerf_trainer/video.py) and its animated preview, in the same folder.
 
     python -m in2n_demo.run --instruction "make it sepia" --method in2n-small --edit-device cpu,cpu
     python -m in2n_demo.run --serve-only --edit-device cuda:1,cuda:2   # make serve: the servers alone
@@ -31,8 +33,8 @@ from typing import Literal
 
 import tyro
 
-from diffusion_server.backends import DEFAULT_IP2P_MODEL
-from nerf_trainer.variants import server_precision
+from diffusion_server.backends import DEFAULT_FLUX_KONTEXT_MODEL, DEFAULT_IP2P_MODEL
+from nerf_trainer.variants import FIXED_PRECISION, server_precision
 
 DEFAULT_INSTRUCTIONS = {"ip2p": "turn it into a bronze sculpture", "palette": "make it sepia"}
 # nerfacto settings that train at about 0.2 s a step on a 2-core CPU (64x64 images, 512 rays).
@@ -63,10 +65,13 @@ class RunConfig:
     """Scene folder in nerfstudio format (transforms.json + images); empty: the bundled demo scene."""
     instruction: str = ""
     """Text instruction; empty: a default suited to the backend (printed in the banner)."""
-    backend: Literal["auto", "ip2p", "ip2p-xl", "palette", "tiny-ip2p", "identity"] = "auto"
+    backend: Literal[
+        "auto", "ip2p", "ip2p-xl", "palette", "tiny-ip2p", "flux-kontext", "tiny-flux-kontext", "identity"
+    ] = "auto"
     """Diffusion server backend; auto: ip2p when its weights are on this machine, else palette (identity: no edit)."""
     model: str = DEFAULT_IP2P_MODEL
-    """InstructPix2Pix hub id or local folder (ip2p backend)."""
+    """InstructPix2Pix hub id or local folder (ip2p backend); flux-kontext: FLUX.1 Kontext's (this default stands
+    for black-forest-labs/FLUX.1-Kontext-dev there)."""
     steps: int = 300
     """in2n training steps (after the pretrained checkpoint's own)."""
     pretrain_steps: int = 1000
@@ -76,6 +81,9 @@ class RunConfig:
     edit_device: str = "cpu"
     """Device(s) of the diffusion server: cpu, cuda or cuda:N; several, comma-separated (cuda:1,cuda:2 or cpu,cpu),
     start one server per device on consecutive ports from `port`, and the trainer edits on all of them."""
+    render: Literal["auto", "trainer", "workers"] = "auto"
+    """Where the views to edit are rendered: workers (a render process beside each edit device: the trainer only
+    trains), trainer (in its own steps); auto: workers whenever an edit device is not the training device."""
     port: int = 50051
     """Port of the (first) diffusion server on 127.0.0.1."""
     method: Literal["in2n", "in2n-small", "in2n-tiny"] = "in2n-tiny"
@@ -83,6 +91,10 @@ class RunConfig:
     others, bf16 instead of fp16 on the CPU: nerf_trainer/variants.py)."""
     outputs: Path = Path("outputs")
     """Where runs and results go."""
+    video_frames: int = 60
+    """Frames of the before | after video made at the end (0: no video)."""
+    video_long_side: int = 256
+    """Pixels on the longer side of each half of the video's frames."""
     serve_only: bool = False
     """Only start the servers (backend, model, precision of `method`, edit devices, ports) and wait (make serve)."""
 
@@ -151,12 +163,36 @@ def plan_servers(config: RunConfig, backend: str) -> tuple[list[ServerPlan], lis
     plans, notes = [], []
     for i, device in enumerate(edit_devices(config.edit_device)):
         precision, note = server_precision(config.method, device)
+        precision = FIXED_PRECISION.get(backend, precision)  # flux-kontext: bf16 whatever the variant
         if note and backend in TORCH_BACKENDS and note not in notes:
             notes.append(note)
-        command = [sys.executable, "-m", "diffusion_server", "--backend", backend, "--model", config.model,
+        model = (
+            DEFAULT_FLUX_KONTEXT_MODEL
+            if backend == "flux-kontext" and config.model == DEFAULT_IP2P_MODEL
+            else config.model
+        )
+        command = [sys.executable, "-m", "diffusion_server", "--backend", backend, "--model", model,
                    "--device", device, "--precision", precision, "--port", str(config.port + i)]  # fmt: skip
         plans.append(ServerPlan(device=device, port=config.port + i, precision=precision, command=command))
     return plans, notes
+
+
+def render_plan(config: RunConfig) -> tuple[list[str], dict]:
+    """(the trainer's --pipeline.render-devices, its environment): render workers on the edit devices, as the
+    trainer sees them. A GPU trainer sees its own GPU as cuda:0 (CUDA_VISIBLE_DEVICES) and, with workers, the
+    edit GPUs after it."""
+    _, env = torch_device_args(config.train_device)
+    train = "cuda:0" if config.train_device == "cuda" else config.train_device
+    devices = ["cuda:0" if d == "cuda" else d for d in edit_devices(config.edit_device)]
+    if not (config.render == "workers" or (config.render == "auto" and any(d != train for d in devices))):
+        return [], env
+    if not train.startswith("cuda:"):
+        return devices, env  # a CPU trainer sees every GPU
+    edit_gpus = {d[5:] for d in devices if d.startswith("cuda:")} - {train[5:]}
+    gpus = [train[5:], *sorted(edit_gpus, key=int)]
+    return ["cpu" if d == "cpu" else f"cuda:{gpus.index(d[5:])}" for d in devices], {
+        "CUDA_VISIBLE_DEVICES": ",".join(gpus)
+    }
 
 
 def edit_command(config: RunConfig, load_dir: Path, scene: Path, name: str, stamp: str, instruction: str,
@@ -171,12 +207,14 @@ def edit_command(config: RunConfig, load_dir: Path, scene: Path, name: str, stam
         if config.train_device == "cpu"
         else []
     )
+    render_devices, _ = render_plan(config)
+    render_args = ["--pipeline.render-devices", ",".join(render_devices)] if render_devices else []
     return [NS_TRAIN, config.method, "--load-dir", str(load_dir), "--data", str(scene),
             "--output-dir", str(config.outputs / "edits"), "--experiment-name", name, "--timestamp", stamp,
             "--vis", "tensorboard", "--max-num-iterations", str(config.steps),
             "--steps-per-eval-image", "1000000", "--steps-per-eval-batch", "1000000",
             "--pipeline.edit-server", ",".join(addresses), "--pipeline.instruction", instruction,
-            "--pipeline.edit-rate", "1", "--pipeline.max-in-flight", "2", *device_args, *cpu_args]  # fmt: skip
+            "--pipeline.edit-rate", "1", "--pipeline.max-in-flight", "2", *device_args, *cpu_args, *render_args]  # fmt: skip
 
 
 def resolve_backend(config: RunConfig) -> str:
@@ -293,45 +331,72 @@ def main(config: RunConfig) -> Path | None:
             from nerf_trainer.datamanager import require_scene  # here: make serve imports no nerfstudio
         require_scene(Path(config.scene), "run")
     ensure_lpips_backbone(env, root)
+    scene = prepare_scene(config, root)
+    name = scene.resolve().name
+    _, device_env = torch_device_args(config.train_device)
+    server_env = dict(env)  # the servers see every GPU (the trainer's CUDA_VISIBLE_DEVICES is its own)
+    env.update(device_env)
+    load_dir = ensure_pretrained(config, scene, name, env)
+    backend = resolve_backend(config)
+    instruction = config.instruction or DEFAULT_INSTRUCTIONS.get(backend, DEFAULT_INSTRUCTIONS["ip2p"])
+    stamp = time.strftime("%Y-%m-%d_%H%M%S")
+    run_dir = config.outputs / name / stamp
+    run_dir.mkdir(parents=True, exist_ok=True)
+    edit(config, backend, instruction, load_dir, scene, name, stamp, run_dir, env, server_env)
+    edit_run = collect_results(config, name, stamp, run_dir)
+    video = make_video(config, load_dir.parent / "config.yml", edit_run / "config.yml", run_dir, env)
+    banner(
+        f"done: {instruction!r} on {name} with {backend}\n"
+        f"  evolution sheet (original | edits over time | final render): {run_dir / 'evolution.png'}\n"
+        f"  before/after renders: {run_dir / 'before_after.png'} and {run_dir}/view_*_{{before,after}}.png\n"
+        + (f"  before | after video: {video} (preview: {video.with_suffix('.webp')})\n" if video else "")
+        + f"  edited NeRF (nerfstudio run, e.g. for ns-viewer / ns-render): {edit_run}"
+    )
+    return run_dir
 
-    # 1. the scene
+
+def prepare_scene(config: RunConfig, root: Path) -> Path:
+    """Step 1: SCENE, checked, or the bundled demo scene (made in data/demo on first use)."""
     if config.scene:
         scene = Path(config.scene)
         if not (scene / "transforms.json").exists():
             raise SystemExit(
                 f"run: SCENE={scene} has no transforms.json (need a nerfstudio dataset, e.g. from ns-process-data)"
             )
-    else:
-        scene = root / "data" / "demo"
-        if not (scene / "transforms.json").exists():
-            from in2n_demo.demo_scene import DemoSceneConfig, make_demo_scene
+        return scene
+    scene = root / "data" / "demo"
+    if not (scene / "transforms.json").exists():
+        from in2n_demo.demo_scene import DemoSceneConfig, make_demo_scene
 
-            print("making the demo scene in data/demo ...", flush=True)
-            make_demo_scene(DemoSceneConfig(output=scene))
-    name = scene.resolve().name
-    device_args, device_env = torch_device_args(config.train_device)
-    server_env = dict(env)  # the servers see every GPU (the trainer's CUDA_VISIBLE_DEVICES is its own)
-    env.update(device_env)
+        print("making the demo scene in data/demo ...", flush=True)
+        make_demo_scene(DemoSceneConfig(output=scene))
+    return scene
 
-    # 2. the pretrained NeRF
+
+def ensure_pretrained(config: RunConfig, scene: Path, name: str, env: dict) -> Path:
+    """Step 2: the nerfstudio_models folder of a pretrained nerfacto on `scene`: the newest one in
+    outputs/pretrain/<scene>/, else one trained now with the small CPU settings."""
     pretrain_parent = config.outputs / "pretrain" / name / "nerfacto"
     load_dir = latest_checkpoint_dir(pretrain_parent)
-    if load_dir is None:
-        banner(f"pretraining nerfacto on {scene} for {config.pretrain_steps} steps")
-        run([NS_TRAIN, "nerfacto", "--data", str(scene), "--output-dir", str(config.outputs / "pretrain"),
-             "--experiment-name", name, "--vis", "tensorboard", "--max-num-iterations", str(config.pretrain_steps),
-             "--steps-per-save", str(config.pretrain_steps), "--steps-per-eval-image", "1000000",
-             "--steps-per-eval-batch", "1000000", "--steps-per-eval-all-images", "1000000",
-             "--pipeline.datamanager.train-num-rays-per-batch", "512", *device_args, *SMALL_NERFACTO], env)  # fmt: skip
-        load_dir = latest_checkpoint_dir(pretrain_parent)
-        assert load_dir is not None, f"pretraining wrote no checkpoint under {pretrain_parent}"
-    else:
+    if load_dir is not None:
         print(f"using the pretrained nerfacto in {load_dir}", flush=True)
+        return load_dir
+    device_args, _ = torch_device_args(config.train_device)
+    banner(f"pretraining nerfacto on {scene} for {config.pretrain_steps} steps")
+    run([NS_TRAIN, "nerfacto", "--data", str(scene), "--output-dir", str(config.outputs / "pretrain"),
+         "--experiment-name", name, "--vis", "tensorboard", "--max-num-iterations", str(config.pretrain_steps),
+         "--steps-per-save", str(config.pretrain_steps), "--steps-per-eval-image", "1000000",
+         "--steps-per-eval-batch", "1000000", "--steps-per-eval-all-images", "1000000",
+         "--pipeline.datamanager.train-num-rays-per-batch", "512", *device_args, *SMALL_NERFACTO], env)  # fmt: skip
+    load_dir = latest_checkpoint_dir(pretrain_parent)
+    assert load_dir is not None, f"pretraining wrote no checkpoint under {pretrain_parent}"
+    return load_dir
 
-    # 3. the servers
-    backend = resolve_backend(config)
+
+def edit(config: RunConfig, backend: str, instruction: str, load_dir: Path, scene: Path, name: str, stamp: str,
+         run_dir: Path, env: dict, server_env: dict) -> None:  # fmt: skip
+    """Steps 3 and 4: start the servers (announcing the backend), run `ns-train <method>` against them, stop them."""
     plans, notes = plan_servers(config, backend)
-    instruction = config.instruction or DEFAULT_INSTRUCTIONS.get(backend, DEFAULT_INSTRUCTIONS["ip2p"])
     if backend == "palette":
         banner(
             f"BACKEND: palette (classical colour looks, no diffusion model)\n"
@@ -342,34 +407,39 @@ def main(config: RunConfig) -> Path | None:
         banner(f"BACKEND: {backend} (model {config.model}, on {config.edit_device}, {plans[0].precision})")
     for note in notes:
         print(f"run: {note}", flush=True)
-    stamp = time.strftime("%Y-%m-%d_%H%M%S")
-    run_dir = config.outputs / name / stamp
-    run_dir.mkdir(parents=True, exist_ok=True)
     if config.train_device == "cpu" and all(p.device == "cpu" for p in plans):
         server_env.setdefault("OMP_NUM_THREADS", "1")  # leave the trainer most of the cores
     servers = start_servers(plans, server_env, run_dir)
-
-    # 4. the edit
     try:
         on = ", ".join(f"{p.address} ({p.device})" for p in plans)
         banner(f"editing {name} with {instruction!r}: {config.method}, {config.steps} steps; edits on {on}")
-        run(edit_command(config, load_dir, scene, name, stamp, instruction, [p.address for p in plans]), env)
+        edit_env = {**env, **render_plan(config)[1]}  # render workers see their GPUs
+        run(edit_command(config, load_dir, scene, name, stamp, instruction, [p.address for p in plans]), edit_env)
     finally:
         for server in servers:
             stop_server(server)
 
-    # 5. the results
+
+def collect_results(config: RunConfig, name: str, stamp: str, run_dir: Path) -> Path:
+    """Step 5: copy the edit run's report into run_dir; returns the edit run's folder."""
     report = config.outputs / "edits" / name / config.method / stamp / "edit_report"
     if not report.exists():
         raise SystemExit(f"run: training finished but wrote no report at {report}")
     shutil.copytree(report, run_dir, dirs_exist_ok=True)
-    banner(
-        f"done: {instruction!r} on {name} with {backend}\n"
-        f"  evolution sheet (original | edits over time | final render): {run_dir / 'evolution.png'}\n"
-        f"  before/after renders: {run_dir / 'before_after.png'} and {run_dir}/view_*_{{before,after}}.png\n"
-        f"  edited NeRF (nerfstudio run, e.g. for ns-viewer / ns-render): {report.parent}"
-    )
-    return run_dir
+    return report.parent
+
+
+def make_video(config: RunConfig, pretrained: Path, edited: Path, run_dir: Path, env: dict) -> Path | None:
+    """Step 6: run_dir/before_after.mp4 and its preview before_after.webp (python -m nerf_trainer.video);
+    None when --video-frames is 0."""
+    if config.video_frames == 0:
+        return None
+    video = run_dir / "before_after.mp4"
+    banner(f"rendering the before | after video: {config.video_frames} frames at {config.video_long_side} px")
+    run([sys.executable, "-m", "nerf_trainer.video", "--pretrained", str(pretrained), "--edited", str(edited),
+         "--output", str(video), "--preview", str(video.with_suffix(".webp")), "--frames", str(config.video_frames),
+         "--long-side", str(config.video_long_side), "--device", "cpu" if config.train_device == "cpu" else "cuda"], env)  # fmt: skip
+    return video
 
 
 def serve(config: RunConfig, env: dict) -> None:

@@ -26,6 +26,10 @@ from nerf_trainer.progress import EditProgressWriter
 from nerf_trainer.trainer import In2nTrainerConfig
 from nerf_trainer.variants import VARIANT_PRECISION
 
+VIEWER_HOST = "127.0.0.1"
+"""Where the viewer listens unless --viewer.websocket-host says otherwise: this machine only, like the diffusion
+server (nerfstudio's default, 0.0.0.0, lets anyone on the network change the edit of a run)."""
+
 
 def make_config(
     method_name: str, *, max_num_iterations: int, rays_per_batch: int, patch_size: int, use_lpips: bool
@@ -70,7 +74,7 @@ def make_config(
                 "scheduler": ExponentialDecaySchedulerConfig(lr_final=6e-6, max_steps=5000),
             },
         },
-        viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15, websocket_host=VIEWER_HOST),
         logging=LoggingConfig(local_writer=LocalWriterConfig(_target=EditProgressWriter, enable=True)),
         vis="viewer",
     )

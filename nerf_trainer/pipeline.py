@@ -1,23 +1,15 @@
-"""The in2n pipeline: nerfacto training with the Iterative Dataset Update streamed to a diffusion server.
+"""The in2n pipeline: nerfacto training with the Iterative Dataset Update streamed to diffusion servers.
 
-Every training step, before its own work, the pipeline does a bounded, non-blocking
-slice of the update:
-
-1. swap in the edits that have arrived (one copy each into the image buffer);
-2. if no view is being rendered and an edit slot is free, start the next view
-   in the edit order;
-3. render the next chunks of rays of that view (as many as the render pace
-   says: more while a server waits for it); when the view is complete, send
-   it with its original image to the server (a queue push).
-
-No step ever waits on the network: the gRPC stream lives on the client's threads.
+`In2nPipeline` is the nerfstudio adapter: its config (every option of the edit), the viewer's
+controls, the training callbacks and the state saved with checkpoints. The update itself (the
+schedule, where views are rendered, the servers, the apply step) is `DatasetUpdate`
+(update_loop.py), one non-blocking slice of it before every training step.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,26 +20,23 @@ from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttrib
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
-from nerfstudio.viewer.viewer_elements import ViewerNumber, ViewerText
 
-from in2n_client import original_key
 from in2n_contract import (
-    DEFAULT_DIFFUSION_STEPS,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_IMAGE_GUIDANCE_SCALE,
     DEFAULT_LOWER_BOUND,
     DEFAULT_UPPER_BOUND,
     MAX_GUIDANCE,
-    EditParams,
 )
-from in2n_contract.codec import ImageFormatError
 from nerf_trainer.datamanager import In2nDataManagerConfig
 from nerf_trainer.dataset_update import DatasetUpdateSchedule
 from nerf_trainer.model import In2nModelConfig
 from nerf_trainer.progress import edit_status_line
 from nerf_trainer.report import EvolutionRecorder, to_uint8
 from nerf_trainer.servers import EditServers
-from nerf_trainer.view_renderer import RenderBudget, RenderPace, StepClock, ViewRenderer
+from nerf_trainer.update_loop import DatasetUpdate, parse_render_devices
+from nerf_trainer.view_renderer import RenderPace, StepClock, ViewRenderer
+from nerf_trainer.viewer_panel import PanelNumber, PanelText
 
 
 @dataclass
@@ -69,16 +58,21 @@ class In2nPipelineConfig(VanillaPipelineConfig):
     """PEM file of the certificate (or CA) to trust for a TLS server with a self-signed certificate."""
     instruction: str = "don't change the image"
     """The text instruction applied to every view, e.g. "turn him into a bronze statue"."""
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
-    """Text guidance weight of InstructPix2Pix."""
-    image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE
-    """Image guidance weight of InstructPix2Pix."""
-    diffusion_steps: int = DEFAULT_DIFFUSION_STEPS
-    """DDIM steps per edit."""
-    lower_bound: float = DEFAULT_LOWER_BOUND
-    """Lower bound of the noise timestep, as a fraction of the 1000 training timesteps."""
-    upper_bound: float = DEFAULT_UPPER_BOUND
-    """Upper bound of the noise timestep, as a fraction of the 1000 training timesteps."""
+    guidance_scale: float | None = None
+    """Text guidance weight (flux-kontext: its embedded guidance). None: the server's backend default, from its
+    Describe (ip2p: 7.5, flux-kontext: 3.5); the trainer says once which defaults it took."""
+    image_guidance_scale: float | None = None
+    """Image guidance weight of InstructPix2Pix (flux-kontext ignores it). None: the server's backend default
+    (ip2p: 1.5)."""
+    diffusion_steps: int | None = None
+    """Denoising steps per edit, run from the drawn noise level to 0. None: the server's backend default (ip2p:
+    20 DDIM steps, flux-kontext: 28)."""
+    lower_bound: float | None = None
+    """Lower bound of the noise timestep, as a fraction of the 1000 training timesteps. None: the server's backend
+    default (0.02 for all)."""
+    upper_bound: float | None = None
+    """Upper bound of the noise timestep, as a fraction of the 1000 training timesteps. None: the server's backend
+    default (0.98 for all)."""
     edit_seed: int | None = None
     """Seed of the edits (edit k uses edit_seed + k) and of the edit order; None: random."""
     edit_rate: int = 10
@@ -113,6 +107,20 @@ class In2nPipelineConfig(VanillaPipelineConfig):
     render_budget: float = 0.0
     """Share of the training time spent rendering views to edit (e.g. 0.05): steps render a chunk only
     while measured render time stays within it, on any hardware; 0: every step may render a chunk."""
+    render_devices: str = ""
+    """Devices of render workers, comma-separated (e.g. "cuda:1,cuda:2" or "cpu,cpu"): one process per device
+    holds a copy of the NeRF and renders the views to edit, so the trainer only trains. "": the trainer renders
+    them in its own steps. With workers, render_chunk_rays, render_max_chunks_per_step and render_budget govern
+    only the trainer's fallback rendering while a worker is down; sync mode always renders in the trainer."""
+    render_sync_steps: int = 10
+    """Refresh the render workers' copies from the trainer's weights every this many steps (shared memory on the
+    CPU, a device-to-device copy on CUDA; the trainer never waits for a worker)."""
+    render_timeout_s: float = 120.0
+    """A render worker that has not finished a view after this many seconds is stopped, its view re-queued and the
+    worker restarted (the trainer renders in its own steps meanwhile)."""
+    render_max_restarts: int = 3
+    """How many times each render worker is restarted after dying or timing out; after that the trainer renders
+    its share in its own steps for the rest of the run."""
     wire_dtype: Literal["uint8", "float16", "float32"] = "uint8"
     """Element type of images sent to the server (uint8: 3 bytes a pixel)."""
     server_precision_hint: Literal["fp32", "fp16", "bf16"] = "fp32"
@@ -135,34 +143,58 @@ class In2nPipeline(VanillaPipeline):
     ):
         super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
         self._validate_config()
-        # The servers' connections; replace before the first step to edit with stand-in clients (tests).
-        self.edit_servers = EditServers.from_config(config)
-        # Step timing; with render_budget, it also decides which steps render.
-        self.clock = StepClock(RenderBudget(config.render_budget) if config.render_budget > 0 else None)
-        self.schedule: DatasetUpdateSchedule | None = None
-        self.renderer: ViewRenderer | None = None
-        self.pace: RenderPace | None = None  # chunks of the view being prepared rendered per step
-        self.recorder: EvolutionRecorder | None = None
+        # The update: schedule, view source, servers, apply step. Its servers (`edit_servers`) may be replaced before
+        # the first step to edit with stand-in clients (tests).
+        self.update = DatasetUpdate(config, self.datamanager, self.model, EditServers.from_config(config))
         self.run_dir: Path | None = None
-        self._edit_number = 0
-        self._restored_schedule: dict | None = None
         # Shown in the nerfstudio viewer's "Custom Elements" panel; changes apply to the next edit sent.
-        self.viewer_instruction = ViewerText("Edit instruction", config.instruction, cb_hook=self._on_viewer_change)
-        self.viewer_guidance_scale = ViewerNumber(
-            "Text guidance", config.guidance_scale, cb_hook=self._on_viewer_change
+        self.viewer_instruction = PanelText("Edit instruction", config.instruction, cb_hook=self._on_viewer_change)
+        # Unset guidance (the server's backend default) shows IP2P's; it stays unset until the viewer changes it.
+        self._viewer_shown = (
+            DEFAULT_GUIDANCE_SCALE if config.guidance_scale is None else config.guidance_scale,
+            DEFAULT_IMAGE_GUIDANCE_SCALE if config.image_guidance_scale is None else config.image_guidance_scale,
         )
-        self.viewer_image_guidance_scale = ViewerNumber(
-            "Image guidance", config.image_guidance_scale, cb_hook=self._on_viewer_change
+        self.viewer_guidance_scale = PanelNumber("Text guidance", self._viewer_shown[0], cb_hook=self._on_viewer_change)
+        self.viewer_image_guidance_scale = PanelNumber(
+            "Image guidance", self._viewer_shown[1], cb_hook=self._on_viewer_change
         )
-        self._latency_s: float | None = None  # moving average of edit round trips
-        self._wire_originals: dict[int, tuple[np.ndarray, str]] = {}  # view -> (original as sent, its key)
-        self._peak_in_flight = 0  # most edits outstanding at once, over all servers
+
+    # The update's parts, as tests and reports name them.
+    @property
+    def edit_servers(self) -> EditServers:
+        return self.update.servers
+
+    @edit_servers.setter
+    def edit_servers(self, servers: EditServers) -> None:
+        self.update.servers = servers
+
+    @property
+    def clock(self) -> StepClock:
+        return self.update.clock
+
+    @property
+    def schedule(self) -> DatasetUpdateSchedule | None:
+        return self.update.schedule
+
+    @property
+    def renderer(self) -> ViewRenderer | None:
+        return self.update.renderer
+
+    @property
+    def pace(self) -> RenderPace | None:
+        return self.update.pace
+
+    @property
+    def recorder(self) -> EvolutionRecorder | None:
+        return self.update.recorder
 
     def _validate_config(self) -> None:
         c = self.config
         if not c.instruction.strip():
             raise ValueError("pipeline.instruction must not be empty")
-        if not 0.0 <= c.lower_bound <= c.upper_bound <= 1.0:
+        lower = DEFAULT_LOWER_BOUND if c.lower_bound is None else c.lower_bound  # unset: checked with IP2P's
+        upper = DEFAULT_UPPER_BOUND if c.upper_bound is None else c.upper_bound
+        if not 0.0 <= lower <= upper <= 1.0:
             raise ValueError(
                 f"need 0 <= pipeline.lower_bound <= pipeline.upper_bound <= 1, got {c.lower_bound}, {c.upper_bound}"
             )
@@ -172,13 +204,20 @@ class In2nPipeline(VanillaPipeline):
             )
         if not 0.0 <= c.render_budget < 1.0:
             raise ValueError(f"pipeline.render_budget must be in [0, 1), got {c.render_budget}")
-        if c.diffusion_steps < 1:
+        if c.diffusion_steps is not None and c.diffusion_steps < 1:
             raise ValueError(f"pipeline.diffusion_steps must be >= 1, got {c.diffusion_steps}")
         if c.model.use_lpips and c.datamanager.patch_size != c.model.patch_size:
             raise ValueError(
                 f"pipeline.model.use_lpips needs pipeline.datamanager.patch_size == pipeline.model.patch_size "
                 f"(got {c.datamanager.patch_size} and {c.model.patch_size})"
             )
+        parse_render_devices(c.render_devices)  # ValueError naming the argument
+        if c.render_sync_steps < 1:
+            raise ValueError(f"pipeline.render_sync_steps must be >= 1, got {c.render_sync_steps}")
+        if c.render_timeout_s <= 0:
+            raise ValueError(f"pipeline.render_timeout_s must be > 0, got {c.render_timeout_s}")
+        if c.render_max_restarts < 0:
+            raise ValueError(f"pipeline.render_max_restarts must be >= 0, got {c.render_max_restarts}")
 
     def _on_viewer_change(self, element) -> None:
         """Take the viewer's instruction and guidance scales for the edits sent from now on."""
@@ -189,74 +228,23 @@ class In2nPipeline(VanillaPipeline):
                 f"in2n: ignored viewer edit settings {instruction!r}, {text}, {image} (empty or out of [0, {MAX_GUIDANCE:g}])"
             )
             return
-        changed = (instruction, text, image) != (
+        # A scale left unset stays unset (the server's backend default) while the viewer shows what it showed.
+        text_set = None if self.config.guidance_scale is None and text == self._viewer_shown[0] else text
+        image_set = None if self.config.image_guidance_scale is None and image == self._viewer_shown[1] else image
+        changed = (instruction, text_set, image_set) != (
             self.config.instruction,
             self.config.guidance_scale,
             self.config.image_guidance_scale,
         )
-        self.config.instruction, self.config.guidance_scale, self.config.image_guidance_scale = instruction, text, image
+        self.config.instruction, self.config.guidance_scale, self.config.image_guidance_scale = (
+            instruction,
+            text_set,
+            image_set,
+        )
         if changed:
             CONSOLE.print(f"in2n: from the viewer: {instruction!r}, guidance {text:g}, image guidance {image:g}")
 
     # -- the update -------------------------------------------------------------------------
-
-    def _start_update(self, step: int, sync: bool = False) -> None:
-        dm = self.datamanager
-        n, h, w, _ = dm.images.shape
-        servers = self.edit_servers
-        servers.check()
-        if self.config.require_server:
-            servers.wait_ready(self.config.connect_timeout_s)
-        self.schedule = DatasetUpdateSchedule(
-            n,
-            self.config.edit_rate,
-            self.config.edit_count,
-            self.config.max_in_flight * len(servers.addresses),
-            seed=self.config.edit_seed,
-            max_edits_per_view=self.config.max_edits_per_view,
-        )
-        if self._restored_schedule is not None:
-            self.schedule.load_state_dict(self._restored_schedule)
-        self.renderer = ViewRenderer(self.model, dm.train_ray_generator, h, w, self.config.render_chunk_rays)
-        cap = RenderPace.schedule_cap(self.renderer.chunks_per_view, self.config.edit_rate, self.config.edit_count)
-        self.pace = RenderPace(min(cap, self.config.render_max_chunks_per_step or cap))
-        views = np.linspace(0, n - 1, num=min(self.config.sheet_views, n)).round().astype(int).tolist()
-        self.recorder = EvolutionRecorder(views, dm.original_images, self.config.sheet_max_edits)
-        for view in views:
-            self.recorder.record_before(view, self.renderer.render_now(view))
-        servers.start(sync=sync)
-        CONSOLE.print(
-            f"[bold]in2n[/bold]: editing {n} views with {self.config.instruction!r} "
-            f"via {self.config.edit_server}, up to {self.config.max_in_flight} in flight"
-        )
-
-    def _params(self) -> EditParams:
-        c = self.config
-        seed = None if c.edit_seed is None else c.edit_seed + self._edit_number
-        return EditParams(
-            instruction=c.instruction,
-            guidance_scale=c.guidance_scale,
-            image_guidance_scale=c.image_guidance_scale,
-            diffusion_steps=c.diffusion_steps,
-            lower_bound=c.lower_bound,
-            upper_bound=c.upper_bound,
-            seed=seed,
-        )
-
-    def _wire(self, image: torch.Tensor) -> np.ndarray:
-        """[H, W, 3] float tensor in [0, 1] -> the array sent to the server."""
-        array = image.detach().float().cpu().clamp(0, 1).numpy()
-        if self.config.wire_dtype == "uint8":
-            return (array * 255.0 + 0.5).astype(np.uint8)
-        return array.astype(self.config.wire_dtype)
-
-    def _wire_original(self, view: int) -> tuple[np.ndarray, str]:
-        """The original of `view` as sent, and its content key: computed once per view (originals never change)."""
-        entry = self._wire_originals.get(view)
-        if entry is None:
-            array = self._wire(self.datamanager.original_images[view])
-            entry = self._wire_originals[view] = (array, original_key(array))
-        return entry
 
     def apply_edit(
         self,
@@ -267,74 +255,17 @@ class In2nPipeline(VanillaPipeline):
         error: str | None = None,
         malformed: bool = False,
     ) -> bool:
-        """Take one answer, async or sync: check it, swap the image in, record it for the evolution sheet, count it.
-
-        malformed (an answer that is not an image we may use): rejected, its view re-queued; error (the server
-        failed or went away): failed, counted for the server at `address`. Returns whether the edit was applied.
-        """
-        if malformed:
-            self.schedule.reject(request_id, error if error is not None else "bad response")
-            return False
-        if error is not None:
-            self.schedule.failed(request_id, error)
-            self.edit_servers.count(address, "edits_failed")
-            return False
-        dm = self.datamanager
-        sub = self.schedule.accept(request_id, view_id, image, tuple(dm.images.shape[1:]))
-        if sub is None:  # wrong size, NaN, out of range, wrong view, or stale: rejected by the schedule
-            return False
-        edited = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))  # [H, W, 3]
-        dm.swap_image(sub.view, edited)
-        self.recorder.record_edit(sub.view, edited)
-        self.edit_servers.count(address, "edits_applied")
-        return True
+        """Take one answer (DatasetUpdate.apply_edit). Returns whether the edit was applied."""
+        return self.update.apply_edit(address, request_id, view_id, image, error, malformed)
 
     def update_dataset(self, step: int) -> None:
-        """One non-blocking slice of the Iterative Dataset Update (see the module docstring)."""
-        if self.schedule is None:
-            self._start_update(step)
-        assert self.schedule is not None and self.renderer is not None
-        servers = self.edit_servers
-        if self.config.edit_timeout_s > 0:
-            for request_id in self.schedule.expired(time.monotonic() - self.config.edit_timeout_s):
-                self.schedule.failed(request_id, f"no answer within {self.config.edit_timeout_s:.0f} s")
-        servers.note_describes()
-        for address, result in servers.poll():
-            sent = self.schedule.in_flight.get(result.request_id)
-            if sent is not None:
-                elapsed = time.monotonic() - sent.sent_at
-                self._latency_s = elapsed if self._latency_s is None else 0.8 * self._latency_s + 0.2 * elapsed
-            error = None if result.error_code is None else f"{result.error_code.name}: {result.error_message}"
-            if result.malformed:
-                error = result.error_message
-            self.apply_edit(address, result.request_id, result.view_id, result.image, error, result.malformed)
-        self.clock.observe_last_step()
-        if not self.renderer.busy and servers.free_client() is not None and self.schedule.may_start(step):
-            self.renderer.start(self.schedule.next_view(step))  # and render its first chunk in this same step
-        if self.renderer.busy:
-            if not self.clock.may_render():
-                self._log(step)
-                return  # over the render budget: this step trains only
-            view = self.renderer.view
-            started = time.perf_counter()
-            rendered = self.renderer.advance(self.pace.chunks)
-            self.clock.rendered(time.perf_counter() - started)
-            if rendered is not None:
-                self.pace.view_done(server_waited=servers.any_idle())
-                if view in self.recorder.views:
-                    self.recorder.record_after(view, rendered)
-                free = servers.free_client()
-                if free is not None:
-                    address, client = free
-                    original, key = self._wire_original(view)
-                    request_id = client.submit(view, self._wire(rendered), original, self._params(), key=key)
-                    servers.note_sent(address)
-                    self._edit_number += 1
-                    self.schedule.submitted(request_id, view, step)
-                    self._peak_in_flight = max(self._peak_in_flight, len(self.schedule.in_flight))
-                else:  # the server went away while rendering: try this view again later
-                    self.schedule.requeue(view)
+        """One non-blocking slice of the Iterative Dataset Update (update_loop.py), and the status line."""
+        self.update.step(step)
         self._log(step)
+
+    def update_dataset_sync(self, step: int) -> None:
+        """The reference behaviour: every edit_rate steps, render edit_count views and wait for each edit."""
+        self.update.step_sync(step)
 
     def _log(self, step: int) -> None:
         metrics = self.edit_metrics()
@@ -343,7 +274,14 @@ class In2nPipeline(VanillaPipeline):
                 writer.put_scalar(name=f"Edits/{name}", scalar=value, step=step)
         if self.config.log_every > 0 and step % self.config.log_every == 0:
             # One line whatever the terminal's width; per server too when there are several or one is down.
-            CONSOLE.print(edit_status_line(metrics, self.server_metrics()), soft_wrap=True)
+            line = edit_status_line(metrics, self.server_metrics())
+            workers = self.update.workers()
+            if workers:  # views rendered per worker, its state and peak memory
+                line += "; render workers: " + ", ".join(
+                    f"{w['device']} {w['views']} ({w['state']}, {w['peak_memory_bytes'] / 2**20:.0f} MiB)"
+                    for w in workers
+                )
+            CONSOLE.print(line, soft_wrap=True)
 
     def get_train_loss_dict(self, step: int):
         if self.config.edit_mode == "async":
@@ -352,57 +290,11 @@ class In2nPipeline(VanillaPipeline):
             self.update_dataset_sync(step)
         return super().get_train_loss_dict(step)
 
-    def update_dataset_sync(self, step: int) -> None:
-        """The reference behaviour: every edit_rate steps, render edit_count views and wait for each edit."""
-        if self.schedule is None:
-            self._start_update(step, sync=True)
-        assert self.schedule is not None and self.renderer is not None
-        if step % self.config.edit_rate != 0:
-            return
-        servers = self.edit_servers
-        servers.note_sync_describe()  # the variant's precision check, once, as in async mode
-        address = servers.addresses[0]
-        for _ in range(self.config.edit_count):
-            view = self.schedule.next_view(step)
-            render = self.renderer.render_now(view)
-            if view in self.recorder.views:
-                self.recorder.record_after(view, render)
-            request_id = f"sync-{self._edit_number}"
-            self.schedule.submitted(request_id, view, step)
-            servers.note_sent(address)
-            try:
-                reply = servers.sync_client.edit(
-                    self._wire(render), self._wire_original(view)[0], self._params(), view_id=view
-                )
-            except ImageFormatError as e:  # an answer whose image could not be decoded: rejected
-                self.apply_edit(address, request_id, view, None, f"bad response: {e}", malformed=True)
-                continue
-            except Exception as e:  # noqa: BLE001 - the server failed or went away: the view waits for the next round
-                self.apply_edit(address, request_id, view, None, str(e))
-                continue
-            finally:
-                self._edit_number += 1
-            self.apply_edit(address, request_id, view, reply.image)
-
     # -- reporting and shutdown ---------------------------------------------------------------
 
     def edit_metrics(self) -> dict[str, float]:
-        """Counters for logs: edits applied, rejected, failed, in flight."""
-        if self.schedule is None:
-            return {}
-        s = self.schedule.stats
-        return {
-            "edits_applied": s.applied,
-            "edits_rejected": s.rejected,
-            "edits_failed": s.failed,
-            "edits_in_flight": len(self.schedule.in_flight),
-            "edits_in_flight_peak": self._peak_in_flight,
-            "views_edited": len(s.edits_per_view),
-            "edit_latency_s": round(self._latency_s, 3) if self._latency_s is not None else 0.0,
-            "render_steps": self.clock.render_steps,
-            "render_share": self.clock.render_share,
-            "render_chunks_per_step": self.pace.chunks if self.pace is not None else 0,
-        }
+        """Counters for logs: edits applied, rejected, failed, in flight; rendering and the lag of renders."""
+        return self.update.metrics()
 
     def server_metrics(self) -> list[dict]:
         """Per server: address, the backend, device and precision its Describe reported ("" before it answered),
@@ -418,12 +310,8 @@ class In2nPipeline(VanillaPipeline):
         if self.recorder is None or self.run_dir is None or self.renderer is None:
             return
         if final:
-            pending = self.renderer.cancel()
-            if pending is not None and self.schedule is not None:
-                self.schedule.requeue(pending)
-            for view in self.recorder.views:
-                self.recorder.record_after(view, self.renderer.render_now(view))
-        self.recorder.write(self.run_dir / "edit_report")
+            self.update.render_final()
+        self.update.write_report(self.run_dir / "edit_report")
         if final:
             self.write_dataset_snapshot(self.run_dir / "edit_report")
             CONSOLE.print(f"in2n: evolution sheet and renders written to {self.run_dir / 'edit_report'}")
@@ -444,7 +332,7 @@ class In2nPipeline(VanillaPipeline):
             "images": dm.images[views].clone(),  # [E, H, W, 3] float32, exactly as trained on
             "image_filenames": [str(f) for f in dm.train_dataparser_outputs.image_filenames],
             "instruction": self.config.instruction,
-            "schedule": self.schedule.state_dict(),
+            "schedule": self.update.state_dict(),
         }
 
     def check_edit_state(self, state: object) -> None:
@@ -483,7 +371,7 @@ class In2nPipeline(VanillaPipeline):
         views = state["views"]
         if len(views):
             dm.images[views] = state["images"].to(dm.images.dtype)
-        self._restored_schedule = state["schedule"]
+        self.update.restored_schedule = state["schedule"]
         return len(views)
 
     def write_dataset_snapshot(self, folder: Path) -> None:
@@ -509,7 +397,7 @@ class In2nPipeline(VanillaPipeline):
         os.replace(tmp, folder / "training_images.npz")
         stats = dict(
             self.edit_metrics(), instruction=self.config.instruction, server=self.config.edit_server,
-            servers=self.server_metrics(),
+            servers=self.server_metrics(), render_workers=self.update.workers(),
         )  # fmt: skip
         (folder / "edit_stats.json").write_text(json.dumps(stats, indent=2))
 
@@ -525,7 +413,7 @@ class In2nPipeline(VanillaPipeline):
         if self.run_dir is not None:
             (self.run_dir / "edit_report").mkdir(parents=True, exist_ok=True)
             np.save(self.run_dir / "edit_report" / "step_times.npy", self.step_times())
-        self.edit_servers.close()
+        self.update.close()
 
     def get_training_callbacks(self, attrs: TrainingCallbackAttributes) -> list[TrainingCallback]:
         callbacks = super().get_training_callbacks(attrs)

@@ -3,7 +3,9 @@
 `EditServers` owns one `StreamClient` per server (async mode) or one `EditClient` to the first
 server (sync mode), routes each edit to the least loaded server, counts edits per server and
 says once, in one line, when a server runs another IP2P precision than the variant's (asked of
-the stream clients' Describe, or in sync mode of the blocking client's, before the first edit).
+the stream clients' Describe, or in sync mode of the blocking client's, before the first edit), and
+gives each edit the parameters the user set and, for the rest, that server's backend defaults (its
+Describe; saying once which), the contract's for a server that reports none.
 The clients are made by `make_client` / `make_sync_client`, so tests can pass stand-ins.
 """
 
@@ -17,18 +19,56 @@ import grpc
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from in2n_client import EditClient, EditFailed, StreamClient, StreamResult
-from nerf_trainer.variants import precision_on
+from in2n_contract import (
+    DEFAULT_DIFFUSION_STEPS,
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_IMAGE_GUIDANCE_SCALE,
+    DEFAULT_LOWER_BOUND,
+    DEFAULT_UPPER_BOUND,
+)
+from nerf_trainer.variants import FIXED_PRECISION, precision_on
+
+CONTRACT_DEFAULTS: dict[str, float] = {
+    "guidance_scale": DEFAULT_GUIDANCE_SCALE,
+    "image_guidance_scale": DEFAULT_IMAGE_GUIDANCE_SCALE,
+    "diffusion_steps": DEFAULT_DIFFUSION_STEPS,
+    "lower_bound": DEFAULT_LOWER_BOUND,
+    "upper_bound": DEFAULT_UPPER_BOUND,
+}
+"""The edit parameters a user may leave unset (None in the pipeline's config), with the contract's (IP2P's)
+defaults: what is sent to a server whose Describe reports no defaults of its own."""
 
 
-def precision_mismatch(expected: str, address: str, reported: str, device: str = "") -> str | None:
+def edit_settings(config, defaults: dict[str, float] | None) -> dict[str, float | int]:
+    """The edit parameters to send: each of `config`'s (an In2nPipelineConfig) the user set, else the server's
+    backend default (`defaults`, from its Describe), else the contract's."""
+    chosen = {**CONTRACT_DEFAULTS, **(defaults or {})}
+    settings: dict[str, float | int] = {}
+    for name, default in chosen.items():
+        value = getattr(config, name)
+        value = default if value is None else value
+        settings[name] = int(value) if name == "diffusion_steps" else float(value)
+    return settings
+
+
+def described_defaults(info) -> dict[str, float] | None:
+    """A DescribeResponse's backend defaults (rounded off float32's noise: 0.02, not 0.0199999995), None from a
+    server older than the field."""
+    if not info.HasField("defaults"):
+        return None
+    return {name: round(float(getattr(info.defaults, name)), 6) for name in CONTRACT_DEFAULTS}
+
+
+def precision_mismatch(expected: str, address: str, reported: str, device: str = "", backend: str = "") -> str | None:
     """The one line a trainer prints when the server at `address` runs another IP2P precision than its variant's.
 
     None when they agree, when a half-precision (fp16) variant's server runs bf16 on the CPU (the project's CPU
-    stand-in for fp16: nerf_trainer/variants.py), or when the server's backend has no precision ("n/a": palette,
-    identity). `device` is the server's (its Describe); the advice is what `make run` would start there.
+    stand-in for fp16: nerf_trainer/variants.py), when the server's backend has no precision ("n/a": palette,
+    identity), or when its `backend` runs one precision whatever the variant and reports it (flux-kontext: bf16,
+    `FIXED_PRECISION`). `device` is the server's (its Describe); the advice is what `make run` would start there.
     """
     advice = precision_on(expected, device)  # what make run starts on that device for this variant
-    if not reported or reported == "n/a" or reported in (expected, advice):
+    if not reported or reported == "n/a" or reported in (expected, advice) or FIXED_PRECISION.get(backend) == reported:
         return None
     return (
         f"in2n: the server at {address} runs IP2P in {reported}{f' on {device}' if device else ''}, this variant is "
@@ -75,6 +115,9 @@ class EditServers:
         self.counts: dict[str, dict[str, int]] = {}  # address -> {"edits_applied": n, "edits_failed": n}
         self.info: dict[str, dict[str, str]] = {}  # address -> backend, device, precision (its first Describe)
         self.seen_up: set[str] = set()  # addresses whose stream was open at some point (a server that went down was)
+        self.defaults: dict[str, dict[str, float] | None] = {}  # address -> its backend's defaults (its Describe)
+        self.ignored: dict[str, list[str]] = {}  # address -> request fields its backend ignores (its Describe)
+        self._said_defaults: set[str] = set()  # servers whose defaults the trainer has said it uses
 
     @classmethod
     def from_config(cls, config, **factories) -> EditServers:
@@ -125,6 +168,22 @@ class EditServers:
         free = [(a, c) for a, c in zip(self.addresses, self.clients) if c.can_submit()]
         return min(free, key=lambda ac: (ac[1].in_flight, self.sent.get(ac[0], 0))) if free else None
 
+    def free_slots(self) -> int:
+        """Edits the connected servers can still take, over all of them (each up to its max_in_flight)."""
+        return sum(
+            max(0, getattr(c, "max_in_flight", self.max_in_flight) - c.in_flight)
+            for c in self.clients
+            if c.can_submit()
+        )
+
+    def forget(self, address: str, request_id: str) -> None:
+        """Give up a request at the server `address` (past the edit timeout): its client frees the slot and drops
+        a late answer (clients without `forget`, stand-ins, are left as they are)."""
+        if address in self.addresses and self.clients:
+            forget = getattr(self.clients[self.addresses.index(address)], "forget", None)
+            if forget is not None:
+                forget(request_id)
+
     def any_idle(self) -> bool:
         """Whether a connected server has no edit at it (it is waiting for the trainer's next render)."""
         return any(c.can_submit() and c.in_flight == 0 for c in self.clients)
@@ -166,7 +225,9 @@ class EditServers:
 
     def _note(self, address: str, info) -> None:
         self.info[address] = {"backend": info.backend, "device": info.device, "precision": info.precision}
-        note = precision_mismatch(self.precision_hint, address, info.precision, info.device)
+        self.defaults[address] = described_defaults(info)
+        self.ignored[address] = list(info.ignored_fields)
+        note = precision_mismatch(self.precision_hint, address, info.precision, info.device, info.backend)
         if note is not None:
             CONSOLE.print(note, soft_wrap=True)  # one line, whatever the terminal's width
 
@@ -181,6 +242,30 @@ class EditServers:
             self.seen_up.add(address)
             return "up"
         return "down" if address in self.seen_up or address in self.info else "connecting"
+
+    def edit_settings(self, config, address: str) -> dict[str, float | int]:
+        """The edit parameters to send to `address` (`edit_settings` with its backend's defaults, once its Describe
+        has answered); says once per server, in one line, which of its backend's defaults stand in for parameters
+        the user left unset and which parameters the user set that its backend ignores."""
+        if address not in self.info and self.clients:
+            self.note_describes()  # a server that connected since the last look
+        defaults = self.defaults.get(address)
+        settings = edit_settings(config, defaults)
+        if defaults is not None and address not in self._said_defaults:
+            self._said_defaults.add(address)
+            ignored = set(self.ignored.get(address, []))
+            taken = [  # only those that differ from what an IP2P server gets
+                f"{n} {settings[n]:g}"
+                for n in CONTRACT_DEFAULTS
+                if getattr(config, n) is None and n not in ignored and settings[n] != CONTRACT_DEFAULTS[n]
+            ]
+            unused = [n for n in CONTRACT_DEFAULTS if getattr(config, n) is not None and n in ignored]
+            backend = self.info.get(address, {}).get("backend") or "its backend"
+            parts = [f"its defaults for what you left unset: {', '.join(taken)}"] if taken else []
+            parts += [f"it ignores {', '.join(unused)}, which you set"] if unused else []
+            if parts:
+                CONSOLE.print(f"in2n: the server at {address} runs {backend}; {'; '.join(parts)}", soft_wrap=True)
+        return settings
 
     def metrics(self) -> list[dict]:
         """Per server: address, the backend, device and precision its Describe reported ("" before it answered),

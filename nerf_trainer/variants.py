@@ -21,6 +21,11 @@ VARIANT_PRECISION: dict[str, str] = {"in2n": "fp32", "in2n-small": "fp16", "in2n
 """The IP2P precision (the server's --precision) of each variant, as the method defines it."""
 
 
+FIXED_PRECISION: dict[str, str] = {"flux-kontext": "bf16", "tiny-flux-kontext": "bf16"}
+"""Backends that run one precision whatever the variant (FLUX overflows in fp16; fp32 needs about 48 GB for its
+12B transformer alone): the trainer's precision check accepts it from them."""
+
+
 def precision_on(precision: str, device: str) -> str:
     """The precision a server on `device` ("cpu", "cuda:0", ...) runs for a variant defined with `precision`:
     bf16 for fp16 on the CPU, else `precision` itself."""

@@ -1,5 +1,7 @@
 """What tests/ and bench/ share: free ports, a process's RSS, a gated fake backend, an in-process server
 (the project's, or a test's own servicer), a server subprocess, the tiny nerfacto flags and a demo scene with a pretrained nerfacto.
+Its modules: `ip2p_reference` (the published edit written out, that the IP2P backend is checked against and the GPU
+benchmark times) and `tiny_ip2p` (the tiny random IP2P saved in diffusers format).
 
 A top-level package (not shipped: pyproject lists only the project's packages) so that both can import it
 the same way: tests through conftest's sys.path entry for the repo root, bench scripts (run as
@@ -18,10 +20,10 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Self
 
 import grpc
 import numpy as np
-from typing_extensions import Self
 
 from diffusion_server.backends.base import BackendInfo, EditBackend, EditResult
 from in2n_contract import EditParams

@@ -222,7 +222,7 @@ CONSISTENCY_TEMPERATURE = 0.15
 def idu_and_once_runs(pretrained, scene, env, tmp: Path, steps: int, modes=("idu", "once")) -> dict:
     """Metrics of the runs in `modes` ((a) idu, (b) once), same steps and seed, one in-process stochastic server."""
     backend = StochasticLookBackend(seed=0, temperature=CONSISTENCY_TEMPERATURE)
-    extra = {"idu": (), "once": ("--pipeline.max-edits-per-view", "1")}
+    extra = {"idu": (), "once": ("--pipeline.max-edits-per-view", "1"), "workers": ("--pipeline.render-devices", "cpu")}
     with InProcessServer(backend, device="cpu") as server:
         runs = {m: run_mode(pretrained, scene, tmp, server.port, env, m, steps, *extra[m]) for m in modes}
     return {m: measure_run(run, backend.look_stats) for m, run in runs.items()}
@@ -232,6 +232,16 @@ def test_idu_converges_to_one_look(pretrained, tiny_scene, trainer_env, tmp_path
     """(a) alone, on the tiny scene: the Iterative Dataset Update brings every view to one look."""
     runs = idu_and_once_runs(pretrained, tiny_scene, trainer_env, tmp_path, CONSISTENCY_STEPS, modes=("idu",))
     assert_converged_to_one_look(runs["idu"])
+
+
+@pytest.mark.slow
+def test_idu_converges_with_a_render_worker(pretrained, tiny_scene, trainer_env, tmp_path):
+    """(a) with the views rendered by a render worker process (a copy of the NeRF refreshed every 10 steps): the
+    stale renders still converge to one look, and the trainer rendered none of them."""
+    runs = idu_and_once_runs(pretrained, tiny_scene, trainer_env, tmp_path, CONSISTENCY_STEPS, modes=("workers",))
+    assert_converged_to_one_look(runs["workers"])
+    stats = runs["workers"]["stats"]
+    assert stats["render_steps"] == 0 and stats["render_worker_views"] >= stats["edits_applied"] > 0
 
 
 @pytest.mark.slow

@@ -26,9 +26,10 @@ from testing_support import InProcessServer
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_contract_imports_nothing_of_the_server() -> None:
+@pytest.mark.parametrize("modules", ["in2n_contract, in2n_contract.codec, in2n_contract.messages", "in2n_client"])
+def test_contract_and_clients_import_nothing_of_the_server(modules: str) -> None:
     code = (
-        "import sys, in2n_contract\n"
+        f"import sys, {modules}\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'diffusion_server', 'nerf_trainer', 'torch', 'nerfstudio'})\n"
         "print(heavy)\n"
     )
@@ -38,6 +39,18 @@ def test_contract_imports_nothing_of_the_server() -> None:
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_no_server_module_imports_a_client() -> None:
+    """The layering, read from the source: diffusion_server/ never imports in2n_client (the server needs no client)."""
+    offenders = []
+    for path in sorted((REPO / "diffusion_server").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] == "in2n_client"]
+    assert not offenders, offenders
+
+
 def test_service_name_is_the_protos() -> None:
     assert (
         in2n_contract.SERVICE_NAME == pb.DESCRIPTOR.services_by_name["EditService"].full_name == "in2n.v1.EditService"
@@ -45,8 +58,9 @@ def test_service_name_is_the_protos() -> None:
 
 
 def test_trainer_config_takes_the_contract_defaults() -> None:
-    """The trainer's config names the contract's defaults rather than repeating the numbers (read from its source:
-    importing the pipeline pulls in nerfstudio)."""
+    """The trainer's edit parameters are unset (None: the server's backend defaults, from its Describe), and its
+    fallback for a server that reports none names the contract's defaults rather than repeating the numbers (read
+    from the sources: importing the pipeline pulls in nerfstudio)."""
     tree = ast.parse((REPO / "nerf_trainer" / "pipeline.py").read_text())
     config = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "In2nPipelineConfig")
     defaults = {
@@ -54,12 +68,18 @@ def test_trainer_config_takes_the_contract_defaults() -> None:
         for n in config.body
         if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.value
     }
+    servers = ast.parse((REPO / "nerf_trainer" / "servers.py").read_text())
+    fallback = next(
+        n.value for n in servers.body if isinstance(n, ast.AnnAssign) and ast.unparse(n.target) == "CONTRACT_DEFAULTS"
+    )
+    named = {ast.literal_eval(k): ast.unparse(v) for k, v in zip(fallback.keys, fallback.values)}
     for name in ("guidance_scale", "image_guidance_scale", "diffusion_steps", "lower_bound", "upper_bound"):
-        assert defaults[name] == f"DEFAULT_{name.upper()}", (name, defaults[name])
+        assert defaults[name] == "None", (name, defaults[name])
+        assert named[name] == f"DEFAULT_{name.upper()}", (name, named[name])
         assert getattr(in2n_contract.EditParams("x"), name) == getattr(in2n_contract, f"DEFAULT_{name.upper()}")
 
 
-@pytest.mark.parametrize("name", [n for n in BACKEND_NAMES if n not in ("ip2p", "ip2p-xl")])  # those need weights
+@pytest.mark.parametrize("name", [n for n in BACKEND_NAMES if n not in ("ip2p", "ip2p-xl", "flux-kontext")])  # weights
 def test_backend_reports_its_registry_name(name: str) -> None:
     assert create_backend(name, device="cpu").name == name
 

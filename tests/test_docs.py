@@ -82,7 +82,7 @@ def test_method_doc_states_the_noise_timestep() -> None:
 
 
 def test_option_tables_are_generated_from_the_configs() -> None:
-    """docs/options.md is what tools/gen_options.py makes of the config dataclasses today."""
+    """docs/options.md is what tools/gen_options.py makes of the config dataclasses as they are."""
     proc = subprocess.run(
         [sys.executable, "tools/gen_options.py", "--check"], cwd=REPO, capture_output=True, text=True, timeout=300
     )

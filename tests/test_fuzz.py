@@ -10,7 +10,7 @@ and a message that says what was wrong (with one break, the message names it); n
 memory (RSS) stays flat between a warm-up batch and the end, and it serves a valid edit afterwards.
 
 `make test` runs 1000+ requests (derandomized: the same ones every run); `make test-all` also runs the
-slow variant with ten times as many. Regression tests for the bugs the fuzzer found are at the end.
+slow variant with ten times as many. Tests of the inputs the fuzzer found are at the end.
 """
 
 from __future__ import annotations
@@ -438,7 +438,7 @@ def test_fuzzer_many_more_malformed_requests(fuzz_server: EditServerProcess, cha
     fuzz_and_check(fuzz_server, channel, unary_examples=6000, stream_examples=1500, minimum=10000)
 
 
-# -- regressions: bugs the fuzzer found ----------------------------------------------------------------
+# -- inputs the fuzzer found: each gets a clear error ----------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -454,7 +454,7 @@ def test_fuzzer_many_more_malformed_requests(fuzz_server: EditServerProcess, cha
 def test_undecodable_unary_request_is_invalid_argument(
     channel: grpc.Channel, fuzz_server: EditServerProcess, payload: bytes, words: list[str]
 ) -> None:
-    """Was: INTERNAL "Exception deserializing request!" and a traceback in the server log for each."""
+    """Bytes that are no EditRequest: INVALID_ARGUMENT naming the decoder's error, not INTERNAL and a traceback."""
     raw_edit = channel.unary_unary("/in2n.v1.EditService/Edit", request_serializer=None, response_deserializer=None)
     with pytest.raises(grpc.RpcError) as info:
         raw_edit(payload, timeout=CALL_TIMEOUT_S)
@@ -466,7 +466,7 @@ def test_undecodable_unary_request_is_invalid_argument(
 
 
 def test_undecodable_stream_request_gets_an_edit_error_and_the_stream_stays_open(channel: grpc.Channel) -> None:
-    """Was: the whole stream ended with INTERNAL, losing the client's other edits in flight."""
+    """One undecodable message gets an error answer; the stream goes on (the client's other edits are not lost)."""
     raw_stream = channel.stream_stream(
         "/in2n.v1.EditService/StreamEdit", request_serializer=None, response_deserializer=None
     )
@@ -481,7 +481,7 @@ def test_undecodable_stream_request_gets_an_edit_error_and_the_stream_stays_open
 
 
 def test_stream_request_without_edit_says_so(channel: grpc.Channel) -> None:
-    """Was: "request_id must be non-empty", which hid that the whole edit was missing."""
+    """A StreamEditRequest without its edit is told so (not "request_id must be non-empty", which hides why)."""
     stub = pb_grpc.EditServiceStub(channel)
     (reply,) = list(stub.StreamEdit(iter([pb.StreamEditRequest()]), timeout=CALL_TIMEOUT_S))
     assert reply.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -497,7 +497,7 @@ def test_undecodable_describe_request_is_invalid_argument(channel: grpc.Channel)
 
 
 def test_huge_request_id_is_not_copied_into_the_log(channel: grpc.Channel, fuzz_server: EditServerProcess) -> None:
-    """Was: a refused request's request_id went into the log whole (a megabyte per request)."""
+    """A refused request's request_id is logged shortened (whole, it would put a megabyte per request in the log)."""
     request = valid_request("q" * (1 << 20))
     with pytest.raises(grpc.RpcError) as info:
         pb_grpc.EditServiceStub(channel).Edit(request, timeout=CALL_TIMEOUT_S)

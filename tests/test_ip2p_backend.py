@@ -12,10 +12,11 @@ import torch
 from diffusers import DDIMScheduler
 
 from diffusion_server.backends.ip2p import Ip2pBackend, WeightsNotFound
-from diffusion_server.backends.ip2p_reference import reference_edit
-from diffusion_server.backends.tiny_ip2p import build_tiny_ip2p, save_tiny_ip2p
+from diffusion_server.backends.tiny_ip2p import build_tiny_ip2p
 from in2n_contract import EditParams
 from in2n_contract.codec import to_float01
+from testing_support.ip2p_reference import reference_edit
+from testing_support.tiny_ip2p import save_tiny_ip2p
 
 FEW = 4  # diffusion steps where the count does not matter
 
@@ -76,7 +77,7 @@ def test_unseeded_edits_differ(backend: Ip2pBackend) -> None:
 
 
 def _reference_edit(b: Ip2pBackend, render: np.ndarray, original: np.ndarray, p: EditParams) -> tuple[np.ndarray, int]:
-    """The published procedure (diffusion_server/backends/ip2p_reference.py, the GPU benchmark's anchor too)."""
+    """The published procedure (testing_support/ip2p_reference.py, the GPU benchmark's anchor too)."""
     ref, T = reference_edit(b, render, original, p)
     n, stride = p.diffusion_steps, T // p.diffusion_steps  # the schedule the reference ran: leading spacing over T
     sched = DDIMScheduler.from_config(b.scheduler.config, num_train_timesteps=T)

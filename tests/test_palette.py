@@ -117,7 +117,16 @@ def test_info() -> None:
 
 
 def test_registry_builds_palette() -> None:
-    assert set(BACKEND_NAMES) == {"ip2p", "tiny-ip2p", "palette", "identity", "ip2p-xl", "stochastic"}
+    assert set(BACKEND_NAMES) == {
+        "ip2p",
+        "tiny-ip2p",
+        "palette",
+        "identity",
+        "ip2p-xl",
+        "stochastic",
+        "flux-kontext",
+        "tiny-flux-kontext",
+    }
     assert isinstance(create_backend("palette", device="cpu"), PaletteBackend)
 
 

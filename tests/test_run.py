@@ -71,6 +71,8 @@ def test_the_variants_are_defined_as_the_method_says():
         ("in2n-small", "cpu", "ip2p", "bf16", True),  # fp16 on the CPU: bf16 instead, said in one line
         ("in2n-tiny", "cpu", "tiny-ip2p", "bf16", True),
         ("in2n-tiny", "cpu", "palette", "bf16", False),  # palette has no precision: nothing to say
+        ("in2n", "cuda:1", "flux-kontext", "bf16", False),  # bf16 whatever the variant
+        ("in2n-small", "cpu", "tiny-flux-kontext", "bf16", False),
     ],
 )
 def test_each_server_gets_the_variants_precision_on_its_device(method, device, backend, precision, noted):
@@ -83,6 +85,17 @@ def test_each_server_gets_the_variants_precision_on_its_device(method, device, b
     assert len(notes) == int(noted)
     if noted:
         assert "\n" not in notes[0] and "bf16" in notes[0] and "fp16" in notes[0] and method in notes[0]
+
+
+def test_flux_kontext_gets_kontexts_model_for_the_default_model():
+    from diffusion_server.backends import DEFAULT_FLUX_KONTEXT_MODEL
+    from in2n_demo.run import RunConfig, plan_servers
+
+    for model, expected in ((RunConfig().model, DEFAULT_FLUX_KONTEXT_MODEL), ("/models/kontext", "/models/kontext")):
+        command = plan_servers(RunConfig(method="in2n", edit_device="cuda:1", model=model), "flux-kontext")[0][
+            0
+        ].command
+        assert command[command.index("--model") + 1] == expected
 
 
 def test_several_edit_devices_start_one_server_each_on_consecutive_ports():
@@ -185,7 +198,7 @@ def test_make_run_in2n_small_starts_its_server_in_its_precision_and_trains_that_
     port = free_port()
     cmd = [sys.executable, "-m", "in2n_demo.run", "--method", "in2n-small", "--backend", "tiny-ip2p",
            "--scene", str(tiny_scene), "--outputs", str(tmp_path / "outputs"), "--steps", "24", "--port", str(port),
-           "--instruction", "make it sepia"]  # fmt: skip
+           "--instruction", "make it sepia", "--video-frames", "4", "--video-long-side", "32"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=trainer_env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -204,3 +217,20 @@ def test_make_run_in2n_small_starts_its_server_in_its_precision_and_trains_that_
     assert stats["edits_applied"] >= 1, stats
     assert [row["precision"] for row in stats["servers"]] == ["bf16"]
     assert "runs IP2P in" not in out, out[-4000:]
+    # The before | after video and its preview, made from the pretrained and the edited run.
+    import av
+
+    with av.open(str(results / "before_after.mp4")) as container:
+        assert len(list(container.decode(video=0))) == 4
+    assert (results / "before_after.webp").stat().st_size > 0
+
+
+def test_the_in2n_methods_viewer_listens_on_this_machine_only():
+    """nerfstudio's viewer binds 0.0.0.0; the in2n methods bind it to 127.0.0.1 (--viewer.websocket-host opens it)."""
+    from nerfstudio.configs.base_config import ViewerConfig
+
+    from nerf_trainer.method_configs import in2n, in2n_small, in2n_tiny
+
+    assert ViewerConfig().websocket_host == "0.0.0.0"  # what the in2n methods change
+    for spec in (in2n, in2n_small, in2n_tiny):
+        assert spec.config.viewer.websocket_host == "127.0.0.1", spec.config.method_name

@@ -159,6 +159,8 @@ def test_describe(stub: pb_grpc.EditServiceStub) -> None:
     assert (d.max_image_side, d.max_diffusion_steps) == (2048, 1000)
     assert d.max_message_bytes >= 2 * 2048 * 2048 * 3 * 4
     assert "make it sepia" in d.known_instructions and d.server_version == "0.1.0"
+    assert d.HasField("defaults") and (d.defaults.guidance_scale, d.defaults.diffusion_steps) == (7.5, 20)
+    assert "guidance_scale" in d.ignored_fields and "instruction" not in d.ignored_fields  # palette: a look per text
 
 
 def test_health_serving(channel: grpc.Channel) -> None:

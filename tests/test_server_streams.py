@@ -18,6 +18,7 @@ Waiting is on RPC results with deadlines, or a poll of the server's metrics with
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import re
@@ -295,6 +296,53 @@ def test_a_stream_whose_client_never_reads_is_closed(edit_server_factory) -> Non
         assert not details.startswith(STREAM_IDLE)  # not the routine close of a stream with nothing to do
         assert _metrics(metrics_port).get("in2n_streams_open") == 0
     assert "Traceback" not in server.output()
+
+
+CLOSE_SIDE = 1024  # 1024x1024 float32: 12 MiB an answer, most of the client's 16 MiB receive window
+CLOSE_IDLE_S = 1.0
+CLOSE_MARGIN_S = 10.0  # the status must come within the timeout plus this, once the client reads again
+
+
+def test_a_closed_stream_reaches_a_client_that_stopped_reading(edit_server_factory) -> None:
+    """A client that stops reading large answers loses its stream after --stream-idle-timeout-s, and once it
+    reads again it gets the answers that had reached it, then UNAVAILABLE saying why, promptly (a bounded
+    wait) and not only at its own deadline; the server logs no traceback (the close waits for the write
+    gRPC still holds instead of aborting under it)."""
+    metrics_port = free_port()
+    server = edit_server_factory(
+        backend="identity",
+        extra_args=["--stream-idle-timeout-s", str(CLOSE_IDLE_S), "--metrics-port", str(metrics_port)],
+    )
+    render = random_image(6, CLOSE_SIDE, CLOSE_SIDE)
+    requests = [pb.StreamEditRequest(edit=edit_request(f"c{i}", "x", render, render)) for i in range(4)]
+
+    def read_all(call: grpc.Call) -> grpc.RpcError | None:
+        try:
+            for response in call:
+                assert response.WhichOneof("outcome") == "edited"
+        except grpc.RpcError as e:
+            return e
+        return None
+
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    with grpc.insecure_channel(server.address, options=options) as channel:
+        stub = pb_grpc.EditServiceStub(channel)
+        call = stub.StreamEdit(iter(requests), timeout=60)  # not read until the server has closed it
+        wait_until(lambda: _metrics(metrics_port).get("in2n_streams_unread_closed_total", 0) >= 1,
+                   "the server closes the stream whose client does not read", timeout_s=30)  # fmt: skip
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            reading = pool.submit(read_all, call)
+            try:
+                error = reading.result(timeout=CLOSE_IDLE_S + CLOSE_MARGIN_S)
+            except concurrent.futures.TimeoutError:
+                call.cancel()
+                raise AssertionError("no status within the timeout and its margin: the close never reached the client")
+        assert error is not None, "the stream ended without the server's status"
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, (error.code(), error.details())
+        assert "not reading its responses" in error.details() and "--stream-idle-timeout-s" in error.details()
+        wait_until(lambda: _metrics(metrics_port).get("in2n_streams_open", 1) == 0, "the server let go of the stream")
+    log = server.output()
+    assert "Traceback" not in log and "TOO_MANY_OPERATIONS" not in log, log
 
 
 # -- item 5: originals cache ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 Sections, each written to the JSON as soon as it is done (a section that fails or runs out of
 time is recorded with its reason, and the others still run):
 
-- editor.reference: the published edit procedure (diffusion_server/backends/ip2p_reference.py) in-process;
+- editor.reference: the published edit procedure (testing_support/ip2p_reference.py) in-process;
 - editor.backend: Ip2pBackend.edit in-process, and its largest difference from the reference;
 - editor.levers: Ip2pBackend.edit_batch at each batch size, then channels_last, then torch.compile,
   one at a time, with the fraction of the compute floor reached;
@@ -37,7 +37,9 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -47,6 +49,9 @@ import torch
 
 from testing_support import ServerProcess as SubprocessServer
 from testing_support import subprocess_env
+
+if TYPE_CHECKING:
+    from in2n_contract import EditParams
 
 NOMINAL_DENSE_FP16_TFLOPS = 790.0  # what an H200 sustains in fp16 matrix work (the issue's floor)
 
@@ -241,157 +246,170 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
 # ---------------------------------------------------------------------------------------------- editor
 
 
-def editor_sections(rep: Report, args: argparse.Namespace) -> Callable[[], None] | None:
-    """The editor's sections; returns the compile lever's section, which main runs after the trainer's."""
-    from bench.gpu.models import random_components, save_components, unet_tflop_per_row
-    from diffusion_server.backends import resolve_precision
-    from diffusion_server.backends.base import EditItem
-    from diffusion_server.backends.ip2p import Ip2pBackend
-    from diffusion_server.backends.ip2p_reference import reference_edit
-    from in2n_contract import EditParams
+class EditorBench:
+    """The editor's sections, one method each, on one random IP2P (full size, or tiny with --tiny)."""
 
-    device = torch.device(args.device)
-    full = not args.tiny
-    precision = resolve_precision("auto", device)
-    ed = rep.doc["editor"]
-    t0 = time.monotonic()
-    parts = random_components(full, device=args.device, seed=0)
-    backend = Ip2pBackend(
-        **parts, device=args.device, precision=precision, model="random full-size ip2p" if full else "tiny"
-    )
-    ed["setup"] = {"build_s": round(time.monotonic() - t0, 1), "precision": precision, "side": args.side, "steps": args.steps,
-                   "params": {name: int(sum(p.numel() for p in getattr(backend, name).parameters()))
-                              for name in ("unet", "vae", "text_encoder")}}  # fmt: skip
-    tflop_row = unet_tflop_per_row(parts, args.side)
-    tflop_edit = tflop_row * 3 * args.steps
-    peak_tflops = matmul_tflops(device, backend.dtype)
-    ed["floor"] = {"unet_tflop_per_row": round(tflop_row, 4), "tflop_per_edit": round(tflop_edit, 3),
-                   "measured_matmul_tflops": peak_tflops, "nominal_tflops": NOMINAL_DENSE_FP16_TFLOPS if device.type == "cuda" else None,
-                   "floor_ms_per_edit_nominal": round(tflop_edit / NOMINAL_DENSE_FP16_TFLOPS * 1e3, 2)}  # fmt: skip
-    rep.save()
+    def __init__(self, rep: Report, args: argparse.Namespace):
+        """Build the model and write its setup and the compute floor (editor.setup, editor.floor)."""
+        from bench.gpu.models import random_components, unet_tflop_per_row
+        from diffusion_server.backends import resolve_precision
+        from diffusion_server.backends.ip2p import Ip2pBackend
 
-    def fractions(edits_per_s: float) -> dict:
-        achieved = tflop_edit * edits_per_s
+        self.rep, self.args = rep, args
+        self.device = torch.device(args.device)
+        self.full = not args.tiny
+        self.precision = resolve_precision("auto", self.device)
+        self.doc = rep.doc["editor"]
+        t0 = time.monotonic()
+        self.parts = random_components(self.full, device=args.device, seed=0)
+        self.backend = Ip2pBackend(
+            **self.parts,
+            device=args.device,
+            precision=self.precision,
+            model="random full-size ip2p" if self.full else "tiny",
+        )
+        self.doc["setup"] = {"build_s": round(time.monotonic() - t0, 1), "precision": self.precision, "side": args.side, "steps": args.steps,
+                             "params": {name: int(sum(p.numel() for p in getattr(self.backend, name).parameters()))
+                                        for name in ("unet", "vae", "text_encoder")}}  # fmt: skip
+        tflop_row = unet_tflop_per_row(self.parts, args.side)
+        self.tflop_edit = tflop_row * 3 * args.steps
+        self.peak_tflops = matmul_tflops(self.device, self.backend.dtype)
+        self.doc["floor"] = {"unet_tflop_per_row": round(tflop_row, 4), "tflop_per_edit": round(self.tflop_edit, 3),
+                             "measured_matmul_tflops": self.peak_tflops, "nominal_tflops": NOMINAL_DENSE_FP16_TFLOPS if self.device.type == "cuda" else None,
+                             "floor_ms_per_edit_nominal": round(self.tflop_edit / NOMINAL_DENSE_FP16_TFLOPS * 1e3, 2)}  # fmt: skip
+        rep.save()
+        self.imgs = images(args.side, max(args.batches) * 2, seed=1)
+        self.r0, self.o0 = self.imgs[0]
+        self.levers: list[dict] = []
+        # the batch sizes the other levers are tried at: 1 and 8 by default
+        self.mid = sorted({min(args.batches), max([b for b in args.batches if b <= 8] or [min(args.batches)])})
+
+    def fractions(self, edits_per_s: float) -> dict:
+        achieved = self.tflop_edit * edits_per_s
         out = {"achieved_tflops": round(achieved, 4)}
-        if peak_tflops:
-            out["fraction_of_measured_matmul"] = round(achieved / peak_tflops, 4)
+        if self.peak_tflops:
+            out["fraction_of_measured_matmul"] = round(achieved / self.peak_tflops, 4)
             out["fraction_of_nominal_floor"] = round(achieved / NOMINAL_DENSE_FP16_TFLOPS, 4)
         return out
 
-    def params(seed: int) -> EditParams:
+    def params(self, seed: int) -> EditParams:
+        from in2n_contract import EditParams
+
         return EditParams(
-            "turn it into bronze", guidance_scale=7.5, image_guidance_scale=1.5, diffusion_steps=args.steps, seed=seed
+            "turn it into bronze",
+            guidance_scale=7.5,
+            image_guidance_scale=1.5,
+            diffusion_steps=self.args.steps,
+            seed=seed,
         )
 
-    imgs = images(args.side, max(args.batches) * 2, seed=1)
-    r0, o0 = imgs[0]
-
-    def reference() -> dict:
-        reset_peak(device)
-        times = timed(lambda: reference_edit(backend, r0, o0, params(3)), device, args.repeats)
+    def one_edit(self, edit: Callable[[], object]) -> dict:
+        """ms per edit, edits/s and peak memory of `edit` (one edit of r0, o0), timed --repeats times."""
+        reset_peak(self.device)
+        times = timed(edit, self.device, self.args.repeats)
         med = statistics.median(times)
-        return {"ms_per_edit": round(med * 1e3, 2), "edits_per_s": round(1 / med, 3), "peak_gpu_bytes": peak(device),
-                "times_ms": [round(t * 1e3, 2) for t in times], **fractions(1 / med)}  # fmt: skip
+        return {"ms_per_edit": round(med * 1e3, 2), "edits_per_s": round(1 / med, 3), "peak_gpu_bytes": peak(self.device),
+                "times_ms": [round(t * 1e3, 2) for t in times], **self.fractions(1 / med)}  # fmt: skip
 
-    def backend_alone() -> dict:
-        reset_peak(device)
-        times = timed(lambda: backend.edit(r0, o0, params(3)), device, args.repeats)
-        med = statistics.median(times)
-        ref, T = reference_edit(backend, r0, o0, params(3))
-        res = backend.edit(r0, o0, params(3))
-        return {"ms_per_edit": round(med * 1e3, 2), "edits_per_s": round(1 / med, 3), "peak_gpu_bytes": peak(device),
-                "times_ms": [round(t * 1e3, 2) for t in times], "max_abs_diff_vs_reference": float(np.abs(res.image - ref).max()),
-                "same_timestep_as_reference": res.timestep == T, **fractions(1 / med)}  # fmt: skip
+    def reference(self) -> dict:
+        from testing_support.ip2p_reference import reference_edit
 
-    rep.section(ed, "reference", reference, optional=False)
-    rep.section(ed, "backend", backend_alone, optional=False)
+        return self.one_edit(lambda: reference_edit(self.backend, self.r0, self.o0, self.params(3)))
 
-    def batch_point(batch: int, label: str) -> dict:
-        items = [EditItem(r, o, params(100 + i)) for i, (r, o) in enumerate(imgs[:batch])]
-        reset_peak(device)
-        times = timed(
-            lambda: backend.edit_batch(items), device, max(1, args.repeats // 2 if batch > 4 else args.repeats)
-        )
+    def backend_alone(self) -> dict:
+        from testing_support.ip2p_reference import reference_edit
+
+        out = self.one_edit(lambda: self.backend.edit(self.r0, self.o0, self.params(3)))
+        ref, T = reference_edit(self.backend, self.r0, self.o0, self.params(3))
+        res = self.backend.edit(self.r0, self.o0, self.params(3))
+        return {
+            **out,
+            "max_abs_diff_vs_reference": float(np.abs(res.image - ref).max()),
+            "same_timestep_as_reference": res.timestep == T,
+        }
+
+    def batch_point(self, batch: int, label: str) -> dict:
+        from diffusion_server.backends.base import EditItem
+
+        items = [EditItem(r, o, self.params(100 + i)) for i, (r, o) in enumerate(self.imgs[:batch])]
+        reset_peak(self.device)
+        repeats = max(1, self.args.repeats // 2 if batch > 4 else self.args.repeats)
+        times = timed(lambda: self.backend.edit_batch(items), self.device, repeats)
         med = statistics.median(times)
         return {"lever": label, "batch": batch, "ms_per_batch": round(med * 1e3, 2), "edits_per_s": round(batch / med, 3),
-                "peak_gpu_bytes": peak(device), **fractions(batch / med)}  # fmt: skip
+                "peak_gpu_bytes": peak(self.device), **self.fractions(batch / med)}  # fmt: skip
 
-    levers: list[dict] = []
-    ed["levers"] = levers
-
-    def add_points(label: str, batches: list[int]) -> None:
+    def add_points(self, label: str, batches: list[int]) -> None:
+        """One lever at each batch size, into editor.levers (a failed point is recorded as skipped)."""
         for b in batches:
             holder: dict = {}
-            rep.section(holder, "p", lambda b=b: batch_point(b, label))
-            levers.append(holder["p"] if "skipped" not in holder["p"] else {"lever": label, "batch": b, **holder["p"]})
-            rep.save()
+            self.rep.section(holder, "p", lambda b=b: self.batch_point(b, label))
+            self.levers.append(
+                holder["p"] if "skipped" not in holder["p"] else {"lever": label, "batch": b, **holder["p"]}
+            )
+            self.rep.save()
 
-    add_points("plain", args.batches)
-    mid = sorted(
-        {min(args.batches), max([b for b in args.batches if b <= 8] or [min(args.batches)])}
-    )  # 1 and 8 by default
-    backend.unet.to(memory_format=torch.channels_last)
-    backend.vae.to(memory_format=torch.channels_last)
-    add_points("channels_last", mid)
-    backend.unet.to(memory_format=torch.contiguous_format)
-    backend.vae.to(memory_format=torch.contiguous_format)
+    def channels_last_points(self) -> None:
+        """The channels_last lever at the middle batch sizes; the model goes back to contiguous afterwards."""
+        for module in (self.backend.unet, self.backend.vae):
+            module.to(memory_format=torch.channels_last)
+        self.add_points("channels_last", self.mid)
+        for module in (self.backend.unet, self.backend.vae):
+            module.to(memory_format=torch.contiguous_format)
 
-    def precision_memory() -> dict:
-        out = {
-            precision: {
-                "peak_gpu_bytes": next(
-                    (p["peak_gpu_bytes"] for p in levers if p.get("lever") == "plain" and p.get("batch") == 1), None
-                )
-            }
-        }
-        if device.type != "cuda":
+    def plain_point(self, batch: int, key: str):
+        """`key` of the plain lever's point at `batch`; None when that point is missing."""
+        return next((p[key] for p in self.levers if p.get("lever") == "plain" and p.get("batch") == batch), None)
+
+    def precision_memory(self) -> dict:
+        from bench.gpu.models import random_components
+        from diffusion_server.backends.ip2p import Ip2pBackend
+
+        out = {self.precision: {"peak_gpu_bytes": self.plain_point(1, "peak_gpu_bytes")}}
+        if self.device.type != "cuda":
             return {"fp16": {"peak_gpu_bytes": None}, "fp32": {"peak_gpu_bytes": None}}
-        fp32 = Ip2pBackend(**random_components(full, device=args.device, seed=0), device=args.device, precision="fp32")
+        fp32 = Ip2pBackend(
+            **random_components(self.full, device=self.args.device, seed=0), device=self.args.device, precision="fp32"
+        )
         torch.cuda.empty_cache()
-        reset_peak(device)
-        fp32.edit(r0, o0, params(3))
-        out["fp32"] = {"peak_gpu_bytes": peak(device), "note": "measured with the fp16 weights also resident"}
+        reset_peak(self.device)
+        fp32.edit(self.r0, self.o0, self.params(3))
+        out["fp32"] = {"peak_gpu_bytes": peak(self.device), "note": "measured with the fp16 weights also resident"}
         del fp32
         torch.cuda.empty_cache()
         return out
 
-    rep.section(ed, "precision_memory", precision_memory)
-
-    def vae_cost() -> list[dict]:
+    def vae_cost(self) -> list[dict]:
         """The VAE's share: encode (render and original) and decode of B images, against the batch's edit time."""
+        backend, device, repeats = self.backend, self.device, self.args.repeats
         rows = []
-        for b in mid:
-            x = torch.rand(b, 3, args.side, args.side, device=device, dtype=backend.vae_dtype) * 2 - 1
+        for b in self.mid:
+            x = torch.rand(b, 3, self.args.side, self.args.side, device=device, dtype=backend.vae_dtype) * 2 - 1
             with torch.inference_mode():
-                enc = timed(lambda x=x: backend.vae.encode(torch.cat([x, x])).latent_dist.mode(), device, args.repeats)
+                enc = timed(lambda x=x: backend.vae.encode(torch.cat([x, x])).latent_dist.mode(), device, repeats)
                 z = backend.vae.encode(x).latent_dist.mode()
-                dec = timed(lambda z=z: backend.vae.decode(z).sample, device, args.repeats)
-            batch_ms = next(
-                (p["ms_per_batch"] for p in levers if p.get("lever") == "plain" and p.get("batch") == b), None
-            )
+                dec = timed(lambda z=z: backend.vae.decode(z).sample, device, repeats)
+            batch_ms = self.plain_point(b, "ms_per_batch")
             total = (statistics.median(enc) + statistics.median(dec)) * 1e3
             rows.append({"batch": b, "encode_2b_ms": round(statistics.median(enc) * 1e3, 2), "decode_ms": round(statistics.median(dec) * 1e3, 2),
                          "share_of_batch": round(total / batch_ms, 4) if batch_ms else None})  # fmt: skip
         return rows
 
-    rep.section(ed, "vae", vae_cost)
+    def save_model(self) -> str:
+        """The model in diffusers' layout, for the server's `--backend ip2p --model FOLDER`; returns the folder."""
+        from bench.gpu.models import save_components
 
-    # The server (and the trainer, in main) run before compile: compile's time is the least certain
-    # (minutes), and the JSON keeps whatever finished if the run is cut short.
-    folder = os.path.join(tempfile.gettempdir(), "in2n-gpu-bench", "model-full" if full else "model-tiny")
-    save_components(parts, folder, backend.dtype)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    if not args.no_server:
-        rep.section(ed, "server", lambda: server_section(rep, args, folder))
+        folder = os.path.join(tempfile.gettempdir(), "in2n-gpu-bench", "model-full" if self.full else "model-tiny")
+        save_components(self.parts, folder, self.backend.dtype)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return folder
 
-    if args.no_compile:
-        return None
-
-    def compile_lever() -> dict:
+    def compile_lever(self) -> dict:
         import torch._dynamo as dynamo
         from torch._dynamo.utils import counters
 
+        args, backend = self.args, self.backend
         dynamo.reset()
         t0 = time.monotonic()
         backend.optimize(
@@ -399,18 +417,37 @@ def editor_sections(rep: Report, args: argparse.Namespace) -> Callable[[], None]
         )
         compile_s = time.monotonic() - t0
         points = []
-        for b in mid:  # each batch size compiles once, in its untimed warm-up call
-            if rep.elapsed() > rep.budget_s:
+        for b in self.mid:  # each batch size compiles once, in its untimed warm-up call
+            if self.rep.elapsed() > self.rep.budget_s:
                 break
-            points.append(batch_point(b, "compile"))
+            points.append(self.batch_point(b, "compile"))
         before = int(counters["frames"]["ok"])
-        again = batch_point(mid[0], "compile")  # a size seen before, new seeds and timesteps: no compile
+        again = self.batch_point(self.mid[0], "compile")  # a size seen before, new seeds and timesteps: no compile
         recompiles = int(counters["frames"]["ok"]) - before
         backend.unet = getattr(backend.unet, "_orig_mod", backend.unet)
         return {"compile_s": round(compile_s, 1), "backend": args.compile_backend, "mode": args.compile_mode, "points": points,
                 "again": again, "recompiles_at_a_seen_size": recompiles}  # fmt: skip
 
-    return lambda: rep.section(ed, "compile", compile_lever)
+
+def editor_sections(rep: Report, args: argparse.Namespace) -> Callable[[], None] | None:
+    """The editor's sections; returns the compile lever's section, which main runs after the trainer's."""
+    bench = EditorBench(rep, args)
+    ed = bench.doc
+    rep.section(ed, "reference", bench.reference, optional=False)
+    rep.section(ed, "backend", bench.backend_alone, optional=False)
+    ed["levers"] = bench.levers
+    bench.add_points("plain", args.batches)
+    bench.channels_last_points()
+    rep.section(ed, "precision_memory", bench.precision_memory)
+    rep.section(ed, "vae", bench.vae_cost)
+    # The server (and the trainer, in main) run before compile: compile's time is the least certain
+    # (minutes), and the JSON keeps whatever finished if the run is cut short.
+    folder = bench.save_model()
+    if not args.no_server:
+        rep.section(ed, "server", lambda: server_section(rep, args, folder))
+    if args.no_compile:
+        return None
+    return lambda: rep.section(ed, "compile", bench.compile_lever)
 
 
 class ServerProcess(SubprocessServer):
@@ -529,28 +566,39 @@ def model_folder(args: argparse.Namespace) -> str:
 # ---------------------------------------------------------------------------------------------- trainer
 
 TRAINER_MODES = ("async", "sync", "off")  # each round runs them in this order: the pair that matters most first
+WORKERS_MODE = "async-workers"  # on CUDA, after async: the views rendered by a render worker on the same GPU
 
 
-def trainer_section(rep: Report, args: argparse.Namespace) -> dict:
-    """`ns-train in2n` against this project's diffusion server on the same device: edits off, async and sync.
+def trainer_modes(args: argparse.Namespace) -> tuple[str, ...]:
+    """The modes of a round: on CUDA also async with a render worker (on one GPU it shares the trainer's card)."""
+    if args.device.startswith("cuda"):
+        return (TRAINER_MODES[0], WORKERS_MODE, *TRAINER_MODES[1:])
+    return TRAINER_MODES
 
-    Full: in2n (default nerfacto size, 16384 rays a step, LPIPS) on the demo scene at 512 x 512, 60 views,
-    pretrained by nerfacto for a few hundred steps; the server runs the full-size random IP2P at the
-    variant's precision. Tiny (--tiny): in2n-tiny with TINY_NERFACTO, 256 rays, a 32 x 32 scene, the tiny IP2P.
-    Every run is a fresh ns-train process of --trainer-steps steps from the same pretrained checkpoint;
-    rounds of (async, sync, off) follow each other while the section's time allows. Partial results are
-    kept: a failure or time-out is recorded in "skipped" beside the runs that finished.
-    """
+
+@dataclass
+class TrainerSetup:
+    """What every run of the trainer section shares."""
+
+    method: str  # in2n, or in2n-tiny with --tiny
+    precision: str  # the server's: the variant's on this device
+    workdir: Path  # the scene, the pretrained checkpoint, the runs and their logs
+    env: dict  # the ns-train processes' environment
+    ns_train: Path  # the ns-train that runs bench/gpu/train.py
+    device_args: list[str]
+    model_flags: list[str]  # TINY_NERFACTO with --tiny; none (nerfacto's default size) otherwise
+    rays_flags: list[str]
+
+
+def trainer_setup(args: argparse.Namespace) -> TrainerSetup:
+    """The method, the server's precision, the work folder, the environment and the ns-train script."""
     from in2n_demo.run import ensure_lpips_backbone, torch_device_args
     from nerf_trainer.variants import server_precision
-    from testing_support import TINY_NERFACTO, demo_scene_and_pretrained
+    from testing_support import TINY_NERFACTO
 
-    t_section = time.monotonic()
-    deadline = min(t_section + args.trainer_budget_s, rep.hard_deadline)
     method = "in2n-tiny" if args.tiny else "in2n"
     cuda = args.device.startswith("cuda")
     precision, _ = server_precision(method, "cuda" if cuda else "cpu")
-    model_flags = list(TINY_NERFACTO) if args.tiny else []  # full: nerfacto's default size
     rays_flags = (
         ["--pipeline.datamanager.train-num-rays-per-batch", "256", "--pipeline.render-chunk-rays", "256"]
         if args.tiny
@@ -567,18 +615,81 @@ def trainer_section(rep: Report, args: argparse.Namespace) -> dict:
         f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(REPO / "bench" / "gpu" / "train.py"))} "$@"\n'
     )
     ns_train.chmod(0o755)
+    model_flags = list(TINY_NERFACTO) if args.tiny else []
+    return TrainerSetup(method, precision, workdir, env, ns_train, device_args, model_flags, rays_flags)
+
+
+def hash_grid() -> str:
+    """Which hash grid nerfacto runs on here."""
     try:
         from importlib.util import find_spec
 
-        hash_grid = "tcnn" if find_spec("tinycudann") else "torch (tinycudann not installed: nerfstudio's fallback)"
+        return "tcnn" if find_spec("tinycudann") else "torch (tinycudann not installed: nerfstudio's fallback)"
     except (ImportError, ValueError):
-        hash_grid = "torch"
-    setup: dict = {"method": method, "device": args.device, "scene": f"demo scene, {args.trainer_views} views, {args.trainer_side}x{args.trainer_side}",
-                   "model": "TINY_NERFACTO (testing_support)" if args.tiny else "nerfacto default size", "hash_grid": hash_grid,
-                   "rays_per_step": 256 if args.tiny else 16384, "pretrain_steps": args.pretrain_steps, "steps_per_run": args.trainer_steps,
-                   "warmup_steps": args.warmup_steps, "edit_rate": args.edit_rate, "server": f"ip2p, random {'tiny' if args.tiny else 'full-size'} weights",
-                   "server_precision": precision, "diffusion_steps": "the trainer's default", "max_in_flight": "the trainer's default",
-                   "peak_gpu_memory": "torch.cuda.max_memory_allocated of each process (bench/gpu/train.py, bench/gpu/serve.py)"}  # fmt: skip
+        return "torch"
+
+
+def trainer_setup_doc(args: argparse.Namespace, ts: TrainerSetup) -> dict:
+    """The section's "setup": what was run, for the JSON."""
+    return {"method": ts.method, "device": args.device, "scene": f"demo scene, {args.trainer_views} views, {args.trainer_side}x{args.trainer_side}",
+            "model": "TINY_NERFACTO (testing_support)" if args.tiny else "nerfacto default size", "hash_grid": hash_grid(),
+            "rays_per_step": 256 if args.tiny else 16384, "pretrain_steps": args.pretrain_steps, "steps_per_run": args.trainer_steps,
+            "warmup_steps": args.warmup_steps, "edit_rate": args.edit_rate, "server": f"ip2p, random {'tiny' if args.tiny else 'full-size'} weights",
+            "server_precision": ts.precision, "diffusion_steps": "the trainer's default", "max_in_flight": "the trainer's default",
+            "peak_gpu_memory": "torch.cuda.max_memory_allocated of each process (bench/gpu/train.py, bench/gpu/serve.py)"}  # fmt: skip
+
+
+def scene_and_pretrained(args: argparse.Namespace, ts: TrainerSetup) -> tuple[Path, Path]:
+    """The demo scene and a nerfacto pretrained on it (made once per work folder): (scene, load dir)."""
+    from testing_support import demo_scene_and_pretrained
+
+    flags = ["--vis", "tensorboard", *ts.device_args, "--steps-per-save", str(args.pretrain_steps), "--steps-per-eval-batch", "1000000",
+             "--steps-per-eval-image", "1000000", "--steps-per-eval-all-images", "1000000", *ts.model_flags]  # fmt: skip
+    try:
+        return demo_scene_and_pretrained(ts.workdir, str(ts.ns_train), ts.env, num_views=args.trainer_views, size=args.trainer_side,
+                                         steps=args.pretrain_steps, rays=256 if args.tiny else 4096, flags=flags)  # fmt: skip
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(
+            f"pretraining failed ({e.returncode}): {(e.stderr or b'')[-1500:].decode(errors='replace')}"
+        ) from None
+
+
+def trainer_rounds(rep: Report, args: argparse.Namespace, ts: TrainerSetup, scene: Path, load_dir: Path, address: str,
+                   deadline: float, out: dict) -> None:  # fmt: skip
+    """Rounds of (async[, async-workers on CUDA], sync, off) runs into out["runs"] while the deadline allows; out["stopped"] says why they
+    stopped early. The first round is always tried (a run still going at the deadline is stopped); a later one only
+    when its runs fit, judged by the same mode's earlier runs."""
+    runs: list[dict] = out["runs"]
+    for round_ in range(args.trainer_rounds):
+        for mode in trainer_modes(args):
+            need = 1.2 * max(r["wall_s"] for r in runs if r["mode"] == mode) + 5 if round_ else 0.0
+            if round_ and time.monotonic() + need > deadline:
+                out["stopped"] = (
+                    f"round {round_} {mode} would need about {need:.0f} s, {max(0.0, deadline - time.monotonic()):.0f} s left"
+                )
+                return
+            try:
+                runs.append(trainer_run(args, ts.workdir, ts.ns_train, ts.env, ts.method, mode, round_, scene, load_dir, address,
+                                        [*ts.device_args, *ts.model_flags, *ts.rays_flags], deadline))  # fmt: skip
+            except RunTimeout as e:
+                out["stopped"] = str(e)
+                return
+            rep.save()
+
+
+def trainer_section(rep: Report, args: argparse.Namespace) -> dict:
+    """`ns-train in2n` against this project's diffusion server on the same device: edits off, async and sync.
+
+    Full: in2n (default nerfacto size, 16384 rays a step, LPIPS) on the demo scene at 512 x 512, 60 views,
+    pretrained by nerfacto for a few hundred steps; the server runs the full-size random IP2P at the
+    variant's precision. Tiny (--tiny): in2n-tiny with TINY_NERFACTO, 256 rays, a 32 x 32 scene, the tiny IP2P.
+    Every run is a fresh ns-train process of --trainer-steps steps from the same pretrained checkpoint;
+    rounds of (async, sync, off) follow each other while the section's time allows. Partial results are
+    kept: a failure or time-out is recorded in "skipped" beside the runs that finished.
+    """
+    deadline = min(time.monotonic() + args.trainer_budget_s, rep.hard_deadline)
+    ts = trainer_setup(args)
+    setup = trainer_setup_doc(args, ts)
     # Progress shows in the JSON as it goes; "skipped" says where a run cut off by run.sh's time limit stopped,
     # and goes once the section is done.
     out: dict = {"setup": setup, "runs": [], "skipped": "cut off while making the scene and pretraining"}
@@ -588,45 +699,18 @@ def trainer_section(rep: Report, args: argparse.Namespace) -> dict:
     server: ServerProcess | None = None
     try:
         # The server loads while the scene is made and nerfacto pretrains.
-        server = ServerProcess(args, model_folder(args), tmp, precision, [])
+        server = ServerProcess(args, model_folder(args), tmp, ts.precision, [])
         t0 = time.monotonic()
-        flags = ["--vis", "tensorboard", *device_args, "--steps-per-save", str(args.pretrain_steps), "--steps-per-eval-batch", "1000000",
-                 "--steps-per-eval-image", "1000000", "--steps-per-eval-all-images", "1000000", *model_flags]  # fmt: skip
-        try:
-            scene, load_dir = demo_scene_and_pretrained(workdir, str(ns_train), env, num_views=args.trainer_views, size=args.trainer_side,
-                                                        steps=args.pretrain_steps, rays=256 if args.tiny else 4096, flags=flags)  # fmt: skip
-        except subprocess.CalledProcessError as e:
-            raise RuntimeError(
-                f"pretraining failed ({e.returncode}): {(e.stderr or b'')[-1500:].decode(errors='replace')}"
-            ) from None
+        scene, load_dir = scene_and_pretrained(args, ts)
         setup["scene_and_pretrain_s"] = round(time.monotonic() - t0, 1)
         address = server.wait_address()
         setup["server_start_s"] = round(server.start_s, 1)
         out["skipped"] = "cut off during the ns-train runs"
         rep.save()
-        runs: list[dict] = out["runs"]
-        for round_ in range(args.trainer_rounds):
-            for mode in TRAINER_MODES:
-                # The first round is always tried (a run still going at the deadline is stopped); a later one only
-                # when its runs fit, judged by the same mode's earlier runs.
-                need = 1.2 * max(r["wall_s"] for r in runs if r["mode"] == mode) + 5 if round_ else 0.0
-                if round_ and time.monotonic() + need > deadline:
-                    out["stopped"] = (
-                        f"round {round_} {mode} would need about {need:.0f} s, {max(0.0, deadline - time.monotonic()):.0f} s left"
-                    )
-                    break
-                try:
-                    runs.append(trainer_run(args, workdir, ns_train, env, method, mode, round_, scene, load_dir, address,
-                                            [*device_args, *model_flags, *rays_flags], deadline))  # fmt: skip
-                except RunTimeout as e:
-                    out["stopped"] = str(e)
-                    break
-                rep.save()
-            if "stopped" in out:
-                break
+        trainer_rounds(rep, args, ts, scene, load_dir, address, deadline, out)
         out["server_peak"] = {k: v for k, v in server.peaks(after=time.time()).items() if k != "t"}
-        out["modes"] = trainer_summary(runs)
-        out["end_to_end"] = end_to_end(runs, args)
+        out["modes"] = trainer_summary(out["runs"])
+        out["end_to_end"] = end_to_end(out["runs"], args)
         del out["skipped"]
     except Exception as e:  # noqa: BLE001 - recorded beside the runs that finished
         out["skipped"] = f"{type(e).__name__}: {str(e).strip()[:1500]}"
@@ -656,7 +740,9 @@ def trainer_run(args: argparse.Namespace, workdir: Path, ns_train: Path, env: di
            "--experiment-name", "bench", "--timestamp", name, "--vis", "tensorboard", "--max-num-iterations", str(args.trainer_steps),
            "--steps-per-save", "1000000", "--steps-per-eval-image", "1000000", "--steps-per-eval-batch", "1000000",
            "--steps-per-eval-all-images", "1000000", "--pipeline.edit-server", address, "--pipeline.require-server", "True",
-           "--pipeline.instruction", "turn it into bronze", "--pipeline.edit-mode", mode, "--pipeline.edit-rate", str(args.edit_rate),
+           "--pipeline.instruction", "turn it into bronze", "--pipeline.edit-mode", "async" if mode == WORKERS_MODE else mode,
+           *(["--pipeline.render-devices", "cuda:0"] if mode == WORKERS_MODE else []),  # the trainer's own card
+           "--pipeline.edit-rate", str(args.edit_rate),
            "--pipeline.log-every", "0", *flags]  # fmt: skip
     log_path = workdir / f"{name}.log"
     t0 = time.monotonic()
@@ -683,7 +769,10 @@ def trainer_run(args: argparse.Namespace, workdir: Path, ns_train: Path, env: di
             "median_step_ms": round(med * 1e3, 2), "p99_step_ms": round(p99 * 1e3, 2), "p99_over_median": round(p99 / med, 3),
             "edits_applied": int(stats.get("edits_applied", 0)), "edits_failed": int(stats.get("edits_failed", 0)),
             "render_share": float(stats.get("render_share", 0.0)), "wall_s": round(wall, 2), "loop_s": round(float(times.sum()), 2),
-            "peak_gpu_bytes": peaks.get("peak_gpu_bytes"), "peak_rss_bytes": peaks.get("peak_rss_bytes")}  # fmt: skip
+            "peak_gpu_bytes": peaks.get("peak_gpu_bytes"), "peak_rss_bytes": peaks.get("peak_rss_bytes"),
+            "render_steps": int(stats.get("render_steps", 0)), "render_lag_median": stats.get("render_lag_median"),
+            "render_lag_max": stats.get("render_lag_max"), "render_sync_ms": stats.get("render_sync_ms"),
+            "render_workers": stats.get("render_workers", [])}  # fmt: skip
 
 
 def trainer_summary(runs: list[dict]) -> dict:
@@ -691,7 +780,7 @@ def trainer_summary(runs: list[dict]) -> dict:
     the rounds' p99 / median step, edits applied, render share and peak memory (medians / max)."""
     out: dict = {}
     off = {r["round"]: r for r in runs if r["mode"] == "off"}
-    for mode in TRAINER_MODES:
+    for mode in (TRAINER_MODES[0], WORKERS_MODE, *TRAINER_MODES[1:]):
         rows = [r for r in runs if r["mode"] == mode]
         if not rows:
             continue

@@ -2,6 +2,8 @@
 # One command for the GPU figures: the editor (reference, backend, levers, server) and the trainer, one JSON.
 #   bash bench/gpu/run.sh                      # CUDA machine: full-size random IP2P, 512x512, fp16
 #   bash bench/gpu/run.sh --tiny --device cpu  # tiny components on the CPU (the smoke test)
+#   bash bench/gpu/run.sh --kontext            # instead: the flux-kontext editor, full-size FLUX.1 Kontext, bf16
+#                                              # (bench/gpu/kontext_bench.py; --kontext --tiny --device cpu: its smoke test)
 # Output: $OUT/gpu_bench.json when OUT is set, else bench/results/gpu_bench[_tiny].json.
 # Wheels in .whl/ (bench/gpu/fetch_wheels.sh) are installed to a scratch folder first when diffusers or
 # nerfstudio is not importable (a bare machine). Whatever else: bench/gpu/README.md.
@@ -23,4 +25,9 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export GPU_BENCH_LIMIT_S=$((LIMIT_S - SECONDS))  # the script ends its trainer runs before this
-exec timeout -k 10 "$GPU_BENCH_LIMIT_S" "$PYTHON" bench/gpu/gpu_bench.py "$@"
+SCRIPT=bench/gpu/gpu_bench.py
+if [ "${1:-}" = "--kontext" ]; then  # the flux-kontext editor, full-size FLUX.1 Kontext: a call of its own
+  SCRIPT=bench/gpu/kontext_bench.py
+  shift
+fi
+exec timeout -k 10 "$GPU_BENCH_LIMIT_S" "$PYTHON" "$SCRIPT" "$@"

@@ -23,6 +23,10 @@ DEFAULT_IP2P_MODEL = "timbrooks/instruct-pix2pix"
 """The ip2p backend's model (hub id) when --model is not given: here, not in the backend's module, so that the
 server's config and the demo harness name it without importing torch; not in the contract, since no request carries it."""
 
+DEFAULT_FLUX_KONTEXT_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
+"""The flux-kontext backend's model (hub id, gated: its licence must be accepted and the user logged in) when
+--model is not given."""
+
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 """Values accepted by `--precision`; `auto` is fp16 on CUDA, fp32 elsewhere."""
 
@@ -108,7 +112,7 @@ def no_torch_options(backend: str, options: TorchOptions | None) -> None:
     """Raise `BackendUnavailable` if `options` sets any torch option: `backend` does not run torch."""
     if options is not None and options.flags():
         raise BackendUnavailable(
-            f"{options.flags()}: not supported by the {backend} backend (torch backends only: ip2p, ip2p-xl, tiny-ip2p)"
+            f"{options.flags()}: not supported by the {backend} backend (torch backends only: ip2p, ip2p-xl, tiny-ip2p, flux-kontext, tiny-flux-kontext)"
         )
 
 
@@ -163,6 +167,8 @@ _FACTORIES: dict[str, BackendFactory] = {
     "ip2p": _lazy("ip2p", "diffusers and transformers"),
     "ip2p-xl": _lazy("ip2p_xl", "diffusers and transformers"),
     "tiny-ip2p": _lazy("tiny_ip2p", "diffusers and transformers"),
+    "flux-kontext": _lazy("flux_kontext", "diffusers and transformers"),
+    "tiny-flux-kontext": _lazy("tiny_flux_kontext", "diffusers and transformers"),
     "palette": _lazy("palette"),
     "stochastic": _lazy("stochastic"),
     "identity": _lazy("identity"),
@@ -189,9 +195,9 @@ def create_backend(
 
     Args:
         name: one of `BACKEND_NAMES`.
-        model: model id or local folder (ip2p, ip2p-xl); ignored by the others.
+        model: model id or local folder (ip2p, ip2p-xl, flux-kontext); ignored by the others.
         device: torch device string, e.g. "cpu", "cuda:1".
-        precision: "auto", "fp32", "fp16" or "bf16"; `auto` resolves by device.
+        precision: "auto", "fp32", "fp16" or "bf16"; `auto` resolves by device (flux-kontext: always bf16).
         seed: initialisation seed of tiny-ip2p's random weights; stochastic's seed of unseeded edits.
         channels_last, compile, cpu_offload: speed and memory options of the torch backends (off by default).
         delay_ms: identity only: a fixed cost of every edit (a sleep), for load tests; 0: none.

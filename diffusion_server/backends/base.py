@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from in2n_contract import EditParams
+from in2n_contract import (
+    DEFAULT_DIFFUSION_STEPS,
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_IMAGE_GUIDANCE_SCALE,
+    DEFAULT_LOWER_BOUND,
+    DEFAULT_UPPER_BOUND,
+    EditParams,
+)
 
 
 class EditRejected(ValueError):
@@ -40,6 +47,25 @@ class BackendInfo:
     device: str = "cpu"
     precision: str = "n/a"
     known_instructions: list[str] = field(default_factory=list)
+    defaults: dict[str, float] = field(default_factory=dict)
+    """The backend's own default of each EditParams field it has one for (guidance_scale, image_guidance_scale,
+    diffusion_steps, lower_bound, upper_bound); the fields left out take the contract's (Instruct-NeRF2NeRF's)."""
+    ignored_fields: list[str] = field(default_factory=list)
+    """Request fields the backend does not use (e.g. "image_guidance_scale" for flux-kontext)."""
+
+    def edit_defaults(self) -> dict[str, float]:
+        """Every default Describe reports: the contract's, overridden by the backend's `defaults`."""
+        contract = {
+            "guidance_scale": DEFAULT_GUIDANCE_SCALE,
+            "image_guidance_scale": DEFAULT_IMAGE_GUIDANCE_SCALE,
+            "diffusion_steps": DEFAULT_DIFFUSION_STEPS,
+            "lower_bound": DEFAULT_LOWER_BOUND,
+            "upper_bound": DEFAULT_UPPER_BOUND,
+        }
+        unknown = set(self.defaults) - set(contract)
+        if unknown:
+            raise ValueError(f"BackendInfo.defaults: unknown fields {sorted(unknown)}; known: {sorted(contract)}")
+        return {**contract, **self.defaults}
 
 
 @dataclass

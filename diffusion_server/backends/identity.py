@@ -27,7 +27,15 @@ class IdentityBackend(EditBackend):
         self.device = device  # only reported (Describe): it computes nothing
 
     def info(self) -> BackendInfo:
-        return BackendInfo(model="", device=self.device, precision="n/a", known_instructions=[])
+        return BackendInfo(
+            model="",
+            device=self.device,
+            precision="n/a",
+            ignored_fields=[
+                "instruction",
+                *["guidance_scale", "image_guidance_scale", "diffusion_steps", "lower_bound", "upper_bound"],
+            ],
+        )
 
     def edit(self, render: np.ndarray, original: np.ndarray, params: EditParams) -> EditResult:
         if original.shape != render.shape:

@@ -144,7 +144,19 @@ class PaletteBackend(EditBackend):
     name = "palette"
 
     def info(self) -> BackendInfo:
-        return BackendInfo(model="", device="cpu", precision="n/a", known_instructions=known_instructions())
+        return BackendInfo(
+            model="",
+            device="cpu",
+            precision="n/a",
+            known_instructions=known_instructions(),
+            ignored_fields=[
+                "guidance_scale",
+                "image_guidance_scale",
+                "diffusion_steps",
+                "lower_bound",
+                "upper_bound",
+            ],  # a look per instruction, nothing else
+        )
 
     def check(self, params: EditParams) -> None:
         look_of(params.instruction)

@@ -118,7 +118,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("backend", "model", "device", "precision", "max_image_side", "max_message_bytes", "max_diffusion_steps", "known_instructions", "server_version", "max_batch", "caches_originals")
+    __slots__ = ("backend", "model", "device", "precision", "max_image_side", "max_message_bytes", "max_diffusion_steps", "known_instructions", "server_version", "max_batch", "caches_originals", "defaults", "ignored_fields")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,8 @@ class DescribeResponse(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     CACHES_ORIGINALS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    IGNORED_FIELDS_FIELD_NUMBER: _ClassVar[int]
     backend: str
     model: str
     device: str
@@ -141,4 +143,20 @@ class DescribeResponse(_message.Message):
     server_version: str
     max_batch: int
     caches_originals: bool
-    def __init__(self, backend: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., max_image_side: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_diffusion_steps: _Optional[int] = ..., known_instructions: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., max_batch: _Optional[int] = ..., caches_originals: bool = ...) -> None: ...
+    defaults: EditDefaults
+    ignored_fields: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, backend: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., max_image_side: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_diffusion_steps: _Optional[int] = ..., known_instructions: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ..., max_batch: _Optional[int] = ..., caches_originals: bool = ..., defaults: _Optional[_Union[EditDefaults, _Mapping]] = ..., ignored_fields: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EditDefaults(_message.Message):
+    __slots__ = ("guidance_scale", "image_guidance_scale", "diffusion_steps", "lower_bound", "upper_bound")
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    DIFFUSION_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOWER_BOUND_FIELD_NUMBER: _ClassVar[int]
+    UPPER_BOUND_FIELD_NUMBER: _ClassVar[int]
+    guidance_scale: float
+    image_guidance_scale: float
+    diffusion_steps: int
+    lower_bound: float
+    upper_bound: float
+    def __init__(self, guidance_scale: _Optional[float] = ..., image_guidance_scale: _Optional[float] = ..., diffusion_steps: _Optional[int] = ..., lower_bound: _Optional[float] = ..., upper_bound: _Optional[float] = ...) -> None: ...
