@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -325,6 +326,10 @@ def main(config: RunConfig) -> Path | None:
     edit_devices(config.edit_device)  # a bad device list fails now, not after the pretraining
     if config.serve_only:
         return serve(config, env)
+    if config.scene:  # the trainer's own scene check, before pretraining: one line, not nerfstudio's traceback
+        with warnings.catch_warnings(action="ignore"):  # nerfstudio's import-time deprecation notes
+            from nerf_trainer.datamanager import require_scene  # here: make serve imports no nerfstudio
+        require_scene(Path(config.scene), "run")
     ensure_lpips_backbone(env, root)
     scene = prepare_scene(config, root)
     name = scene.resolve().name

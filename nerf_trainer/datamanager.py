@@ -10,7 +10,8 @@ and not yet edited views.
 Before nerfstudio reads the scene, `check_scene` looks at it: transforms.json
 readable and with frames, each with a 4x4 pose and the intrinsics nerfstudio
 requires, every image present, readable and of one size. A problem is a
-`SceneError` naming the file, which `ns-train` prints as one line.
+`SceneError` naming the file, which `ns-train` prints as one line (and `make run`,
+through `require_scene`, before it pretrains).
 """
 
 from __future__ import annotations
@@ -164,6 +165,15 @@ def check_scene(data: Path, images: bool = True) -> tuple[int, tuple[int, int] |
                 "in2n needs all images at one size"
             )
     return len(frames), first[1] if first is not None else None
+
+
+def require_scene(data: Path, who: str) -> None:
+    """`check_scene(data)`, or SystemExit with its one line prefixed by `who` (a command's name): what `make run`
+    (in2n_demo/run.py) runs before pretraining, so a bad scene is one line there too, not nerfstudio's traceback."""
+    try:
+        check_scene(Path(data))
+    except SceneError as e:
+        raise SystemExit(f"{who}: {e}") from None
 
 
 class In2nDataManager(VanillaDataManager):

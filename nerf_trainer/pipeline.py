@@ -31,6 +31,7 @@ from in2n_contract import (
 from nerf_trainer.datamanager import In2nDataManagerConfig
 from nerf_trainer.dataset_update import DatasetUpdateSchedule
 from nerf_trainer.model import In2nModelConfig
+from nerf_trainer.progress import edit_status_line
 from nerf_trainer.report import EvolutionRecorder, to_uint8
 from nerf_trainer.servers import EditServers
 from nerf_trainer.update_loop import DatasetUpdate, parse_render_devices
@@ -272,18 +273,15 @@ class In2nPipeline(VanillaPipeline):
             for name, value in metrics.items():
                 writer.put_scalar(name=f"Edits/{name}", scalar=value, step=step)
         if self.config.log_every > 0 and step % self.config.log_every == 0:
-            line = "in2n: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in metrics.items())
-            if len(self.edit_servers.clients) > 1:  # edits per server (per device)
-                line += "; by server: " + ", ".join(
-                    f"{s['address']} ({s['device'] or '?'}) {s['edits_applied']}" for s in self.server_metrics()
-                )
+            # One line whatever the terminal's width; per server too when there are several or one is down.
+            line = edit_status_line(metrics, self.server_metrics())
             workers = self.update.workers()
             if workers:  # views rendered per worker, its state and peak memory
                 line += "; render workers: " + ", ".join(
                     f"{w['device']} {w['views']} ({w['state']}, {w['peak_memory_bytes'] / 2**20:.0f} MiB)"
                     for w in workers
                 )
-            CONSOLE.log(line)
+            CONSOLE.print(line, soft_wrap=True)
 
     def get_train_loss_dict(self, step: int):
         if self.config.edit_mode == "async":
@@ -409,6 +407,7 @@ class In2nPipeline(VanillaPipeline):
 
     def _finish(self, step: int) -> None:
         if self.schedule is not None:
+            CONSOLE.print(edit_status_line(self.edit_metrics(), self.server_metrics()), soft_wrap=True)  # final counts
             CONSOLE.print(f"in2n: {self.edit_metrics()}")
         self.write_report()
         if self.run_dir is not None:

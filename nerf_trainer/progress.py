@@ -7,6 +7,11 @@ iterations. `EditProgressWriter` shows step k of the run's N steps (0 to 100 %),
 and `In2nTrainer.setup` (trainer.py) points the ETA at the run's last step, so the
 ETA is the measured step time times the steps left. A column "Edits applied" holds
 the latest count the pipeline logged.
+
+`edit_status_line` is the pipeline's own status line (every `--pipeline.log-every`
+steps, and once at the end of the run, so a run shorter than that shows its final
+counts too): the edit counters, then, with several servers or when one is down, the
+edits applied by each server, a server that went down marked "down".
 """
 
 from __future__ import annotations
@@ -66,3 +71,17 @@ def start_run_progress(first_step: int, num_steps: int) -> bool:
             w.start(first_step, num_steps)
             found = True
     return found
+
+
+def edit_status_line(metrics: dict[str, float], servers: list[dict]) -> str:
+    """The status line: "in2n: edits applied 3, ...", then "; by server: ADDRESS (DEVICE) APPLIED[ down], ..." when
+    there are several servers or one is not up (`servers`: EditServers.metrics() rows; a "state" of "down" or
+    "connecting" is shown after the count)."""
+    line = "in2n: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in metrics.items())
+    if len(servers) > 1 or any(s.get("state") in ("down", "connecting") for s in servers):
+        line += "; by server: " + ", ".join(
+            f"{s['address']} ({s['device'] or '?'}) {s['edits_applied']}"
+            + (f" {s['state']}" if s.get("state") in ("down", "connecting") else "")
+            for s in servers
+        )
+    return line

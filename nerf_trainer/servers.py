@@ -99,7 +99,8 @@ class EditServers:
         make_sync_client: Callable[[str], object] | None = None,
     ) -> None:
         """make_client(address) -> a started StreamClient (or a stand-in with can_submit, in_flight, submit, poll,
-        close, server_info); make_sync_client(address) -> an EditClient (or a stand-in with edit, close)."""
+        close, server_info, and optionally connected); make_sync_client(address) -> an EditClient (or a stand-in with
+        edit, close)."""
         self.addresses = list(addresses)
         self.max_in_flight = max_in_flight
         self.precision_hint = precision_hint
@@ -113,6 +114,7 @@ class EditServers:
         self.sent: dict[str, int] = {}  # address -> edits sent to it
         self.counts: dict[str, dict[str, int]] = {}  # address -> {"edits_applied": n, "edits_failed": n}
         self.info: dict[str, dict[str, str]] = {}  # address -> backend, device, precision (its first Describe)
+        self.seen_up: set[str] = set()  # addresses whose stream was open at some point (a server that went down was)
         self.defaults: dict[str, dict[str, float] | None] = {}  # address -> its backend's defaults (its Describe)
         self.ignored: dict[str, list[str]] = {}  # address -> request fields its backend ignores (its Describe)
         self._said_defaults: set[str] = set()  # servers whose defaults the trainer has said it uses
@@ -201,6 +203,8 @@ class EditServers:
     def note_describes(self) -> None:
         """Record each server's Describe on its first connection; say once if its precision is not the variant's."""
         for address, client in zip(self.addresses, self.clients):
+            if getattr(client, "connected", False):
+                self.seen_up.add(address)
             info = getattr(client, "server_info", None)  # the StreamClient's latest Describe (None before one)
             if info is not None and address not in self.info:
                 self._note(address, info)
@@ -226,6 +230,18 @@ class EditServers:
         note = precision_mismatch(self.precision_hint, address, info.precision, info.device, info.backend)
         if note is not None:
             CONSOLE.print(note, soft_wrap=True)  # one line, whatever the terminal's width
+
+    def state(self, address: str) -> str:
+        """ "up" (its stream is open), "down" (it was, and is not now: the server died or went away), "connecting"
+        (never reached yet), or "" (no stream client: sync mode, not started, or a stand-in that does not say)."""
+        client = dict(zip(self.addresses, self.clients)).get(address)
+        connected = getattr(client, "connected", None)
+        if connected is None:
+            return ""
+        if connected:
+            self.seen_up.add(address)
+            return "up"
+        return "down" if address in self.seen_up or address in self.info else "connecting"
 
     def edit_settings(self, config, address: str) -> dict[str, float | int]:
         """The edit parameters to send to `address` (`edit_settings` with its backend's defaults, once its Describe
@@ -253,12 +269,15 @@ class EditServers:
 
     def metrics(self) -> list[dict]:
         """Per server: address, the backend, device and precision its Describe reported ("" before it answered),
-        edits sent to it, applied and failed."""
+        its state now (see `state`), edits sent to it, applied and failed."""
         rows = []
         for address in self.addresses:
             info = self.info.get(address, {"backend": "", "device": "", "precision": ""})
             counts = self.counts.get(address, {"edits_applied": 0, "edits_failed": 0})
-            rows.append({"address": address, **info, "edits_sent": self.sent.get(address, 0), **counts})
+            rows.append(
+                {"address": address, **info, "state": self.state(address), "edits_sent": self.sent.get(address, 0),
+                 **counts}
+            )  # fmt: skip
         return rows
 
     def close(self) -> None:

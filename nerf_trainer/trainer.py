@@ -148,12 +148,14 @@ class In2nTrainer(Trainer):
         super().__init__(config, local_rank, world_size)
 
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
-        """nerfstudio's setup; a bad scene or a checkpoint that cannot be resumed ends the run with one line."""
+        """nerfstudio's setup; a bad scene, missing AlexNet weights (the LPIPS loss), a checkpoint that cannot be
+        resumed or whose hash grid another implementation wrote ends the run with one line."""
         from nerf_trainer.datamanager import SceneError
+        from nerf_trainer.model import HashGridMismatch, LpipsWeightsMissing
 
         try:
             super().setup(test_mode)
-        except (SceneError, ResumeError) as e:
+        except (SceneError, ResumeError, LpipsWeightsMissing, HashGridMismatch) as e:
             raise SystemExit(f"in2n: {e}") from None
         start_run_progress(self._start_step, self.config.max_num_iterations)  # the table counts this run's steps
 

@@ -90,6 +90,10 @@ class CappedClient:
     def in_flight(self) -> int:
         return len(self.open)
 
+    @property
+    def connected(self) -> bool:
+        return self.reachable
+
     def can_submit(self) -> bool:
         return self.reachable and len(self.open) < self.cap
 
@@ -141,6 +145,7 @@ def test_the_window_grows_with_the_servers_the_trainer_can_reach(two_server_pipe
     up, down = pipe.edit_servers.clients
     step = run_steps(pipe, 1, 12)
     assert (up.in_flight, down.in_flight, len(pipe.schedule.in_flight)) == (2, 0, 2)
+    assert [row["state"] for row in pipe.server_metrics()] == ["up", "connecting"]  # never reached: not "down"
     # The second server comes up: the window grows to both servers' and both are kept full.
     down.reachable = True
     down.server_info = pb.DescribeResponse(backend="tiny-ip2p", device="cpu", precision="fp32")
@@ -160,6 +165,14 @@ def test_the_window_grows_with_the_servers_the_trainer_can_reach(two_server_pipe
     out = capsys.readouterr().out
     notes = [line for line in out.splitlines() if "runs IP2P in" in line]
     assert len(notes) == 1 and pipe.edit_servers.addresses[1] in notes[0] and "fp32" in notes[0], out
+    # The first server goes away: the status line names it down, with its count; the run's end prints the counts.
+    up.reachable = False
+    step = run_steps(pipe, step, 1)
+    a, b = pipe.edit_servers.addresses
+    assert [rows["state"] for rows in pipe.server_metrics()] == ["down", "up"]
+    pipe._finish(step)  # the end of the run (no run folder: nothing written)
+    (final,) = [line for line in capsys.readouterr().out.splitlines() if "by server:" in line]
+    assert f"{a} (cpu) 2 down" in final and f"{b} (cpu) 2," not in final and final.rstrip().endswith(f"{b} (cpu) 2")
 
 
 # -- a real trainer run against two real servers -------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Bad scenes are refused before training, in one line naming the file: `check_scene` and a real `ns-train` start.
+"""Bad scenes are refused before training, in one line naming the file: `check_scene`, a real `ns-train` start
+and `make run` (python -m in2n_demo.run) before it pretrains.
 
 Each case is a copy of the tiny scene with one thing broken: transforms.json malformed, not
 listing frames, with a pose that is not 4x4 finite numbers, a required intrinsic missing or not a number;
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,23 @@ def test_ns_train_refuses_a_broken_scene_in_one_line_before_training(tiny_scene,
     [line] = [line for line in proc.stderr.splitlines() if line.startswith("in2n:")]
     assert str(culprit) in line and words in line, line
     assert not list((tmp_path / "out").rglob("*.ckpt"))
+
+
+def test_make_run_refuses_a_malformed_transforms_json_before_pretraining(tiny_scene, tmp_path):
+    """`python -m in2n_demo.run --scene <broken>` (make run SCENE=...): the trainer's check runs first, so one line
+    and a non-zero exit, before anything is pretrained or any server started."""
+    from conftest import subprocess_env
+
+    from testing_support import REPO_ROOT, free_port
+
+    scene, culprit, words = broken_copy(tiny_scene, tmp_path, "malformed transforms.json")
+    out = tmp_path / "outputs"
+    cmd = [sys.executable, "-m", "in2n_demo.run", "--scene", str(scene), "--outputs", str(out),
+           "--port", str(free_port()), "--steps", "5", "--pretrain-steps", "5"]  # fmt: skip
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("run: ") and str(culprit) in errors[0], proc.stderr[-3000:]
+    assert words in errors[0], errors[0]
+    assert not out.exists(), "make run went on (pretraining, servers, results) after a broken scene"

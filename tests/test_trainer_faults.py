@@ -2,7 +2,7 @@
 
 One training run, watched through its log lines ("in2n: edits applied N, ..."
 every 10 steps), is the synchronisation: each fault is injected when the log
-shows the state it needs, never after a sleep.
+shows the state it needs, never after a sleep. A killed server is named down there.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def test_training_survives_a_late_server_and_three_server_crashes(pretrained, tr
         for k in range(3):
             at_kill = applied_in(line)
             server.kill()
-            log.wait_for(lambda line: applied_in(line) >= 0)
+            log.wait_for(lambda line: applied_in(line) >= 0 and f"127.0.0.1:{port} (cpu) " in line and "down" in line)
             line = log.wait_for(lambda line: applied_in(line) >= 0)  # a whole logging period without a server
             outages.append((at_kill, applied_in(line)))
             server = EditServerProcess(tmp_path / f"server{k + 2}", backend="palette", port=port).start()
