@@ -74,6 +74,7 @@ def camera_path(cameras: Cameras, num_frames: int, long_side: int, num_keys: int
 def load_run(config_file: Path, device: str = "cpu") -> tuple[TrainerConfig, Pipeline]:
     """A finished nerfstudio run (its config.yml; relative paths in it are taken from the current folder, as
     nerfstudio does) loaded for rendering, with its newest checkpoint."""
+    from nerf_trainer.model import rendering_model_config
     from nerf_trainer.trainer import checkpoint_safe_globals
 
     config_file = Path(config_file)
@@ -89,6 +90,7 @@ def load_run(config_file: Path, device: str = "cpu") -> tuple[TrainerConfig, Pip
         raise FileNotFoundError(f"the run of {config_file} has no checkpoint (nerfstudio_models/step-*.ckpt)")
     if hasattr(config.pipeline, "edit_mode"):
         config.pipeline.edit_mode = "off"  # an in2n run: render only, no server
+    config.pipeline.model = rendering_model_config(config.pipeline.model)  # no LPIPS: no AlexNet's weights needed
     pipeline = config.pipeline.setup(device=device, test_mode="inference")
     pipeline.eval()
     with torch.serialization.safe_globals(checkpoint_safe_globals()):

@@ -31,6 +31,7 @@ import torch
 import torch.multiprocessing  # its tensor reductions (shared memory, CUDA IPC) pass the weights to spawned workers
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from nerf_trainer.model import rendering_model_config
 from nerf_trainer.view_renderer import ViewRenderer
 from nerf_trainer.view_sources import InStepViews, RenderedView, ViewSource
 
@@ -39,11 +40,11 @@ STARTUP_TIMEOUT_S = 600.0
 
 
 def synced_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What a worker's copy takes from the trainer: trainable parameters and every buffer, by name (frozen
-    parameters, e.g. the LPIPS backbone, are loaded identically by both from the same files)."""
+    """What a worker's copy takes from the trainer: trainable parameters and every buffer, by name, except the
+    LPIPS network's (a loss and metric only: workers build their model without it, see `rendering_model_config`)."""
     tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
     tensors.update(dict(model.named_buffers()))
-    return tensors
+    return {name: t for name, t in tensors.items() if not name.startswith("lpips.")}
 
 
 def _sampler(model: torch.nn.Module):
@@ -207,7 +208,7 @@ class WorkerViews(ViewSource):
         self.sync_skipped = 0  # refreshes put off because a worker was reading that copy
         on_cuda = self.snapshot.device.type == "cuda"
         self.spec = WorkerSpec(
-            model_config=config.model, scene_box=dm.train_dataset.scene_box, num_train_data=len(dm.train_dataset),
+            model_config=rendering_model_config(config.model), scene_box=dm.train_dataset.scene_box, num_train_data=len(dm.train_dataset),
             metadata=dm.train_dataset.metadata, cameras=dm.train_dataset.cameras, height=h, width=w,
             chunk_rays=config.render_chunk_rays, threads=torch.get_num_threads(),
             autocast=on_cuda and torch.is_autocast_enabled(), torch_home=update._torch_home,
