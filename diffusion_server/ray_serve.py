@@ -329,7 +329,11 @@ def run(config: RayServeConfig) -> None:
     else:
         # The replicas' log lines come out here too, each prefixed with its process.
         ray.init(num_cpus=config.num_cpus, namespace="serve", runtime_env=_runtime_env(), include_dashboard=False)
-    serve.start(http_options=HTTPOptions(host="0.0.0.0", port=config.http_port), grpc_options=grpc_options(config.port))
+    # Ray's HTTP proxy serves nothing of this application, but Ray 2.60 starts the gRPC proxy only beside it:
+    # it listens on this machine alone.
+    serve.start(
+        http_options=HTTPOptions(host="127.0.0.1", port=config.http_port), grpc_options=grpc_options(config.port)
+    )
     serve.run(build_app(config), name=APP_NAME)
     if config.port_file is not None:
         from diffusion_server.server import write_port_file
