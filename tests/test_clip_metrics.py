@@ -140,3 +140,32 @@ def test_a_missing_model_is_a_one_line_error_naming_it(tmp_path, monkeypatch):
         run_metrics(ClipMetricsConfig(pretrained=tmp_path / "a.yml", edited=tmp_path / "b.yml", frames=1))
     with pytest.raises(ValueError, match="--caption-edited"):
         run_metrics(ClipMetricsConfig(pretrained=tmp_path / "a.yml", edited=tmp_path / "b.yml", caption_original="x"))
+
+
+def test_make_runs_last_step_skips_without_the_model_and_writes_the_figures_with_it(
+    pretrained, trainer_env, tiny_clip_dir, tmp_path, capsys
+):
+    """in2n_demo/run.py's clip_figures: one line when the model is absent; with it, the command's figures printed
+    and metrics.json in the edit run's edit_report/ and the results folder (the pretrained run stands in for the
+    edit: its config.yml copied to a fresh run folder, the checkpoint found through it)."""
+    import shutil
+
+    from in2n_demo.run import RunConfig, clip_figures
+
+    edited = tmp_path / "edit" / "config.yml"
+    edited.parent.mkdir()
+    shutil.copy(pretrained.parent / "config.yml", edited)
+    results = tmp_path / "results"
+    results.mkdir()
+    absent = RunConfig(clip_model=str(tmp_path / "no-clip"))
+    assert clip_figures(absent, pretrained.parent / "config.yml", edited, results, trainer_env) is None
+    [line] = capsys.readouterr().out.strip().splitlines()
+    assert "skipped the CLIP direction metrics" in line and "no-clip" in line
+    config = RunConfig(clip_model=tiny_clip_dir, video_frames=3, video_long_side=32, caption_original="a scene",
+                       caption_edited="a red scene")  # fmt: skip
+    written = clip_figures(config, pretrained.parent / "config.yml", edited, results, trainer_env)
+    assert written == results / "metrics.json"
+    metrics = json.loads(written.read_text())
+    assert metrics == json.loads((edited.parent / "edit_report" / "metrics.json").read_text())
+    assert metrics["frames"] == 3 and metrics["captions"]["edited"] == "a red scene"
+    assert metrics["direction_consistency"]["value"] == pytest.approx(1.0, abs=1e-6)  # no edit: steps agree
