@@ -40,6 +40,10 @@ EDIT_DEVICE ?= cpu
 RENDER ?= auto
 PORT ?= 50051
 VIDEO_FRAMES ?= 60
+# Captions for the CLIP direction similarity at the end of make run (both or neither; CLIP_MODEL from the HF cache).
+CAPTION_ORIGINAL ?=
+CAPTION_EDITED ?=
+CLIP_MODEL ?= openai/clip-vit-large-patch14
 # make serve-ray parameters
 REPLICAS ?= 1
 GPUS_PER_REPLICA ?= 0
@@ -112,7 +116,8 @@ test-all: setup check-protos lint
 run: setup-trainer
 	$(PY) -m in2n_demo.run --scene "$(SCENE)" --instruction "$(INSTRUCTION)" --backend $(BACKEND) \
 	  --model "$(MODEL)" --steps $(STEPS) --pretrain-steps $(PRETRAIN_STEPS) --train-device $(TRAIN_DEVICE) \
-	  --edit-device $(EDIT_DEVICE) --port $(PORT) --method $(METHOD) --video-frames $(VIDEO_FRAMES) --render $(RENDER)
+	  --edit-device $(EDIT_DEVICE) --port $(PORT) --method $(METHOD) --video-frames $(VIDEO_FRAMES) --render $(RENDER) \
+	  --caption-original "$(CAPTION_ORIGINAL)" --caption-edited "$(CAPTION_EDITED)" --clip-model "$(CLIP_MODEL)"
 
 # The diffusion server(s) of make run alone, in the foreground: one per EDIT_DEVICE, METHOD's precision.
 serve: setup-trainer

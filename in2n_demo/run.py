@@ -12,7 +12,9 @@
 5. the results, copied to outputs/<scene>/<time>/: before/after renders of a few
    views and the dataset-evolution sheet; the servers are stopped;
 6. a before | after video (pretrained | edited NeRF along a path through the training
-   cameras, nerf_trainer/video.py) and its animated preview, in the same folder.
+   cameras, nerf_trainer/video.py) and its animated preview, in the same folder;
+7. the CLIP direction metrics along the video's path (nerf_trainer/clip_metrics.py) into
+   metrics.json, when the CLIP model is on this machine (else one line saying it skipped them).
 
     python -m in2n_demo.run --instruction "make it sepia" --method in2n-small --edit-device cpu,cpu
     python -m in2n_demo.run --serve-only --edit-device cuda:1,cuda:2   # make serve: the servers alone
@@ -95,6 +97,13 @@ class RunConfig:
     """Frames of the before | after video made at the end (0: no video)."""
     video_long_side: int = 256
     """Pixels on the longer side of each half of the video's frames."""
+    caption_original: str = ""
+    """Caption of the original scene for the CLIP direction similarity at the end (with caption_edited; empty:
+    only the direction consistency is computed)."""
+    caption_edited: str = ""
+    """Caption of the edited scene for the CLIP direction similarity at the end (with caption_original)."""
+    clip_model: str = "openai/clip-vit-large-patch14"
+    """CLIP model of the direction metrics at the end (HF cache or local folder; absent: the step is skipped)."""
     serve_only: bool = False
     """Only start the servers (backend, model, precision of `method`, edit devices, ports) and wait (make serve)."""
 
@@ -345,11 +354,13 @@ def main(config: RunConfig) -> Path | None:
     edit(config, backend, instruction, load_dir, scene, name, stamp, run_dir, env, server_env)
     edit_run = collect_results(config, name, stamp, run_dir)
     video = make_video(config, load_dir.parent / "config.yml", edit_run / "config.yml", run_dir, env)
+    metrics = clip_figures(config, load_dir.parent / "config.yml", edit_run / "config.yml", run_dir, env)
     banner(
         f"done: {instruction!r} on {name} with {backend}\n"
         f"  evolution sheet (original | edits over time | final render): {run_dir / 'evolution.png'}\n"
         f"  before/after renders: {run_dir / 'before_after.png'} and {run_dir}/view_*_{{before,after}}.png\n"
         + (f"  before | after video: {video} (preview: {video.with_suffix('.webp')})\n" if video else "")
+        + (f"  CLIP direction metrics: {metrics}\n" if metrics else "")
         + f"  edited NeRF (nerfstudio run, e.g. for ns-viewer / ns-render): {edit_run}"
     )
     return run_dir
@@ -440,6 +451,29 @@ def make_video(config: RunConfig, pretrained: Path, edited: Path, run_dir: Path,
          "--output", str(video), "--preview", str(video.with_suffix(".webp")), "--frames", str(config.video_frames),
          "--long-side", str(config.video_long_side), "--device", "cpu" if config.train_device == "cpu" else "cuda"], env)  # fmt: skip
     return video
+
+
+def clip_figures(config: RunConfig, pretrained: Path, edited: Path, run_dir: Path, env: dict) -> Path | None:
+    """Step 7: the CLIP direction metrics (python -m nerf_trainer.clip_metrics) into the edit run's
+    edit_report/metrics.json and run_dir/metrics.json, when the CLIP model is on this machine; None otherwise."""
+    from nerf_trainer.clip_metrics import clip_model_available
+
+    if not clip_model_available(config.clip_model):
+        print(f"run: skipped the CLIP direction metrics: {config.clip_model} is not on this machine "
+              f"(hf download {config.clip_model}, then: python -m nerf_trainer.clip_metrics --pretrained "
+              f"{pretrained} --edited {edited})", flush=True)  # fmt: skip
+        return None
+    if bool(config.caption_original) != bool(config.caption_edited):
+        raise SystemExit("run: CAPTION_ORIGINAL and CAPTION_EDITED go together (give both or neither)")
+    banner(f"CLIP direction metrics with {config.clip_model}")
+    captions = ["--caption-original", config.caption_original, "--caption-edited", config.caption_edited]
+    run([sys.executable, "-m", "nerf_trainer.clip_metrics", "--pretrained", str(pretrained), "--edited", str(edited),
+         "--clip-model", config.clip_model, "--device", "cpu" if config.train_device == "cpu" else "cuda",
+         "--frames", str(config.video_frames or 30), "--long-side", str(config.video_long_side),  # the video's path
+         *(captions if config.caption_original else [])], env)  # fmt: skip
+    metrics = edited.parent / "edit_report" / "metrics.json"
+    shutil.copy(metrics, run_dir / "metrics.json")
+    return run_dir / "metrics.json"
 
 
 def serve(config: RunConfig, env: dict) -> None:
