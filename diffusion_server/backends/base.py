@@ -8,6 +8,7 @@ nothing of gRPC: the service validates requests, decodes images and calls
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ from in2n_contract import (
     DEFAULT_UPPER_BOUND,
     EditParams,
 )
+
+_log = logging.getLogger(__name__)
 
 
 class EditRejected(ValueError):
@@ -93,7 +96,8 @@ class EditBackend(abc.ABC):
     """Base class of all editing backends.
 
     Batching is optional: a backend that can run several edits at once sets `supports_batching = True`
-    and overrides `edit_batch`; the others are called one edit at a time.
+    and overrides `edit_batch` (or derives from `GroupedBatchBackend`, which batches edits that can share one model
+    call); the others are called one edit at a time.
 
     Images come as float32 in [0, 1] unless the backend sets `accepts_uint8 = True`: it then gets
     the images of a uint8 request as they travelled (uint8 in 0..255, read-only views of the request's
@@ -139,3 +143,65 @@ class EditBackend(abc.ABC):
             except Exception as e:  # noqa: BLE001 - reported per item
                 results.append(e)
         return results
+
+
+class GroupedBatchBackend(EditBackend):
+    """A backend that batches edits which can share one model call (same working size and step count).
+
+    Subclasses give `_prepare(item)` (checks and inputs of one edit; an exception fails that edit alone),
+    `_group_key(prepared)` and `_run_group(prepared list)` (one result per edit, in order). A group that fails
+    as a whole (e.g. out of memory) is run again one edit at a time, so that each edit gets its own outcome.
+    """
+
+    supports_batching = True
+
+    def edit(self, render: np.ndarray, original: np.ndarray, params: EditParams) -> EditResult:
+        result = self.edit_batch([EditItem(render, original, params)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @abc.abstractmethod
+    def _prepare(self, item: EditItem) -> object:
+        """What one edit needs before its group runs; raise to fail this edit alone."""
+
+    @abc.abstractmethod
+    def _group_key(self, prepared: object) -> Hashable:
+        """Edits with equal keys run in one batch."""
+
+    @abc.abstractmethod
+    def _run_group(self, prepared: list) -> Sequence[EditResult | Exception]:
+        """Run one batch; one result per edit, in order."""
+
+    def edit_batch(self, items: Sequence[EditItem]) -> list[EditResult | Exception]:
+        results: list[EditResult | Exception | None] = [None] * len(items)
+        groups: dict[Hashable, list[tuple[int, object]]] = {}  # insertion-ordered: first come, first run
+        for i, item in enumerate(items):
+            try:
+                prepared = self._prepare(item)
+            except Exception as e:  # noqa: BLE001 - reported for this edit only
+                results[i] = e
+                continue
+            groups.setdefault(self._group_key(prepared), []).append((i, prepared))
+        for members in groups.values():
+            outs = self._run_members([p for _, p in members])
+            for (i, _), out in zip(members, outs):
+                results[i] = out
+        return results  # type: ignore[return-value]
+
+    def _run_members(self, members: list) -> list[EditResult | Exception]:
+        try:
+            return list(self._run_group(members))
+        except Exception as e:  # noqa: BLE001 - a whole batch failed: see below
+            if len(members) == 1 or isinstance(e, EditCancelled):
+                return [e] * len(members)
+            _log.warning(
+                "batch of %d edits failed (%s: %s); running them one by one", len(members), type(e).__name__, e
+            )
+        outs: list[EditResult | Exception] = []
+        for p in members:
+            try:
+                outs.append(self._run_group([p])[0])
+            except Exception as e1:  # noqa: BLE001 - reported for this edit only
+                outs.append(e1)
+        return outs

@@ -48,7 +48,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from . import DEFAULT_FLUX_KONTEXT_MODEL, resolve_device, resolve_precision
-from .base import BackendInfo, EditBackend, EditCancelled, EditItem, EditParams, EditResult
+from .base import BackendInfo, EditBackend, EditCancelled, EditItem, EditParams, EditResult, GroupedBatchBackend
 from .ip2p import (
     _LOAD_ERRORS,
     PRECISIONS,
@@ -150,12 +150,11 @@ class _Prepared:
     steps: int
 
 
-class FluxKontextBackend(EditBackend):
+class FluxKontextBackend(GroupedBatchBackend):
     """FLUX.1 Kontext, the render noised to a start level and denoised with the original as context."""
 
     DEFAULT_MODEL = DEFAULT_FLUX_KONTEXT_MODEL
     name = "flux-kontext"
-    supports_batching = True
     default_max_batch = 4
     accepts_uint8 = True
 
@@ -301,42 +300,12 @@ class FluxKontextBackend(EditBackend):
             ignored_fields=list(IGNORED_FIELDS),
         )
 
-    def edit(self, render: np.ndarray, original: np.ndarray, params: EditParams) -> EditResult:
-        result = self.edit_batch([EditItem(render, original, params)])[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
-
     @torch.inference_mode()
     def edit_batch(self, items: Sequence[EditItem]) -> list[EditResult | Exception]:
-        results: list[EditResult | Exception | None] = [None] * len(items)
-        groups: OrderedDict[tuple[int, int, int], list[tuple[int, _Prepared]]] = OrderedDict()
-        for i, item in enumerate(items):
-            try:
-                p = self._prepare(item)
-            except Exception as e:  # noqa: BLE001 - reported for this edit only
-                results[i] = e
-                continue
-            groups.setdefault((p.h, p.w, p.steps), []).append((i, p))
-        for members in groups.values():
-            try:
-                outs: list[EditResult | Exception] = list(self._run_group([p for _, p in members]))
-            except Exception as e:  # noqa: BLE001
-                if len(members) == 1 or isinstance(e, EditCancelled):
-                    outs = [e] * len(members)
-                else:  # e.g. out of memory: each edit alone
-                    logger.warning(
-                        "batch of %d edits failed (%s: %s); running them one by one", len(members), type(e).__name__, e
-                    )
-                    outs = []
-                    for _, p in members:
-                        try:
-                            outs.append(self._run_group([p])[0])
-                        except Exception as e1:  # noqa: BLE001
-                            outs.append(e1)
-            for (i, _), out in zip(members, outs):
-                results[i] = out
-        return results  # type: ignore[return-value]
+        return super().edit_batch(items)
+
+    def _group_key(self, p: _Prepared) -> tuple[int, int, int]:
+        return (p.h, p.w, p.steps)
 
     # ------------------------------------------------------------------ the edit
     def model_size(self, H: int, W: int) -> tuple[int, int]:

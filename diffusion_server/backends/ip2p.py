@@ -55,7 +55,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import DEFAULT_IP2P_MODEL, resolve_device, resolve_precision
-from .base import BackendInfo, EditBackend, EditCancelled, EditItem, EditParams, EditResult
+from .base import BackendInfo, EditBackend, EditCancelled, EditItem, EditParams, EditResult, GroupedBatchBackend
 
 try:  # not an OSError in huggingface_hub >= 1.0
     from huggingface_hub.errors import EntryNotFoundError as _EntryNotFound
@@ -125,12 +125,11 @@ class _Prepared:
     steps: int
 
 
-class Ip2pBackend(EditBackend):
+class Ip2pBackend(GroupedBatchBackend):
     """InstructPix2Pix with DDIM, Instruct-NeRF2NeRF style (edits start from the noised render)."""
 
     DEFAULT_MODEL = DEFAULT_IP2P_MODEL
     name = "ip2p"
-    supports_batching = True
     default_max_batch = 8  # --max-batch when not given: what is queued, up to 8 edits, runs as one batch
     accepts_uint8 = True  # uint8 images go to the device as they are and are converted there
 
@@ -262,42 +261,12 @@ class Ip2pBackend(EditBackend):
     def info(self) -> BackendInfo:
         return BackendInfo(model=self.model, device=str(self.device), precision=self.precision)
 
-    def edit(self, render: np.ndarray, original: np.ndarray, params: EditParams) -> EditResult:
-        result = self.edit_batch([EditItem(render, original, params)])[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
-
     @torch.inference_mode()
     def edit_batch(self, items: Sequence[EditItem]) -> list[EditResult | Exception]:
-        results: list[EditResult | Exception | None] = [None] * len(items)
-        groups: OrderedDict[tuple[int, int, int], list[tuple[int, _Prepared]]] = OrderedDict()
-        for i, item in enumerate(items):
-            try:
-                p = self._prepare(item)
-            except Exception as e:  # noqa: BLE001 - reported for this edit only
-                results[i] = e
-                continue
-            groups.setdefault((p.h8, p.w8, p.steps), []).append((i, p))
-        for members in groups.values():
-            try:
-                outs: list[EditResult | Exception] = list(self._run_group([p for _, p in members]))
-            except Exception as e:  # noqa: BLE001
-                if len(members) == 1 or isinstance(e, EditCancelled):
-                    outs = [e] * len(members)
-                else:  # e.g. out of memory: each edit alone
-                    logger.warning(
-                        "batch of %d edits failed (%s: %s); running them one by one", len(members), type(e).__name__, e
-                    )
-                    outs = []
-                    for _, p in members:
-                        try:
-                            outs.append(self._run_group([p])[0])
-                        except Exception as e1:  # noqa: BLE001
-                            outs.append(e1)
-            for (i, _), out in zip(members, outs):
-                results[i] = out
-        return results  # type: ignore[return-value]
+        return super().edit_batch(items)
+
+    def _group_key(self, p: _Prepared) -> tuple[int, int, int]:
+        return (p.h8, p.w8, p.steps)
 
     def _draw_timestep(self, gen: torch.Generator, params: EditParams) -> tuple[int, int]:
         """(T, steps): T from `gen` (its first draw), steps = min(diffusion_steps, T)."""
