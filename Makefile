@@ -39,6 +39,8 @@ EDIT_DEVICE ?= cpu
 # Where the views to edit are rendered: auto (render workers when an edit device is not TRAIN_DEVICE), trainer, workers.
 RENDER ?= auto
 PORT ?= 50051
+# More ns-train arguments for the edit run, appended last, e.g. TRAIN_ARGS="--pipeline.guidance-scale 9".
+TRAIN_ARGS ?=
 VIDEO_FRAMES ?= 60
 # Captions for the CLIP direction similarity at the end of make run (both or neither; CLIP_MODEL from the HF cache).
 CAPTION_ORIGINAL ?=
@@ -117,7 +119,8 @@ run: setup-trainer
 	$(PY) -m in2n_demo.run --scene "$(SCENE)" --instruction "$(INSTRUCTION)" --backend $(BACKEND) \
 	  --model "$(MODEL)" --steps $(STEPS) --pretrain-steps $(PRETRAIN_STEPS) --train-device $(TRAIN_DEVICE) \
 	  --edit-device $(EDIT_DEVICE) --port $(PORT) --method $(METHOD) --video-frames $(VIDEO_FRAMES) --render $(RENDER) \
-	  --caption-original "$(CAPTION_ORIGINAL)" --caption-edited "$(CAPTION_EDITED)" --clip-model "$(CLIP_MODEL)"
+	  --caption-original "$(CAPTION_ORIGINAL)" --caption-edited "$(CAPTION_EDITED)" --clip-model "$(CLIP_MODEL)" \
+	  --train-args="$(TRAIN_ARGS)"
 
 # The diffusion server(s) of make run alone, in the foreground: one per EDIT_DEVICE, METHOD's precision.
 serve: setup-trainer

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -104,6 +105,9 @@ class RunConfig:
     """Caption of the edited scene for the CLIP direction similarity at the end (with caption_original)."""
     clip_model: str = "openai/clip-vit-large-patch14"
     """CLIP model of the direction metrics at the end (HF cache or local folder; absent: the step is skipped)."""
+    train_args: str = ""
+    """More ns-train arguments for the edit run, appended last (so they override make run's own), as one
+    shell-quoted string, e.g. "--pipeline.guidance-scale 9 --pipeline.edit-mode sync"."""
     serve_only: bool = False
     """Only start the servers (backend, model, precision of `method`, edit devices, ports) and wait (make serve)."""
 
@@ -223,7 +227,16 @@ def edit_command(config: RunConfig, load_dir: Path, scene: Path, name: str, stam
             "--vis", "tensorboard", "--max-num-iterations", str(config.steps),
             "--steps-per-eval-image", "1000000", "--steps-per-eval-batch", "1000000",
             "--pipeline.edit-server", ",".join(addresses), "--pipeline.instruction", instruction,
-            "--pipeline.edit-rate", "1", "--pipeline.max-in-flight", "2", *device_args, *cpu_args, *render_args]  # fmt: skip
+            "--pipeline.edit-rate", "1", "--pipeline.max-in-flight", "2", *device_args, *cpu_args, *render_args,
+            *train_args(config)]  # fmt: skip
+
+
+def train_args(config: RunConfig) -> list[str]:
+    """--train-args as a list (shell quoting); unbalanced quotes fail in one line."""
+    try:
+        return shlex.split(config.train_args)
+    except ValueError as e:
+        raise SystemExit(f"run: --train-args (TRAIN_ARGS) is not a valid argument list: {e}") from None
 
 
 def resolve_backend(config: RunConfig) -> str:
@@ -333,6 +346,7 @@ def main(config: RunConfig) -> Path | None:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("PYTHONWARNINGS", "ignore")  # nerfstudio/torch deprecation noise would bury the progress display
     edit_devices(config.edit_device)  # a bad device list fails now, not after the pretraining
+    train_args(config)  # and bad quoting
     if config.serve_only:
         return serve(config, env)
     if config.scene:  # the trainer's own scene check, before pretraining: one line, not nerfstudio's traceback

@@ -124,6 +124,25 @@ def test_on_the_cpu_the_edit_command_trains_the_method_with_small_batches(method
     assert cmd[cmd.index("--pipeline.datamanager.train-num-rays-per-batch") + 1] == rays  # LPIPS: whole 32x32 patches
 
 
+def test_train_args_reach_ns_train_last_so_they_override_make_runs_own():
+    from in2n_demo.run import RunConfig, edit_command
+
+    run = make_dry_run("run", "TRAIN_ARGS=--pipeline.edit-rate 5 --pipeline.instruction 'a b'")
+    assert "--train-args=\"--pipeline.edit-rate 5 --pipeline.instruction 'a b'\"" in run, run
+    config = RunConfig(train_args="--pipeline.edit-rate 5 --pipeline.instruction 'a b'")
+    cmd = edit_command(config, Path("load"), Path("scene"), "demo", "t", "make it sepia", ["a:1"])
+    assert cmd[-4:] == ["--pipeline.edit-rate", "5", "--pipeline.instruction", "a b"]
+    assert cmd.index("--pipeline.edit-rate") < len(cmd) - 4  # make run's own edit rate comes first: the user's wins
+
+
+def test_train_args_with_bad_quoting_are_refused_before_anything_runs(tmp_path):
+    from in2n_demo.run import RunConfig, main
+
+    with pytest.raises(SystemExit, match="--train-args"):
+        main(RunConfig(train_args="--pipeline.instruction 'unclosed", outputs=tmp_path / "outputs"))
+    assert not (tmp_path / "outputs").exists()
+
+
 @pytest.mark.parametrize("bad", ["gpu1", "cuda:x", "cpu,", "", "cuda:1;cuda:2"])
 def test_a_bad_edit_device_list_is_refused_naming_it(bad):
     from in2n_demo.run import edit_devices
@@ -187,7 +206,9 @@ def test_make_run_in2n_small_starts_its_server_in_its_precision_and_trains_that_
     """`python -m in2n_demo.run --method in2n-small --backend tiny-ip2p` (make run METHOD=in2n-small), for real,
     reusing the session's pretrained nerfacto: the server runs the variant's half precision for the CPU (bf16,
     in its command and its own banner), ns-train trains in2n-small (its run's config.yml), edits come back and
-    are applied (the results' edit_stats.json), and the trainer does not call bf16 a mismatch for in2n-small."""
+    are applied (the results' edit_stats.json), and the trainer does not call bf16 a mismatch for in2n-small.
+    Sync mode (through --train-args) makes the trainer wait for its edits: a bf16 edit takes seconds on a CPU
+    without bf16 instructions, longer than the whole run, and async training would end before any came back."""
     import yaml
 
     # make run finds a pretrained nerfacto under outputs/pretrain/<scene>/nerfacto/<run>/nerfstudio_models
@@ -198,7 +219,8 @@ def test_make_run_in2n_small_starts_its_server_in_its_precision_and_trains_that_
     port = free_port()
     cmd = [sys.executable, "-m", "in2n_demo.run", "--method", "in2n-small", "--backend", "tiny-ip2p",
            "--scene", str(tiny_scene), "--outputs", str(tmp_path / "outputs"), "--steps", "24", "--port", str(port),
-           "--instruction", "make it sepia", "--video-frames", "4", "--video-long-side", "32"]  # fmt: skip
+           "--instruction", "make it sepia", "--video-frames", "4", "--video-long-side", "32",
+           "--train-args=--pipeline.edit-mode sync --pipeline.edit-rate 12 --pipeline.diffusion-steps 4"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=trainer_env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -213,6 +235,7 @@ def test_make_run_in2n_small_starts_its_server_in_its_precision_and_trains_that_
     config = yaml.load(config_file.read_text(), Loader=yaml.Loader)
     assert config.method_name == "in2n-small" and config.pipeline.server_precision_hint == "fp16"
     assert config.pipeline.model.use_lpips and config.pipeline.edit_server == f"127.0.0.1:{port}"
+    assert config.pipeline.edit_mode == "sync" and config.pipeline.diffusion_steps == 4  # --train-args reached it
     stats = json.loads((results / "edit_stats.json").read_text())
     assert stats["edits_applied"] >= 1, stats
     assert [row["precision"] for row in stats["servers"]] == ["bf16"]
