@@ -7,7 +7,8 @@ It passes exactly through each key camera. The intrinsics are the first camera's
 longer side has `long_side` pixels (a NeRF renders at any resolution).
 
 `load_run` loads a finished nerfstudio run (its `config.yml` and newest checkpoint) for rendering only;
-`render_path` renders a model along the path. The video (nerf_trainer/video.py) and the CLIP metrics both
+`render_path` renders a model along the path, in cache-sized chunks on the CPU and, when asked, with its torch
+hash grids compiled (the same pixels, 2.5x faster there). The video (nerf_trainer/video.py) and the CLIP metrics both
 render through these.
 """
 
@@ -104,18 +105,90 @@ def training_cameras(pipeline: Pipeline) -> Cameras:
     return pipeline.datamanager.train_dataparser_outputs.cameras
 
 
+CPU_CHUNK_RAYS = 1024
+"""Rays per model call when rendering on the CPU: a chunk's samples stay in the cache (on the 2-core CPU a 256 px
+frame of the demo's nerfacto took 28 s at nerfacto's 32768 rays a call, 10 s at 1024)."""
+
+
+def compile_hash_grids(model: torch.nn.Module) -> Callable[[], None] | None:
+    """torch.compile the forward of every hash grid of `model` that runs nerfstudio's torch implementation (its
+    elementwise hashing, gathers and trilinear weights fuse into one loop: 2.5x faster rendering on the CPU, the
+    same pixels). Returns a function that puts the uncompiled forwards back, or None when there was nothing to
+    compile (tiny-cuda-nn's grids are fused already)."""
+    from nerfstudio.field_components.encodings import HashEncoding
+
+    grids = [m for m in model.modules() if isinstance(m, HashEncoding) and m.tcnn_encoding is None]
+    for grid in grids:
+        grid.pytorch_fwd = torch.compile(grid.pytorch_fwd)
+    if not grids:
+        return None
+
+    def restore() -> None:
+        for grid in grids:
+            del grid.pytorch_fwd  # the instance attribute: the class's own method shows through again
+        torch._dynamo.reset()  # the next model's grids start with dynamo's whole recompile allowance
+
+    return restore
+
+
 @torch.no_grad()
-def render_path(pipeline: Pipeline, path: Cameras, on_frame: Callable[[int], None] | None = None) -> list[np.ndarray]:
-    """[H, W, 3] uint8 frames of `pipeline`'s model along `path`; `on_frame(i)` after each."""
+def render_path(
+    pipeline: Pipeline,
+    path: Cameras,
+    on_frame: Callable[[int], None] | None = None,
+    chunk_rays: int = 0,
+    compile: bool = False,
+) -> list[np.ndarray]:
+    """[H, W, 3] uint8 frames of `pipeline`'s model along `path`; `on_frame(i)` after each. `chunk_rays`: rays per
+    model call (0: CPU_CHUNK_RAYS on the CPU, the run's eval_num_rays_per_chunk elsewhere). `compile`: compile the
+    torch hash grids first (compile_hash_grids); when compiling fails (no C++ compiler, say), one line says so and
+    the frames render uncompiled."""
     model = pipeline.model
+    if chunk_rays < 0:
+        raise ValueError(f"chunk_rays must be >= 0, got {chunk_rays}")
+    chunk_rays = chunk_rays or (CPU_CHUNK_RAYS if model.device.type == "cpu" else model.config.eval_num_rays_per_chunk)
+    own_chunk, model.config.eval_num_rays_per_chunk = model.config.eval_num_rays_per_chunk, chunk_rays
+    restore = compile_hash_grids(model) if compile else None
     frames = []
-    for i in range(path.shape[0]):
-        camera = path[i : i + 1].to(model.device)
-        rgb = model.get_outputs_for_camera(camera)["rgb"]  # [H, W, 3] float
-        frames.append((rgb.clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8))
-        if on_frame is not None:
-            on_frame(i)
+    try:
+        for i in range(path.shape[0]):
+            camera = path[i : i + 1].to(model.device)
+            try:
+                rgb = model.get_outputs_for_camera(camera)["rgb"]  # [H, W, 3] float
+            except Exception as e:  # a failed compile, on the first frame only: render uncompiled
+                if restore is None or i > 0:
+                    raise
+                restore()
+                restore = None
+                reason = (str(e).strip().splitlines() or [""])[0][:200]
+                print(f"render: compiling the hash grid failed ({type(e).__name__}: {reason}); rendering uncompiled")
+                rgb = model.get_outputs_for_camera(camera)["rgb"]
+            frames.append((rgb.clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8))
+            if on_frame is not None:
+                on_frame(i)
+    finally:
+        model.config.eval_num_rays_per_chunk = own_chunk
+        if restore is not None:
+            restore()
     return frames
+
+
+def render_runs(pretrained: Path, edited: Path, frames: int, long_side: int, device: str, names: tuple[str, str],
+                chunk_rays: int = 0, compile: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:  # fmt: skip
+    """Frames of two finished runs (config.yml each) along one path through the first's training cameras, one NeRF
+    in memory at a time, a progress bar per run (`names`); the rest as render_path."""
+    from tqdm import tqdm
+
+    _, first = load_run(pretrained, device)
+    path = camera_path(training_cameras(first), frames, long_side)
+    halves = []
+    for name, config_file in zip(names, (None, edited)):
+        pipeline = first if config_file is None else load_run(config_file, device)[1]
+        first = None  # the pretrained run goes once it has rendered
+        with tqdm(total=frames, desc=f"rendering {name}", unit="frame") as bar:
+            halves.append(render_path(pipeline, path, lambda _i: bar.update(1), chunk_rays, compile))
+        del pipeline
+    return halves[0], halves[1]
 
 
 def default_device() -> str:

@@ -50,6 +50,10 @@ class ClipMetricsConfig:
     """metrics.json to write (None: edit_report/metrics.json in the edited run's folder)."""
     device: str = "cpu"
     """Device to render and embed on: cpu, cuda or cuda:N."""
+    chunk_rays: int = 0
+    """Rays per model call (0: 1024 on the CPU, the run's own eval_num_rays_per_chunk on a GPU), as the video's."""
+    compile: bool = True
+    """Compile the NeRFs' torch hash grids before rendering (the same pixels, faster), as the video does."""
 
 
 class ClipModelMissing(FileNotFoundError):
@@ -152,25 +156,15 @@ def compute_metrics(clip, processor, originals: list[np.ndarray], edits: list[np
 
 def run_metrics(config: ClipMetricsConfig) -> tuple[dict, Path]:
     """Render both runs along the path (a progress bar per run), compute and write metrics.json."""
-    from tqdm import tqdm
-
-    from nerf_trainer.camera_path import camera_path, load_run, render_path, training_cameras
+    from nerf_trainer.camera_path import render_runs
 
     if not 2 <= config.frames <= 10000:
         raise ValueError(f"--frames must be in [2, 10000], got {config.frames}")
     if (config.caption_original is None) != (config.caption_edited is None):
         raise ValueError("--caption-original and --caption-edited go together (give both or neither)")
     clip, processor = load_clip(config.clip_model, config.device)  # fails before any rendering when absent
-    _, pretrained = load_run(config.pretrained, config.device)
-    path = camera_path(training_cameras(pretrained), config.frames, config.long_side)
-    renders = []
-    for name, pipeline in (("original", pretrained), ("edited", None)):
-        if pipeline is None:
-            del pretrained  # one NeRF in memory at a time
-            _, pipeline = load_run(config.edited, config.device)
-        with tqdm(total=config.frames, desc=f"rendering {name}", unit="frame") as bar:
-            renders.append(render_path(pipeline, path, on_frame=lambda _i: bar.update(1)))
-        del pipeline
+    renders = render_runs(config.pretrained, config.edited, config.frames, config.long_side, config.device,
+                          ("original", "edited"), config.chunk_rays, config.compile)  # fmt: skip
     metrics = compute_metrics(clip, processor, *renders, config.caption_original, config.caption_edited)
     metrics.update(clip_model=config.clip_model, pretrained=str(config.pretrained), edited=str(config.edited))
     output = config.output or config.edited.parent / "edit_report" / "metrics.json"

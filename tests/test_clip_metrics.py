@@ -110,7 +110,8 @@ def test_a_rendered_run_against_itself_and_against_a_recolouring(
     config_file = pretrained.parent / "config.yml"
     out = tmp_path / "metrics.json"
     config = ClipMetricsConfig(pretrained=config_file, edited=config_file, caption_original="a scene",
-                               caption_edited="a red scene", clip_model=tiny_clip_dir, frames=4, long_side=32, output=out)  # fmt: skip
+                               caption_edited="a red scene", clip_model=tiny_clip_dir, frames=4, long_side=32, output=out,
+                               compile=False)  # fmt: skip
     metrics, written = run_metrics(config)
     assert written == out and json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(c)) == metrics
     assert metrics["direction_similarity"]["value"] is None  # no edit: no image direction

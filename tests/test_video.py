@@ -45,8 +45,16 @@ def test_the_video_is_h264_of_side_by_side_frames_and_the_preview_animates(pretr
     from nerf_trainer.video import GAP, VideoConfig, make_video
 
     config_file = pretrained.parent / "config.yml"
-    config = VideoConfig(pretrained=config_file, edited=config_file, output=tmp_path / "v.mp4",
-                         preview=tmp_path / "v.webp", frames=6, long_side=32, fps=12)  # fmt: skip
+    config = VideoConfig(
+        pretrained=config_file,
+        edited=config_file,
+        output=tmp_path / "v.mp4",
+        preview=tmp_path / "v.webp",
+        frames=6,
+        long_side=32,
+        fps=12,
+        compile=False,
+    )  # fmt: skip  (the compiled render: its own test below)
     make_video(config)
     with av.open(str(config.output)) as container:
         stream = container.streams.video[0]
@@ -59,6 +67,38 @@ def test_the_video_is_h264_of_side_by_side_frames_and_the_preview_animates(pretr
     assert left.std() > 2  # a render, not a flat frame
     preview = Image.open(config.preview)
     assert preview.n_frames == 6 and preview.size == ((2 * 32 + GAP) // 2, 16)
+
+
+def test_compiled_chunked_frames_are_the_same_pixels_and_a_failed_compile_renders_uncompiled(
+    pretrained, planted_alexnet, monkeypatch, capsys
+):
+    """render_path with its hash grids compiled and small chunks gives exactly the frames of the model's own
+    uncompiled whole-view render; the grids are put back afterwards; a compile that fails (no C++ compiler here:
+    inductor pointed at a missing one) says so in one line and renders the same frames uncompiled."""
+    from nerfstudio.field_components.encodings import HashEncoding
+
+    from nerf_trainer.camera_path import camera_path, load_run, render_path, training_cameras
+
+    _, pipeline = load_run(pretrained.parent / "config.yml")
+    path = camera_path(training_cameras(pipeline), num_frames=2, long_side=24)
+    plain = render_path(pipeline, path, chunk_rays=24 * 24)  # one call a frame, nothing compiled
+    grids = [m for m in pipeline.model.modules() if isinstance(m, HashEncoding)]
+    assert grids and all("pytorch_fwd" not in vars(g) for g in grids)
+    compiled = render_path(pipeline, path, chunk_rays=100, compile=True)  # 576 rays: 5 full chunks and a short one
+    assert all(np.array_equal(a, b) for a, b in zip(plain, compiled))
+    assert all("pytorch_fwd" not in vars(g) for g in grids)  # the uncompiled forwards are back
+    assert pipeline.model.config.eval_num_rays_per_chunk == 1 << 15  # the run's own chunk too
+    assert "compiling the hash grid failed" not in capsys.readouterr().out
+
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    torch._dynamo.reset()
+    fallback = render_path(pipeline, path, chunk_rays=100, compile=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "compiling the hash grid failed" in line]
+    assert len(lines) == 1, lines
+    assert all(np.array_equal(a, b) for a, b in zip(plain, fallback))
 
 
 def test_bad_arguments_are_refused_naming_them(tmp_path):
