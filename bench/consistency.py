@@ -265,7 +265,7 @@ def main(cfg: ConsistencyConfig) -> dict[str, object]:
     print(table(results))
     doc = {
         "machine": info,
-        "config": {k: str(v) for k, v in vars(cfg).items()},
+        "config": {k: str(v).replace(f"{REPO}/", "") for k, v in vars(cfg).items()},  # no path outside the repo
         "backend": backend.info().model,
         "looks": {
             "names": backend.names,
