@@ -45,16 +45,9 @@ def test_the_video_is_h264_of_side_by_side_frames_and_the_preview_animates(pretr
     from nerf_trainer.video import GAP, VideoConfig, make_video
 
     config_file = pretrained.parent / "config.yml"
-    config = VideoConfig(
-        pretrained=config_file,
-        edited=config_file,
-        output=tmp_path / "v.mp4",
-        preview=tmp_path / "v.webp",
-        frames=6,
-        long_side=32,
-        fps=12,
-        compile=False,
-    )  # fmt: skip  (the compiled render: its own test below)
+    # compile=False: the compiled render has its own test below
+    config = VideoConfig(pretrained=config_file, edited=config_file, output=tmp_path / "v.mp4",
+                         preview=tmp_path / "v.webp", frames=6, long_side=32, fps=12, compile=False)  # fmt: skip
     make_video(config)
     with av.open(str(config.output)) as container:
         stream = container.streams.video[0]
